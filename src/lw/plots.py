@@ -1,0 +1,59 @@
+"""Figures from a results table: every metric against depth %, and per-layer histograms of
+prompt entropy with the dip statistic."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ID_COLUMNS = ("layer", "depth_pct")
+
+
+def depth_curves(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """One panel per metric column, its per-layer value against depth % (0 = embeddings)."""
+    columns = [c for c in table.columns if c not in ID_COLUMNS]
+    n_cols = min(4, len(columns))
+    n_rows = math.ceil(len(columns) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3 * n_rows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        ax.plot(table["depth_pct"], table[column], marker="o", markersize=3)
+        ax.set_title(column, fontsize=9)
+        ax.set_xlabel("depth %")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
+                       column: str = "prompt_entropy/max", title: str = "") -> plt.Figure:
+    """Per-layer histograms of per-prompt ``column`` values, each titled with its dip test."""
+    layers = sorted(per_prompt["layer"].unique())
+    n_cols = min(6, len(layers))
+    n_rows = math.ceil(len(layers) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.2 * n_rows),
+                             squeeze=False, sharex=True)
+    by_layer = table.set_index("layer")
+    for ax, layer in zip(axes.flat, layers):
+        values = per_prompt.loc[per_prompt["layer"] == layer, column].to_numpy()
+        values = values[np.isfinite(values)]
+        ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="tab:blue", alpha=0.8)
+        label = f"layer {layer}"
+        if "dip/stat" in by_layer:
+            row = by_layer.loc[layer]
+            label += f"\ndip {row['dip/stat']:.3f} p={row['dip/pvalue']:.2f}"
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(f"{title} {column}".strip())
+    fig.tight_layout()
+    return fig

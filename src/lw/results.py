@@ -1,0 +1,70 @@
+"""A job's results: one table with a row per layer, plus the per-prompt values behind it.
+
+Tracking and plots read these; they compute nothing new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lw.metrics.dip import dip_test
+from lw.models import ModelInfo
+
+
+@dataclass
+class JobResult:
+    table: pd.DataFrame          # one row per layer: layer, depth_pct, one column per metric
+    per_prompt: pd.DataFrame     # one row per (prompt, layer): per-prompt metric values
+    summary: dict[str, float]    # scalars: best layers, NaN counts, prompts/s ...
+    info: ModelInfo
+
+
+def build_result(info: ModelInfo, per_prompt: dict[str, torch.Tensor],
+                 per_layer: dict[str, torch.Tensor], n_tokens: torch.Tensor,
+                 dip_of: str | None = "prompt_entropy/max") -> JobResult:
+    """Per-prompt values (N, L+1) are averaged over prompts (NaNs left out and counted);
+    per-layer values (L+1,) go in as they are; the dip test runs on ``dip_of``'s per-prompt
+    values when given."""
+    n_states = info.n_layers + 1
+    layers = np.arange(n_states)
+    columns: dict[str, np.ndarray] = {"layer": layers, "depth_pct": 100.0 * layers / info.n_layers}
+    summary: dict[str, float] = {}
+    for name, values in per_prompt.items():
+        array = values.numpy()
+        nan = np.isnan(array)
+        with np.errstate(all="ignore"):
+            columns[name] = np.where(nan.all(axis=0), np.nan,
+                                     np.nansum(array, axis=0) / np.maximum((~nan).sum(axis=0), 1))
+        summary[f"nan_count/{name}"] = float(nan.sum())
+    for name, values in per_layer.items():
+        columns[name] = values.double().cpu().numpy()
+        summary[f"nan_count/{name}"] = float(np.isnan(columns[name]).sum())
+    if dip_of is not None and dip_of in per_prompt:
+        stat, pvalue = dip_test(per_prompt[dip_of].numpy())
+        columns["dip/stat"], columns["dip/pvalue"] = np.asarray(stat), np.asarray(pvalue)
+    table = pd.DataFrame(columns)
+    summary.update(layer_summaries(table))
+    n, _ = next(iter(per_prompt.values())).shape
+    long = {"prompt": np.repeat(np.arange(n), n_states), "layer": np.tile(layers, n),
+            "n_tokens": np.repeat(n_tokens.numpy(), n_states)}
+    long.update({name: values.numpy().reshape(-1) for name, values in per_prompt.items()})
+    return JobResult(table=table, per_prompt=pd.DataFrame(long), summary=summary, info=info)
+
+
+def layer_summaries(table: pd.DataFrame) -> dict[str, float]:
+    """The layer (and depth %) where each headline curve takes its extreme."""
+    out: dict[str, float] = {}
+    picks = {"prompt_entropy/max": "argmin", "dataset_entropy/max": "argmin",
+             "curvature": "argmin", "dip/stat": "argmax"}
+    for column, how in picks.items():
+        if column in table and table[column].notna().any():
+            row = table.loc[getattr(table[column], "idxmin" if how == "argmin" else "idxmax")()]
+            label = "min" if how == "argmin" else "max"
+            out[f"summary/{column}/{label}_layer"] = float(row["layer"])
+            out[f"summary/{column}/{label}_depth_pct"] = float(row["depth_pct"])
+            out[f"summary/{column}/{label}"] = float(row[column])
+    return out

@@ -1,0 +1,212 @@
+"""MLflow: one run per job (a child of the sweep's parent run under ``-m``), per-layer values
+with ``step = layer index``, the results table, per-prompt values and figures as artifacts.
+
+Credentials for a shared server come only from MLflow's own environment variables
+(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN); they are never
+part of the config, so never logged as params or written to files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lw.config import LwError, TrackingConfig
+from lw.models import PROJECT_ROOT
+
+PARENT_ENV = "LW_PARENT_RUN_ID"
+PARAM_LIMIT = 6000  # MLflow's longest param value
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """The store's URI; the default SQLite file is absolute, whatever Hydra's cwd is."""
+    if cfg.uri:
+        return cfg.uri
+    (PROJECT_ROOT / "mlruns").mkdir(exist_ok=True)
+    return f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+
+
+def artifact_location(cfg: TrackingConfig) -> str | None:
+    if cfg.artifact_location:
+        return cfg.artifact_location
+    if cfg.uri and not cfg.uri.startswith("sqlite"):
+        return None  # a server decides where its artifacts go
+    return (PROJECT_ROOT / "mlruns" / "artifacts").as_uri()
+
+
+def client_for(cfg: TrackingConfig):
+    """An MlflowClient on the configured store, after checking a server answers at all (MLflow
+    would otherwise retry for minutes before failing)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    url = urlparse(uri)
+    if url.username or url.password:
+        raise LwError(f"tracking.uri={url.scheme}://…@{url.hostname}: credentials in the URI "
+                      "would be logged; set MLFLOW_TRACKING_USERNAME and "
+                      "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+    if url.scheme in ("http", "https"):
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=5).close()
+        except OSError as error:
+            raise LwError(f"tracking server {uri} is unreachable ({error}); start it, fix "
+                          "tracking.uri, or use tracking=local") from None
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client, cfg: TrackingConfig) -> str:
+    found = client.get_experiment_by_name(cfg.experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg))
+    except Exception:  # another job of the sweep created it first
+        return client.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{"model.name": "smollm2", ...} for every leaf of a nested dict."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): str(tree)[:PARAM_LIMIT]}
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lw_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lw")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str]) -> str:
+    """Create the job's run (a child when a sweep's parent exists) with params and tags."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    exp = experiment_id(client, _tracking(cfg))
+    tags = {
+        "lw.model": cfg.model.name, "lw.model.id": cfg.model.id,
+        "lw.model.family": cfg.model.family, "lw.model.revision": cfg.model.revision,
+        "lw.data": cfg.data.name, "lw.perturbation": cfg.perturbation.name,
+        "lw.skip_first": str(cfg.extraction.skip_first), "lw.seed": str(cfg.seed),
+        "lw.version": lw_version(), "lw.git_commit": git_commit(),
+        "lw.overrides": " ".join(overrides)[:PARAM_LIMIT],
+    }
+    if cfg.perturbation.name in ("repetition", "randomness"):
+        tags["lw.perturbation.p"] = str(cfg.perturbation.p)
+    if cfg.perturbation.name == "random":
+        tags["lw.perturbation.T"] = str(cfg.perturbation.T)
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp, run_name=run_name, tags=tags)
+    from mlflow.entities import Param
+
+    params = [Param(k, v) for k, v in flatten(container).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (Path(tmp) / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides) + "\n")
+        client.log_artifacts(run.info.run_id, tmp, artifact_path="config")
+    return run.info.run_id
+
+
+def log_result(client, run_id: str, result, figures: dict[str, Any],
+               extra_tags: dict[str, str]) -> None:
+    """Per-layer curves (step = layer), summaries, tables and figures of one finished job."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for column in result.table.columns:
+        if column in ("layer", "depth_pct"):
+            continue
+        for layer, value in zip(result.table["layer"], result.table[column]):
+            metrics.append(Metric(column, float(value), now, int(layer)))
+    metrics += [Metric(k, float(v), now, 0) for k, v in result.summary.items()]
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    for key, value in {**extra_tags, **{f"lw.model.{k}": str(v)
+                                        for k, v in result.info.as_dict().items()}}.items():
+        client.set_tag(run_id, key, value)
+    client.log_table(run_id, data=result.table, artifact_file="results/table.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_result_files(result, Path(tmp))
+        client.log_artifacts(run_id, tmp, artifact_path="results")
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"figures/{name}.png")
+
+
+def save_result_files(result, folder: Path) -> None:
+    """The results table (CSV), per-prompt values (parquet) and model description (JSON)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result.table.to_csv(folder / "table.csv", index=False)
+    result.per_prompt.to_parquet(folder / "per_prompt.parquet", index=False)
+    (folder / "model.json").write_text(json.dumps(result.info.as_dict(), indent=2))
+    (folder / "summary.json").write_text(json.dumps(result.summary, indent=2))
+
+
+def _tracking(cfg: DictConfig) -> TrackingConfig:
+    return TrackingConfig(**OmegaConf.to_container(cfg.tracking, resolve=True))
+
+
+class ParentRunCallback(Callback):
+    """Under ``-m``, one parent run holds the sweep's jobs as children."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking = _tracking(config)
+        client = client_for(tracking)
+        sweep_dir = str(config.hydra.sweep.dir)
+        run = client.create_run(
+            experiment_id(client, tracking), run_name=f"sweep {Path(sweep_dir).name}",
+            tags={"lw.sweep_dir": sweep_dir, "lw.git_commit": git_commit(),
+                  "lw.version": lw_version(),
+                  "lw.overrides": " ".join(config.hydra.overrides.task)[:PARAM_LIMIT]})
+        os.environ[PARENT_ENV] = run.info.run_id
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        parent = os.environ.pop(PARENT_ENV, None)
+        if parent is None:
+            return
+        client = client_for(_tracking(config))
+        children = client.search_runs(
+            [client.get_run(parent).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        failed = [r for r in children if r.info.status == "FAILED"]
+        client.set_tag(parent, "lw.jobs", str(len(children)))
+        client.set_tag(parent, "lw.failed_jobs", str(len(failed)))
+        client.set_terminated(parent, "FAILED" if failed and len(failed) == len(children)
+                              else "FINISHED")
+        print(f"[lw] sweep done: {len(children) - len(failed)} of {len(children)} jobs "
+              f"finished, MLflow parent run {parent} in {tracking_uri(_tracking(config))}")
+        for run in failed:
+            print(f"[lw] FAILED {run.info.run_name}: {run.data.tags.get('lw.error', '')}")
+        if failed:
+            raise SystemExit(1)
