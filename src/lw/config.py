@@ -8,7 +8,7 @@ turns the composed config into these dataclasses, whose ``__post_init__`` checks
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -27,7 +27,7 @@ METRIC_NAMES = (
 
 
 class LwError(Exception):
-    """An error the user can fix (bad value, missing file, unreachable hub): shown without traceback."""
+    """An error the user can fix (bad value, missing file, no hub): shown without a traceback."""
 
 
 class ConfigError(LwError, ValueError):
@@ -69,12 +69,12 @@ class ModelConfig:
 class DataConfig:
     name: str = MISSING
     source: str = "local"            # hub | wiki-vital | medical-hpo | local
-    path: Optional[str] = None       # hub data set id, or a local .jsonl/.json/.parquet/.txt file
-    subset: Optional[str] = None     # hub config name (wikitext-103-raw-v1)
+    path: str | None = None       # hub data set id, or a local .jsonl/.json/.parquet/.txt file
+    subset: str | None = None     # hub config name (wikitext-103-raw-v1)
     split: str = "train"
     text_field: str = "text"
-    label_field: Optional[str] = None
-    template: Optional[str] = None   # format string over the record's fields
+    label_field: str | None = None
+    template: str | None = None   # format string over the record's fields
     n_prompts: int = 64
     min_tokens: int = 0              # prompts with fewer tokens are dropped
     max_tokens: int = 128            # longer prompts are truncated
@@ -171,8 +171,8 @@ class ExtractionConfig:
 @dataclass
 class TrackingConfig:
     name: str = "local"
-    uri: Optional[str] = None        # None: sqlite:///<project>/mlruns/mlflow.db
-    artifact_location: Optional[str] = None  # None: <project>/mlruns/artifacts
+    uri: str | None = None        # None: sqlite:///<project>/mlruns/mlflow.db
+    artifact_location: str | None = None  # None: <project>/mlruns/artifacts
     experiment: str = "lw"
 
 
@@ -187,10 +187,11 @@ class LwConfig:
     metrics: list[str] = field(
         default_factory=lambda: ["prompt_entropy", "curvature", "dataset_entropy", "dip"])
     seed: int = 0
-    run_name: Optional[str] = None
+    run_name: str | None = None
 
     def __post_init__(self) -> None:
-        _check(len(self.metrics) > 0, "metrics=[] : choose at least one of " + ", ".join(METRIC_NAMES))
+        _check(len(self.metrics) > 0,
+               "metrics=[]: choose at least one of " + ", ".join(METRIC_NAMES))
         for name in self.metrics:
             _one_of("metrics", name, METRIC_NAMES)
 

