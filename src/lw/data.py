@@ -221,6 +221,13 @@ def read_records(cfg: DataConfig) -> list[dict]:
     return records
 
 
+def encode(tokenizer, texts: list[str], max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of each text, special tokens as the tokenizer adds them, cut at max_tokens."""
+    # verbose=False: texts longer than the model's context are expected; they are cut here.
+    encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    return [list(ids[:max_tokens]) for ids in encoded]
+
+
 def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
     """``data.n_prompts`` prompts drawn in a ``data.seed`` shuffle of the records, keeping those
     with at least ``max(data.min_tokens, 1)`` tokens, truncated to ``data.max_tokens``.
@@ -236,13 +243,12 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
     checked = longest = 0
     for start in range(0, len(order), TOKENIZE_CHUNK):
         chunk = [records[i] for i in order[start:start + TOKENIZE_CHUNK]]
-        # verbose=False: texts longer than the model's context are expected; we truncate below
-        encoded = tokenizer([r["text"] for r in chunk], add_special_tokens=True, verbose=False)
-        for record, ids in zip(chunk, encoded["input_ids"], strict=True):
+        encoded = encode(tokenizer, [r["text"] for r in chunk])
+        for record, ids in zip(chunk, encoded, strict=True):
             checked += 1
             longest = max(longest, len(ids))
             if len(ids) >= min_length:
-                chosen.append((record, list(ids[:cfg.max_tokens])))
+                chosen.append((record, ids[:cfg.max_tokens]))
                 if len(chosen) == cfg.n_prompts:
                     break
         if len(chosen) == cfg.n_prompts:

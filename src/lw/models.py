@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,10 +91,17 @@ def _dequantized_gguf(cfg: ModelConfig) -> tuple[Path, str]:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = folder.with_suffix(".tmp")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(folder)  # atomic: a half-written cache is never picked up
+        try:
+            tmp.rename(folder)  # atomic: a half-written cache is never picked up
+        except OSError:
+            # Another job (a parallel sweep) finished the same cache first: keep theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "config.json").exists():
+                raise
     return folder, sha
 
 

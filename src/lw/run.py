@@ -18,10 +18,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lw.config import LwConfig, LwError, register_configs, validate
-from lw.data import load_prompts
+from lw.data import encode, load_prompts
 from lw.extract import extract
-from lw.metrics import pooled_metrics, token_metrics
+from lw.metrics import pooled_metrics, token_metrics, view_metrics, views_needed
 from lw.models import load_model
+from lw.perturb import augment_views, perturb
 from lw.plots import depth_curves, entropy_histograms
 from lw.results import JobResult, build_result
 from lw.tracking import client_for, log_result, save_result_files, start_job_run
@@ -38,31 +39,64 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def job_prompts(job: LwConfig, tokenizer, generator: torch.Generator,
+                vocab_size: int | None = None):
+    """The prompts the job measures (token ids, after its perturbation) and their texts."""
+    prompts = load_prompts(job.data, tokenizer)
+    p = job.perturbation
+    if p.name == "augment":
+        # views augmented copies of every prompt, each measured as a prompt of its own
+        texts = [t for view in augment_views(prompts.texts, p.views, seed=_draw_seed(generator))
+                 for t in view]
+        return encode(tokenizer, texts, job.data.max_tokens), texts
+    ids = perturb(prompts.input_ids, p, tokenizer, generator, vocab_size)
+    if p.name == "none":
+        return ids, prompts.texts
+    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    """A seed for libraries with their own RNG (nlpaug), drawn from the job's generator."""
+    return int(torch.randint(2**31 - 1, (1,), generator=generator))
+
+
 def compute(job: LwConfig) -> JobResult:
     """Prompts -> one forward pass -> per-layer metrics: the whole job, no tracking."""
     torch.manual_seed(job.seed)
+    generator = torch.Generator().manual_seed(job.seed)
     device = pick_device(job.extraction.device)
     loaded = load_model(job.model, device, seed=job.seed)
-    prompts = load_prompts(job.data, loaded.tokenizer)
-    shortest = min(len(ids) for ids in prompts.input_ids)
+    vocab_size = loaded.model.get_input_embeddings().num_embeddings
+    ids, texts = job_prompts(job, loaded.tokenizer, generator, vocab_size)
+    shortest = min(len(prompt) for prompt in ids)
     if job.extraction.skip_first >= shortest:
         raise LwError(f"extraction.skip_first={job.extraction.skip_first} leaves no token of "
                       f"the shortest prompt ({shortest} tokens); raise data.min_tokens")
+    batching = dict(batch_size=job.extraction.batch_size, skip_first=job.extraction.skip_first,
+                    device=device)
     started = time.perf_counter()
-    extraction = extract(loaded, prompts.input_ids, batch_size=job.extraction.batch_size,
-                         skip_first=job.extraction.skip_first,
-                         token_metrics=token_metrics(job), device=device,
-                         desc=f"{job.model.name} {job.data.name}")
+    extraction = extract(loaded, ids, token_metrics=token_metrics(job),
+                         desc=f"{job.model.name} {job.data.name}", **batching)
     seconds = time.perf_counter() - started
+    per_layer = pooled_metrics(job, extraction.pooled)
+    n_views = views_needed(job)
+    if n_views:
+        views = augment_views(texts, n_views, seed=_draw_seed(generator))
+        view_ids = [prompt for view in views
+                    for prompt in encode(loaded.tokenizer, view, job.data.max_tokens)]
+        pooled = extract(loaded, view_ids, desc=f"{n_views} views", **batching).pooled
+        n, n_states, width = extraction.pooled.shape
+        pooled = pooled.view(n_views, n, n_states, width).permute(1, 2, 0, 3)
+        per_layer.update(view_metrics(job, pooled, generator))
     norms = job.metric.normalizations
     dip_of = None
     if "dip" in job.metrics:
         dip_of = f"prompt_entropy/{'max' if 'max' in norms else norms[0]}"
-    result = build_result(loaded.info, extraction.per_prompt,
-                          pooled_metrics(job, extraction.pooled), extraction.n_tokens, dip_of)
-    result.summary.update({"n_prompts": float(len(prompts.input_ids)),
+    result = build_result(loaded.info, extraction.per_prompt, per_layer, extraction.n_tokens,
+                          dip_of)
+    result.summary.update({"n_prompts": float(len(ids)),
                            "n_tokens": float(extraction.n_tokens.sum()),
-                           "prompts_per_second": len(prompts.input_ids) / seconds})
+                           "prompts_per_second": len(ids) / seconds})
     return result
 
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lw.config import LwError, TrackingConfig
 from lw.models import PROJECT_ROOT
+from lw.perturb import perturbation_tags
 
 PARENT_ENV = "LW_PARENT_RUN_ID"
 PARAM_LIMIT = 6000  # MLflow's longest param value
@@ -113,15 +114,11 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str]) 
     tags = {
         "lw.model": cfg.model.name, "lw.model.id": cfg.model.id,
         "lw.model.family": cfg.model.family, "lw.model.revision": cfg.model.revision,
-        "lw.data": cfg.data.name, "lw.perturbation": cfg.perturbation.name,
+        "lw.data": cfg.data.name, **perturbation_tags(cfg.perturbation),
         "lw.skip_first": str(cfg.extraction.skip_first), "lw.seed": str(cfg.seed),
         "lw.version": lw_version(), "lw.git_commit": git_commit(),
         "lw.overrides": " ".join(overrides)[:PARAM_LIMIT],
     }
-    if cfg.perturbation.name in ("repetition", "randomness"):
-        tags["lw.perturbation.p"] = str(cfg.perturbation.p)
-    if cfg.perturbation.name == "random":
-        tags["lw.perturbation.T"] = str(cfg.perturbation.T)
     parent = os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent

@@ -1,7 +1,8 @@
 """The metric registry: which metrics exist, and how a job's config binds their knobs.
 
 Token metrics run per batch inside the forward pass (see ``lw.extract``); data-set metrics run
-once on the pooled vectors of all prompts; ``dip`` runs on the per-prompt prompt entropies.
+once on the pooled vectors of all prompts; view metrics on the pooled vectors of augmented
+copies of every prompt; ``dip`` runs on the per-prompt prompt entropies.
 The functions themselves live in the sibling modules and know nothing of configs.
 """
 
@@ -14,9 +15,11 @@ import torch
 from lw.config import LwConfig
 from lw.metrics.curvature import curvature
 from lw.metrics.entropy import dataset_entropy, prompt_entropy
+from lw.metrics.views import dime, infonce, lidar
 
 TOKEN_METRICS = ("prompt_entropy", "curvature")
 POOLED_METRICS = ("dataset_entropy",)
+VIEW_METRICS = ("infonce", "dime", "lidar")
 
 
 def _prefixed(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,4 +52,33 @@ def pooled_metrics(cfg: LwConfig, pooled: torch.Tensor) -> dict[str, torch.Tenso
         values.update(_prefixed("dataset_entropy", dataset_entropy(
             by_layer, alpha=m.dataset_entropy.alpha, compat=m.compat,
             normalizations=tuple(m.normalizations))))
+    return values
+
+
+def views_needed(cfg: LwConfig) -> int:
+    """Augmented copies per prompt the view metrics need: 2 (InfoNCE, DiME), J (LiDAR), or 0."""
+    needed = [2 for name in ("infonce", "dime") if name in cfg.metrics]
+    if "lidar" in cfg.metrics:
+        needed.append(cfg.metric.lidar.J)
+    return max(needed, default=0)
+
+
+def view_metrics(cfg: LwConfig, views: torch.Tensor,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """View metrics from pooled vectors of augmented copies (N, L+1, J, D): {name: (L+1,)}.
+
+    InfoNCE and DiME compare views 0 and 1; LiDAR takes the first ``metric.lidar.J`` views.
+    """
+    m = cfg.metric
+    by_layer = views.transpose(0, 1)                                        # (L+1, N, J, D)
+    values: dict[str, torch.Tensor] = {}
+    if "infonce" in cfg.metrics:
+        values.update(_prefixed("infonce", infonce(by_layer[:, :, 0], by_layer[:, :, 1],
+                                                   tau=m.infonce.tau)))
+    if "dime" in cfg.metrics:
+        values["dime"] = dime(by_layer[:, :, 0], by_layer[:, :, 1], alpha=m.dime.alpha,
+                              r=m.dime.r, generator=generator, compat=m.compat)
+    if "lidar" in cfg.metrics:
+        values.update(_prefixed("lidar", lidar(by_layer[:, :, :m.lidar.J], delta=m.lidar.delta,
+                                               normalizations=tuple(m.normalizations))))
     return values

