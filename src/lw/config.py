@@ -23,7 +23,9 @@ NORMALIZATIONS = ("raw", "max", "logN", "logD")
 # view metrics need augmented copies of every prompt (perturbation-independent).
 METRIC_NAMES = (
     "prompt_entropy", "curvature", "dataset_entropy", "dip", "infonce", "dime", "lidar",
+    "probe", "cluster", "mteb",
 )
+LABEL_METRICS = ("probe", "cluster")  # downstream scores: need data.label_field
 
 
 class LwError(Exception):
@@ -107,10 +109,9 @@ class PerturbationConfig:
 
 @dataclass
 class EntropyConfig:
+    # Shared by prompt_entropy and dataset_entropy: MetricConfig checks alpha, so that the
+    # message can name the field (metric.prompt_entropy.alpha or metric.dataset_entropy.alpha).
     alpha: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check(self.alpha > 0, f"metric alpha={self.alpha}: must be > 0 (1 = Shannon)")
 
 
 @dataclass
@@ -142,6 +143,23 @@ class LiDARConfig:
 
 
 @dataclass
+class ProbeConfig:
+    folds: int = 5                   # stratified k-fold
+    C: float = 1.0                   # inverse L2 strength of the logistic regression
+    max_iter: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(self.folds >= 2, f"metric.probe.folds={self.folds}: must be >= 2")
+        _check(self.C > 0, f"metric.probe.C={self.C}: must be > 0")
+
+
+@dataclass
+class MTEBConfig:
+    tasks: list[str] = field(default_factory=list)   # MTEB task names (hub)
+    output_folder: str | None = None  # None: <project>/mteb-results (results reused per layer)
+
+
+@dataclass
 class MetricConfig:
     compat: str = "paper"            # paper: METRICS.md formulas; official: the authors' code
     normalizations: list[str] = field(default_factory=lambda: list(NORMALIZATIONS))
@@ -150,9 +168,14 @@ class MetricConfig:
     infonce: InfoNCEConfig = field(default_factory=InfoNCEConfig)
     dime: DiMEConfig = field(default_factory=DiMEConfig)
     lidar: LiDARConfig = field(default_factory=LiDARConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    mteb: MTEBConfig = field(default_factory=MTEBConfig)
 
     def __post_init__(self) -> None:
         _one_of("metric.compat", self.compat, COMPAT_MODES)
+        for name in ("prompt_entropy", "dataset_entropy"):
+            alpha = getattr(self, name).alpha
+            _check(alpha > 0, f"metric.{name}.alpha={alpha}: must be > 0 (1 = Shannon)")
         for norm in self.normalizations:
             _one_of("metric.normalizations", norm, NORMALIZATIONS)
 
@@ -194,6 +217,12 @@ class LwConfig:
                "metrics=[]: choose at least one of " + ", ".join(METRIC_NAMES))
         for name in self.metrics:
             _one_of("metrics", name, METRIC_NAMES)
+        _check("mteb" not in self.metrics or bool(self.metric.mteb.tasks),
+               "metrics mteb needs metric.mteb.tasks=[...] (e.g. +experiment=mteb)")
+        labelled = [name for name in self.metrics if name in LABEL_METRICS]
+        _check(not labelled or self.data.label_field is not None,
+               f"metrics {', '.join(labelled)} need labels: set data.label_field "
+               "(e.g. data=wiki-vital data.label_field=topic)")
 
 
 def register_configs() -> None:

@@ -64,12 +64,15 @@ def all_layers(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> to
     output; it is rearranged here to the same convention as the transformers.
     """
     model = loaded.model
+    # use_cache=False: in eval mode the decoders and Mamba would otherwise build a KV / SSM
+    # cache of every layer for the batch (about as large as the states), used for nothing.
     if loaded.info.architecture == "mamba":
-        out = model(input_ids=ids, output_hidden_states=True)
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
         embeddings = model.get_input_embeddings()(ids)
         states = (embeddings, *out.hidden_states[:-2], out.hidden_states[-1])
     else:
-        out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True,
+                    use_cache=False)
         states = out.hidden_states
     return torch.stack(states).float()
 

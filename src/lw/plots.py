@@ -57,3 +57,34 @@ def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
     fig.suptitle(f"{title} {column}".strip())
     fig.tight_layout()
     return fig
+
+
+def sweep_curves(frame: pd.DataFrame, metric: str, hue: str, panels: list[str],
+                 title: str = "") -> plt.Figure:
+    """One panel per combination of ``panels`` tags, a curve of ``metric`` over depth % per
+    value of the ``hue`` tag. ``frame``: long rows (run tags..., metric, depth_pct, value)."""
+    rows = frame[frame["metric"] == metric]
+    groups = list(rows.groupby(panels, sort=True)) if panels else [((), rows)]
+    n_cols = min(3, len(groups))
+    n_rows = math.ceil(len(groups) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.5 * n_cols, 3.4 * n_rows),
+                             squeeze=False, sharey=True)
+    for ax, (key, group) in zip(axes.flat, groups, strict=False):
+        levels = sorted(group[hue].unique())
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(levels)))
+        for color, level in zip(colors, levels, strict=True):
+            curve = group[group[hue] == level].groupby("depth_pct")["value"].mean()
+            ax.plot(curve.index, curve.values, color=color, marker="o", markersize=2,
+                    label=f"{level}")
+        key = key if isinstance(key, tuple) else (key,)
+        ax.set_title(", ".join(f"{p}={k}" for p, k in zip(panels, key, strict=True)),
+                     fontsize=8)
+        ax.set_xlabel("depth %")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(title=hue, fontsize=7, title_fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from lw.metrics.dip import dip_test
+from lw.metrics.downstream import layer_choice, metric_agreement
 from lw.models import ModelInfo
 
 
@@ -48,6 +49,7 @@ def build_result(info: ModelInfo, per_prompt: dict[str, torch.Tensor],
         columns["dip/stat"], columns["dip/pvalue"] = np.asarray(stat), np.asarray(pvalue)
     table = pd.DataFrame(columns)
     summary.update(layer_summaries(table))
+    summary.update(downstream_summaries(table))
     n, _ = next(iter(per_prompt.values())).shape
     long = {"prompt": np.repeat(np.arange(n), n_states), "layer": np.tile(layers, n),
             "n_tokens": np.repeat(n_tokens.numpy(), n_states)}
@@ -67,4 +69,31 @@ def layer_summaries(table: pd.DataFrame) -> dict[str, float]:
             out[f"summary/{column}/{label}_layer"] = float(row["layer"])
             out[f"summary/{column}/{label}_depth_pct"] = float(row["depth_pct"])
             out[f"summary/{column}/{label}"] = float(row[column])
+    return out
+
+
+DOWNSTREAM = ("probe/accuracy", "cluster/v_measure", "mteb/mean")
+# The unsupervised curves whose agreement with a downstream score is worth knowing.
+UNSUPERVISED = ("prompt_entropy/", "dataset_entropy/", "curvature", "infonce/mi_bound", "dime",
+                "lidar/effective_rank")
+
+
+def downstream_summaries(table: pd.DataFrame) -> dict[str, float]:
+    """For each downstream score in the table: its best and last layer, and how each
+    unsupervised metric tracks it over the layers (Spearman rho; does its argmax / argmin layer
+    equal the best downstream layer?)."""
+    out: dict[str, float] = {}
+    metrics = [c for c in table.columns if c.startswith(UNSUPERVISED)]
+    for score in DOWNSTREAM:
+        if score not in table:
+            continue
+        downstream = torch.tensor(table[score].to_numpy())
+        out.update({f"summary/{score}/{k}": v for k, v in layer_choice(downstream).items()})
+        for metric in metrics:
+            values = torch.tensor(table[metric].to_numpy())
+            prefix = f"agreement/{metric}/{score}"
+            for prefer in ("max", "min"):
+                found = metric_agreement(values, downstream, prefer)
+                out[f"{prefix}/arg{prefer}_is_best"] = found["best_layer_match"]
+            out[f"{prefix}/spearman"] = found["spearman"]
     return out

@@ -20,8 +20,14 @@ from omegaconf import DictConfig
 from lw.config import LwConfig, LwError, register_configs, validate
 from lw.data import encode, load_prompts
 from lw.extract import extract
-from lw.metrics import pooled_metrics, token_metrics, view_metrics, views_needed
-from lw.models import load_model
+from lw.metrics import (
+    downstream_metrics,
+    pooled_metrics,
+    token_metrics,
+    view_metrics,
+    views_needed,
+)
+from lw.models import PROJECT_ROOT, load_model
 from lw.perturb import augment_views, perturb
 from lw.plots import depth_curves, entropy_histograms
 from lw.results import JobResult, build_result
@@ -41,18 +47,20 @@ def pick_device(name: str) -> torch.device:
 
 def job_prompts(job: LwConfig, tokenizer, generator: torch.Generator,
                 vocab_size: int | None = None):
-    """The prompts the job measures (token ids, after its perturbation) and their texts."""
+    """The prompts the job measures (token ids, after its perturbation), their texts and
+    labels (None without data.label_field)."""
     prompts = load_prompts(job.data, tokenizer)
     p = job.perturbation
     if p.name == "augment":
         # views augmented copies of every prompt, each measured as a prompt of its own
         texts = [t for view in augment_views(prompts.texts, p.views, seed=_draw_seed(generator))
                  for t in view]
-        return encode(tokenizer, texts, job.data.max_tokens), texts
+        labels = prompts.labels * p.views if prompts.labels else None
+        return encode(tokenizer, texts, job.data.max_tokens), texts, labels
     ids = perturb(prompts.input_ids, p, tokenizer, generator, vocab_size)
     if p.name == "none":
-        return ids, prompts.texts
-    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return ids, prompts.texts, prompts.labels
+    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), prompts.labels
 
 
 def _draw_seed(generator: torch.Generator) -> int:
@@ -67,8 +75,14 @@ def compute(job: LwConfig) -> JobResult:
     device = pick_device(job.extraction.device)
     loaded = load_model(job.model, device, seed=job.seed)
     vocab_size = loaded.model.get_input_embeddings().num_embeddings
-    ids, texts = job_prompts(job, loaded.tokenizer, generator, vocab_size)
-    shortest = min(len(prompt) for prompt in ids)
+    ids, texts, labels = job_prompts(job, loaded.tokenizer, generator, vocab_size)
+    shortest, longest = min(map(len, ids)), max(map(len, ids))
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if context is not None and longest > context:
+        knob = (f"perturbation.T={job.perturbation.T}" if job.perturbation.name == "random"
+                else f"data.max_tokens={job.data.max_tokens}")
+        raise LwError(f"prompts of {longest} tokens ({knob}) exceed model {job.model.name}'s "
+                      f"context of {context} positions; set at most {context}")
     if job.extraction.skip_first >= shortest:
         raise LwError(f"extraction.skip_first={job.extraction.skip_first} leaves no token of "
                       f"the shortest prompt ({shortest} tokens); raise data.min_tokens")
@@ -79,6 +93,8 @@ def compute(job: LwConfig) -> JobResult:
                          desc=f"{job.model.name} {job.data.name}", **batching)
     seconds = time.perf_counter() - started
     per_layer = pooled_metrics(job, extraction.pooled)
+    if labels is not None:
+        per_layer.update(downstream_metrics(job, extraction.pooled, labels))
     n_views = views_needed(job)
     if n_views:
         views = augment_views(texts, n_views, seed=_draw_seed(generator))
@@ -88,6 +104,8 @@ def compute(job: LwConfig) -> JobResult:
         n, n_states, width = extraction.pooled.shape
         pooled = pooled.view(n_views, n, n_states, width).permute(1, 2, 0, 3)
         per_layer.update(view_metrics(job, pooled, generator))
+    if "mteb" in job.metrics:
+        per_layer.update(mteb_scores(job, loaded, device))
     norms = job.metric.normalizations
     dip_of = None
     if "dip" in job.metrics:
@@ -100,6 +118,21 @@ def compute(job: LwConfig) -> JobResult:
     return result
 
 
+def mteb_scores(job: LwConfig, loaded, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every layer's MTEB main score per task, one forward pass per task's sentences."""
+    from lw.encoder import LayerwiseEncoder, run_mteb
+
+    encoder = LayerwiseEncoder(loaded, batch_size=job.extraction.batch_size,
+                               max_tokens=job.data.max_tokens,
+                               skip_first=job.extraction.skip_first, device=device)
+    folder = job.metric.mteb.output_folder or PROJECT_ROOT / "mteb-results"
+    frame = run_mteb(encoder, list(job.metric.mteb.tasks), output_folder=folder)
+    curves = frame.pivot(index="layer", columns="task", values="main_score").sort_index()
+    values = {f"mteb/{task}": torch.tensor(curves[task].to_numpy()) for task in curves}
+    values["mteb/mean"] = torch.tensor(curves.mean(axis=1).to_numpy())
+    return values
+
+
 def figures_of(result: JobResult, title: str) -> dict:
     figures = {"metrics_vs_depth": depth_curves(result.table, title)}
     columns = [c for c in result.per_prompt.columns if c.startswith("prompt_entropy/")]
@@ -110,6 +143,14 @@ def figures_of(result: JobResult, title: str) -> dict:
     return figures
 
 
+def run_name(job: LwConfig, overrides: list[str]) -> str:
+    """"smollm2 wiki-vital repetition perturbation.p=0.5": the choices, then the other knobs
+    (where results are stored is left out: it is the same for every job of a sweep)."""
+    groups = ("model=", "data=", "perturbation=", "tracking", "hydra.", "+experiment=")
+    return " ".join([job.model.name, job.data.name, job.perturbation.name]
+                    + [o for o in overrides if not o.lstrip("+~").startswith(groups)])
+
+
 def run_job(cfg: DictConfig) -> JobResult:
     """Validate, open the MLflow run, compute, log. A failure marks the run FAILED and re-raises."""
     job = validate(cfg)
@@ -117,9 +158,7 @@ def run_job(cfg: DictConfig) -> JobResult:
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    name = job.run_name or " ".join([job.model.name, job.data.name, job.perturbation.name]
-                                    + [o for o in overrides
-                                       if not o.startswith(("model=", "data=", "perturbation="))])
+    name = job.run_name or run_name(job, overrides)
     run_id = start_job_run(client, cfg, name, overrides)
     try:
         result = compute(job)
@@ -142,7 +181,8 @@ def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
     except LwError as error:
-        print(f"[lw] error: {error}", file=sys.stderr)
+        job = f" in job #{HydraConfig.get().job.num}" if multirun else ""
+        print(f"[lw] error{job}: {error}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
     except Exception:

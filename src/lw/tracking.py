@@ -38,11 +38,14 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 
 def artifact_location(cfg: TrackingConfig) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's file (by default
+    <project>/mlruns/artifacts); a server decides for itself."""
     if cfg.artifact_location:
         return cfg.artifact_location
-    if cfg.uri and not cfg.uri.startswith("sqlite"):
-        return None  # a server decides where its artifacts go
-    return (PROJECT_ROOT / "mlruns" / "artifacts").as_uri()
+    if cfg.uri and not cfg.uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri(cfg)[len("sqlite:///"):]).resolve()
+    return (database.parent / "artifacts").as_uri()
 
 
 def client_for(cfg: TrackingConfig):

@@ -2,7 +2,8 @@
 
 Token metrics run per batch inside the forward pass (see ``lw.extract``); data-set metrics run
 once on the pooled vectors of all prompts; view metrics on the pooled vectors of augmented
-copies of every prompt; ``dip`` runs on the per-prompt prompt entropies.
+copies of every prompt; downstream metrics (probe, cluster) on the pooled vectors and the
+data's labels; ``dip`` runs on the per-prompt prompt entropies.
 The functions themselves live in the sibling modules and know nothing of configs.
 """
 
@@ -14,12 +15,14 @@ import torch
 
 from lw.config import LwConfig
 from lw.metrics.curvature import curvature
+from lw.metrics.downstream import cluster, probe
 from lw.metrics.entropy import dataset_entropy, prompt_entropy
 from lw.metrics.views import dime, infonce, lidar
 
 TOKEN_METRICS = ("prompt_entropy", "curvature")
 POOLED_METRICS = ("dataset_entropy",)
 VIEW_METRICS = ("infonce", "dime", "lidar")
+DOWNSTREAM_METRICS = ("probe", "cluster")
 
 
 def _prefixed(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,4 +84,18 @@ def view_metrics(cfg: LwConfig, views: torch.Tensor,
     if "lidar" in cfg.metrics:
         values.update(_prefixed("lidar", lidar(by_layer[:, :, :m.lidar.J], delta=m.lidar.delta,
                                                normalizations=tuple(m.normalizations))))
+    return values
+
+
+def downstream_metrics(cfg: LwConfig, pooled: torch.Tensor,
+                       labels: list[str]) -> dict[str, torch.Tensor]:
+    """Per-layer downstream scores from pooled vectors (N, L+1, D) and labels: {name: (L+1,)}."""
+    by_layer = pooled.transpose(0, 1)
+    values: dict[str, torch.Tensor] = {}
+    if "probe" in cfg.metrics:
+        p = cfg.metric.probe
+        values.update(_prefixed("probe", probe(by_layer, labels, folds=p.folds, seed=cfg.seed,
+                                               max_iter=p.max_iter, C=p.C)))
+    if "cluster" in cfg.metrics:
+        values.update(_prefixed("cluster", cluster(by_layer, labels, seed=cfg.seed)))
     return values
