@@ -203,3 +203,21 @@ def test_report_gathers_the_sweep_curves(store, capsys):
                                (np.array(logged) + np.array(other_logged)) / 2)
     assert np.isnan(table[("local", "tiny-mamba")].to_numpy()[5:]).all()
     assert "prompt_entropy/max" in capsys.readouterr().out
+
+
+def test_report_best_layer_table(store, capsys):
+    from lw.report import main as report
+
+    report(["--uri", f"sqlite:///{store['tmp']}/mlflow.db", "--best-layers", "curvature"])
+    printed = capsys.readouterr().out
+    for model in ("tiny-pythia", "tiny-mamba"):
+        curves = [[m.value for m in sorted(store["client"].get_metric_history(
+            r.info.run_id, "curvature"), key=lambda m: m.step)]
+            for r in children(store) if r.data.params["model.name"] == model]
+        not_last = np.mean([np.argmax(c) != len(c) - 1 for c in curves])
+        line = next(row for row in printed.splitlines() if row.lstrip().startswith(model))
+        values = line.split()
+        assert values[2] == "2"                                   # n_tasks: two data files
+        assert float(values[3]) == pytest.approx(not_last)
+        assert float(values[4]) == pytest.approx(np.mean([c[-1] for c in curves]), abs=1e-4)
+        assert float(values[5]) == pytest.approx(np.mean([max(c) for c in curves]), abs=1e-4)

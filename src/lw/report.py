@@ -2,6 +2,7 @@
 
     python -m lw.report --metric prompt_entropy/max --hue lw.perturbation.p \
         --panels lw.perturbation lw.skip_first --out docs/figures/extreme_prompts.png
+    python -m lw.report --best-layers mteb/      # per model: is the best layer the last?
 
 Reads the child runs of a parent run (default: the latest sweep in the experiment) from the
 MLflow store; computes nothing new, only gathers the logged per-layer values.
@@ -51,6 +52,31 @@ def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def best_layers(client, parent: str, prefix: str) -> pd.DataFrame:
+    """Table 1 of "Does Representation Matter?" for a sweep: per model, over the tasks (every
+    logged ``prefix*`` score, means and stds left out), the share whose best
+    layer is not the last and the mean last- and best-layer scores. A task is one score of one
+    child run (its data set and knobs)."""
+    from lw.metrics.downstream import best_layer_table
+
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    rows = []
+    for run in children:
+        keys = [k for k in run.data.metrics if k.startswith(prefix)
+                and not k.endswith(("/mean", "_std"))]
+        model = " ".join(filter(None, [run.data.tags.get("lw.model"),
+                                       run.data.tags.get("lw.model.revision")]))
+        for key in keys:
+            for point in client.get_metric_history(run.info.run_id, key):
+                rows.append({"model": model, "task": f"{run.info.run_name}: {key}",
+                             "layer": point.step, "score": point.value})
+    if not rows:
+        raise LwError(f"no child run of {parent} logged a score starting with {prefix!r}")
+    return best_layer_table(pd.DataFrame(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lw.report", description=__doc__.split("\n")[0])
     parser.add_argument("--uri", help="tracking URI (default: the local store in mlruns/)")
@@ -60,10 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hue", default="lw.model", help="tag giving one curve per value")
     parser.add_argument("--panels", nargs="*", default=[], help="tags giving one panel each")
     parser.add_argument("--out", type=Path, help="figure file (.png); also writes a .csv")
+    parser.add_argument("--best-layers", metavar="PREFIX",
+                        help="instead: best layer vs last layer per model over the scores "
+                             "named PREFIX* (mteb/, probe/accuracy, cluster/v_measure)")
     args = parser.parse_args(argv)
     try:
         client = client_for(TrackingConfig(uri=args.uri, experiment=args.experiment))
         parent = args.parent or latest_parent(client, args.experiment)
+        if args.best_layers:
+            print(best_layers(client, parent, args.best_layers).round(4).to_string(index=False))
+            return
         frame = sweep_frame(client, parent, [args.metric])
     except LwError as error:
         sys.exit(f"[lw] error: {error}")
