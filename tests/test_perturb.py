@@ -195,7 +195,7 @@ def test_tags_sort_as_numbers():
                                                               name="random", T=1024)
     assert perturbation_tags(PerturbationConfig(name="none")) == {"lw.perturbation": "none"}
     assert perturbation_tags(PerturbationConfig(name="augment", views=4)) == {
-        "lw.perturbation": "augment", "lw.perturbation.views": "4"}
+        "lw.perturbation": "augment", "lw.perturbation.views": "004"}
     assert set(perturbation_tags(PerturbationConfig(name="randomness", p=0.5))) == {
         "lw.perturbation", "lw.perturbation.p"}
 
