@@ -221,3 +221,40 @@ def test_report_best_layer_table(store, capsys):
         assert float(values[3]) == pytest.approx(not_last)
         assert float(values[4]) == pytest.approx(np.mean([c[-1] for c in curves]), abs=1e-4)
         assert float(values[5]) == pytest.approx(np.mean([max(c) for c in curves]), abs=1e-4)
+
+
+def test_logged_view_metrics_match_an_independent_computation(store):
+    """InfoNCE, DiME and LiDAR of the tiny-pythia x jsonl job, recomputed from nlpaug views of
+    the same prompts (same seeds), one unbatched forward pass per view, numpy float64."""
+    from conftest import compose_job
+    from lw.data import encode, load_prompts
+    from lw.metrics.views import random_permutations
+    from lw.perturb import augment_views
+
+    run = next(r for r in children(store) if r.data.params["model.name"] == "tiny-pythia"
+               and r.data.params["data.path"] == str(store["jsonl"]))
+    job = compose_job(["model=tiny-pythia", "data=local", f"data.path={store['jsonl']}",
+                       f"data.n_prompts={N_PROMPTS}", f"data.max_tokens={MAX_TOKENS}"])
+    loaded = load_option("tiny-pythia", seed=0)
+    texts = load_prompts(job.data, loaded.tokenizer).texts
+    generator = torch.Generator().manual_seed(0)       # the job's: seed 0, perturbation none
+    views = augment_views(texts, 3, seed=int(torch.randint(2**31 - 1, (1,),
+                                                           generator=generator)))
+    perms = random_permutations(N_PROMPTS, 10, generator).numpy()
+    pooled = []                                                      # (J, N, L+1, D)
+    for view in views:
+        pooled.append([])
+        for ids in encode(loaded.tokenizer, view, MAX_TOKENS):
+            with torch.no_grad():
+                out = loaded.model(torch.tensor([ids]), output_hidden_states=True)
+            pooled[-1].append([h[0].double().mean(0).numpy() for h in out.hidden_states])
+    x = np.array(pooled).transpose(2, 1, 0, 3)                        # (L+1, N, J, D)
+    expected = {
+        "infonce/loss": [ref.infonce(v[:, 0], v[:, 1], 0.1)["loss"] for v in x],
+        "dime": [ref.dime(v[:, 0], v[:, 1], 1.0, perms) for v in x],
+        "lidar/effective_rank": [ref.lidar(v, 1e-4)[1] for v in x],
+    }
+    for name, values in expected.items():
+        history = store["client"].get_metric_history(run.info.run_id, name)
+        logged = np.array([m.value for m in sorted(history, key=lambda m: m.step)])
+        np.testing.assert_allclose(logged, values, rtol=1e-4, atol=1e-6, err_msg=name)
