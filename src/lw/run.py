@@ -95,15 +95,9 @@ def compute(job: LwConfig) -> JobResult:
     per_layer = pooled_metrics(job, extraction.pooled)
     if labels is not None:
         per_layer.update(downstream_metrics(job, extraction.pooled, labels))
-    n_views = views_needed(job)
-    if n_views:
-        views = augment_views(texts, n_views, seed=_draw_seed(generator))
-        view_ids = [prompt for view in views
-                    for prompt in encode(loaded.tokenizer, view, job.data.max_tokens)]
-        pooled = extract(loaded, view_ids, desc=f"{n_views} views", **batching).pooled
-        n, n_states, width = extraction.pooled.shape
-        pooled = pooled.view(n_views, n, n_states, width).permute(1, 2, 0, 3)
-        per_layer.update(view_metrics(job, pooled, generator))
+    if views_needed(job):
+        per_layer.update(view_metrics(job, pooled_views(job, loaded, texts, generator, batching),
+                                      generator))
     if "mteb" in job.metrics:
         per_layer.update(mteb_scores(job, loaded, device))
     norms = job.metric.normalizations
@@ -116,6 +110,18 @@ def compute(job: LwConfig) -> JobResult:
                            "n_tokens": float(extraction.n_tokens.sum()),
                            "prompts_per_second": len(ids) / seconds})
     return result
+
+
+def pooled_views(job: LwConfig, loaded, texts: list[str], generator: torch.Generator,
+                 batching: dict) -> torch.Tensor:
+    """Pooled vectors (N, L+1, J, D) of J nlpaug copies of every prompt, J as the view
+    metrics need; taken with the same batched pass as the prompts themselves."""
+    n_views = views_needed(job)
+    views = augment_views(texts, n_views, seed=_draw_seed(generator))
+    ids = [prompt for view in views
+           for prompt in encode(loaded.tokenizer, view, job.data.max_tokens)]
+    pooled = extract(loaded, ids, desc=f"{n_views} views", **batching).pooled  # (J N, L+1, D)
+    return pooled.view(n_views, len(texts), *pooled.shape[1:]).permute(1, 2, 0, 3)
 
 
 def mteb_scores(job: LwConfig, loaded, device: torch.device) -> dict[str, torch.Tensor]:
