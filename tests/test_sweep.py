@@ -227,7 +227,7 @@ def test_logged_view_metrics_match_an_independent_computation(store):
     """InfoNCE, DiME and LiDAR of the tiny-pythia x jsonl job, recomputed from nlpaug views of
     the same prompts (same seeds), one unbatched forward pass per view, numpy float64."""
     from conftest import compose_job
-    from lw.data import encode, load_prompts
+    from lw.data import load_prompts, tokenize
     from lw.metrics.views import random_permutations
     from lw.perturb import augment_views
 
@@ -244,7 +244,7 @@ def test_logged_view_metrics_match_an_independent_computation(store):
     pooled = []                                                      # (J, N, L+1, D)
     for view in views:
         pooled.append([])
-        for ids in encode(loaded.tokenizer, view, MAX_TOKENS):
+        for ids in tokenize(loaded.tokenizer, view, MAX_TOKENS):
             with torch.no_grad():
                 out = loaded.model(torch.tensor([ids]), output_hidden_states=True)
             pooled[-1].append([h[0].double().mean(0).numpy() for h in out.hidden_states])

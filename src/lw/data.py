@@ -221,7 +221,7 @@ def read_records(cfg: DataConfig) -> list[dict]:
     return records
 
 
-def encode(tokenizer, texts: list[str], max_tokens: int | None = None) -> list[list[int]]:
+def tokenize(tokenizer, texts: list[str], max_tokens: int | None = None) -> list[list[int]]:
     """Token ids of each text, special tokens as the tokenizer adds them, cut at max_tokens."""
     # verbose=False: texts longer than the model's context are expected; they are cut here.
     encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
@@ -243,7 +243,7 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
     checked = longest = 0
     for start in range(0, len(order), TOKENIZE_CHUNK):
         chunk = [records[i] for i in order[start:start + TOKENIZE_CHUNK]]
-        encoded = encode(tokenizer, [r["text"] for r in chunk])
+        encoded = tokenize(tokenizer, [r["text"] for r in chunk])
         for record, ids in zip(chunk, encoded, strict=True):
             checked += 1
             longest = max(longest, len(ids))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lw.config import LwError
-from lw.data import encode as tokenize
+from lw.data import tokenize
 from lw.extract import extract, length_batches
 from lw.hub import hub_reachable
 from lw.models import LoadedModel

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lw.config import LwConfig, LwError, register_configs, validate
-from lw.data import encode, load_prompts
+from lw.data import load_prompts, tokenize
 from lw.extract import extract
 from lw.metrics import (
     downstream_metrics,
@@ -56,7 +56,7 @@ def job_prompts(job: LwConfig, tokenizer, generator: torch.Generator,
         texts = [t for view in augment_views(prompts.texts, p.views, seed=_draw_seed(generator))
                  for t in view]
         labels = prompts.labels * p.views if prompts.labels else None
-        return encode(tokenizer, texts, job.data.max_tokens), texts, labels
+        return tokenize(tokenizer, texts, job.data.max_tokens), texts, labels
     ids = perturb(prompts.input_ids, p, tokenizer, generator, vocab_size)
     if p.name == "none":
         return ids, prompts.texts, prompts.labels
@@ -119,7 +119,7 @@ def pooled_views(job: LwConfig, loaded, texts: list[str], generator: torch.Gener
     n_views = views_needed(job)
     views = augment_views(texts, n_views, seed=_draw_seed(generator))
     ids = [prompt for view in views
-           for prompt in encode(loaded.tokenizer, view, job.data.max_tokens)]
+           for prompt in tokenize(loaded.tokenizer, view, job.data.max_tokens)]
     pooled = extract(loaded, ids, desc=f"{n_views} views", **batching).pooled  # (J N, L+1, D)
     return pooled.view(n_views, len(texts), *pooled.shape[1:]).permute(1, 2, 0, 3)
 
