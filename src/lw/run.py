@@ -31,7 +31,13 @@ from lw.models import PROJECT_ROOT, load_model
 from lw.perturb import augment_views, perturb
 from lw.plots import depth_curves, entropy_histograms
 from lw.results import JobResult, build_result
-from lw.tracking import client_for, log_result, save_result_files, start_job_run
+from lw.tracking import (
+    FAILED_JOBS,
+    client_for,
+    log_result,
+    save_result_files,
+    start_job_run,
+)
 
 register_configs()
 
@@ -186,15 +192,17 @@ def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run_job(cfg)
-    except LwError as error:
-        job = f" in job #{HydraConfig.get().job.num}" if multirun else ""
-        print(f"[lw] error{job}: {error}", file=sys.stderr)
+    except Exception as error:
+        if isinstance(error, LwError):  # the user's to fix: the message says what and how
+            job = f" in job #{HydraConfig.get().job.num}" if multirun else ""
+            print(f"[lw] error{job}: {error}", file=sys.stderr)
+        else:
+            traceback.print_exc()
         if not multirun:
             sys.exit(1)
-    except Exception:
-        traceback.print_exc()
-        if not multirun:
-            sys.exit(1)
+        FAILED_JOBS.append(f"#{HydraConfig.get().job.num} "
+                           f"{' '.join(HydraConfig.get().overrides.task)}: "
+                           f"{type(error).__name__}: {error}")
     # Under -m a failed job is FAILED in MLflow and the sweep goes on; the parent run's
     # callback reports the failures and sets the exit status at the end.
 

@@ -177,8 +177,14 @@ def _tracking(cfg: DictConfig) -> TrackingConfig:
     return TrackingConfig(**OmegaConf.to_container(cfg.tracking, resolve=True))
 
 
+# Jobs of this sweep that failed, kept in the process (Hydra's basic launcher runs every job
+# here), so that the exit status is right even when MLflow itself was what failed.
+FAILED_JOBS: list[str] = []
+
+
 class ParentRunCallback(Callback):
-    """Under ``-m``, one parent run holds the sweep's jobs as children."""
+    """Under ``-m``, one parent run holds the sweep's jobs as children; the sweep exits 1 when
+    any job failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = _tracking(config)
@@ -193,7 +199,12 @@ class ParentRunCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = os.environ.pop(PARENT_ENV, None)
-        if parent is None:
+        failed_here, FAILED_JOBS[:] = list(FAILED_JOBS), []
+        if parent is None:  # no tracking: say what failed from what the jobs reported
+            for line in failed_here:
+                print(f"[lw] FAILED job {line}")
+            if failed_here:
+                raise SystemExit(1)
             return
         client = client_for(_tracking(config))
         children = client.search_runs(
@@ -208,5 +219,5 @@ class ParentRunCallback(Callback):
               f"finished, MLflow parent run {parent} in {tracking_uri(_tracking(config))}")
         for run in failed:
             print(f"[lw] FAILED {run.info.run_name}: {run.data.tags.get('lw.error', '')}")
-        if failed:
+        if failed or failed_here:
             raise SystemExit(1)

@@ -1,0 +1,109 @@
+"""A real MLflow tracking server on 127.0.0.1: a job logs to it, credentials from the environment
+never reach params or artifacts, and an unreachable server fails fast and clearly."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import PYTHON, cli_env, wiki_records
+
+SECRET = "s3cret-password-for-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_lw(tmp: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYTHON), "-m", "lw.run", *overrides,
+                           f"hydra.run.dir={tmp}/out", f"hydra.sweep.dir={tmp}/multirun"],
+                          cwd=tmp, env=cli_env(**env), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    mlflow = PYTHON.parent / "mlflow"
+    process = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            MlflowClient(uri).search_experiments()
+            break
+        except Exception:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("mlflow server did not start in 120 s")
+    yield uri, tmp
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_a_job_logs_to_the_server_and_keeps_credentials_out(server, tmp_path):
+    uri, _ = server
+    data = tmp_path / "prompts.txt"
+    data.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:3]))
+    done = run_lw(tmp_path, "model=tiny-pythia", "data=local", f"data.path={data}",
+                  "data.n_prompts=3", "data.max_tokens=24", "metrics=[prompt_entropy]",
+                  "tracking=server", MLFLOW_TRACKING_URI=uri,
+                  MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=SECRET)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["tracking.uri"] == uri
+    history = client.get_metric_history(run.info.run_id, "prompt_entropy/max")
+    assert sorted(m.step for m in history) == list(range(7))
+    # Nothing the job wrote or logged holds the password.
+    logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
+    folder = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "dl")))
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    files += [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files)
+    assert SECRET not in logged
+    assert not [p for p in files if SECRET.encode() in p.read_bytes()]
+
+
+def test_an_unreachable_server_fails_fast_naming_it(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"                      # nothing listens there
+    started = time.monotonic()
+    done = run_lw(tmp_path, "model=tiny-pythia", "tracking=server", MLFLOW_TRACKING_URI=uri)
+    assert done.returncode == 1
+    assert time.monotonic() - started < 60
+    assert f"tracking server {uri} is unreachable" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_credentials_in_the_uri_are_refused_without_echoing_them(tmp_path):
+    done = run_lw(tmp_path, "model=tiny-pythia", "tracking=server",
+                  MLFLOW_TRACKING_URI=f"http://alice:{SECRET}@127.0.0.1:5000")
+    assert done.returncode == 1
+    assert "MLFLOW_TRACKING_PASSWORD" in done.stderr
+    assert SECRET not in done.stderr + done.stdout
+
+
+def test_a_sweep_without_its_server_exits_1_and_says_which_jobs_failed(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    done = run_lw(tmp_path, "-m", "model=tiny-pythia,tiny-mamba", "tracking=server",
+                  MLFLOW_TRACKING_URI=uri)
+    assert done.returncode == 1
+    failed = [line for line in done.stdout.splitlines() if line.startswith("[lw] FAILED job #")]
+    assert len(failed) == 2 and all("unreachable" in line for line in failed)
