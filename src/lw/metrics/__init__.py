@@ -9,14 +9,12 @@ The functions themselves live in the sibling modules and know nothing of configs
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from lw.config import LwConfig
-from lw.metrics.curvature import curvature
+from lw.metrics.curvature import prepped_curvature
 from lw.metrics.downstream import cluster, probe
-from lw.metrics.entropy import dataset_entropy, prompt_entropy
+from lw.metrics.entropy import dataset_entropy, matrix_entropy, prep
 from lw.metrics.views import dime, infonce, lidar
 
 TOKEN_METRICS = ("prompt_entropy", "curvature")
@@ -34,16 +32,29 @@ def needs_prompt_entropy(cfg: LwConfig) -> bool:
 
 
 def token_metrics(cfg: LwConfig) -> dict:
-    """name -> fn(hidden (L+1, B, T, D), mask (B, T)) -> {logged name: (L+1, B)}."""
+    """{"token": fn(hidden (L+1, B, T, D), mask (B, T)) -> {logged name: (L+1, B)}}, or {}.
+
+    One function for all token metrics, so that the prep they share (centering and
+    normalizing every token state, the largest tensor of the batch) runs once per batch.
+    """
     m = cfg.metric
-    fns = {}
-    if needs_prompt_entropy(cfg):
-        entropy = partial(prompt_entropy, alpha=m.prompt_entropy.alpha, compat=m.compat,
-                          normalizations=tuple(m.normalizations))
-        fns["prompt_entropy"] = lambda h, mask: _prefixed("prompt_entropy", entropy(h, mask))
-    if "curvature" in cfg.metrics:
-        fns["curvature"] = lambda h, mask: {"curvature": curvature(h, mask, compat=m.compat)}
-    return fns
+    entropy, curve = needs_prompt_entropy(cfg), "curvature" in cfg.metrics
+    if not (entropy or curve):
+        return {}
+
+    def batch_values(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = mask.to(device=h.device, dtype=torch.bool)
+        z = prep(h, mask)
+        values = {}
+        if entropy:
+            values.update(_prefixed("prompt_entropy", matrix_entropy(
+                z, mask, alpha=m.prompt_entropy.alpha, compat=m.compat,
+                normalizations=tuple(m.normalizations))))
+        if curve:
+            values["curvature"] = prepped_curvature(z, mask, compat=m.compat)
+        return values
+
+    return {"token": batch_values}
 
 
 def pooled_metrics(cfg: LwConfig, pooled: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,14 +31,20 @@ def curvature(h: Tensor, mask: Tensor | None, compat: str = "paper") -> Tensor:
     Returns:
         ``(...)`` float64; NaN when fewer than 3 real tokens or no valid pair.
     """
-    check_compat(compat)
     if mask is not None:
         mask = mask.to(device=h.device, dtype=torch.bool)
+    return prepped_curvature(prep(h, mask), mask, compat)
+
+
+def prepped_curvature(z: Tensor, mask: Tensor | None, compat: str = "paper") -> Tensor:
+    """:func:`curvature` of already prepped rows ``z = prep(h, mask)`` (``mask`` bool), for
+    callers that share one prep between metrics."""
+    check_compat(compat)
     # Real rows first, in order, so consecutive rows are consecutive tokens for every prompt.
-    z, rows = compact(prep(h, mask), mask)
+    z, rows = compact(z, mask)
     steps = z[..., 1:, :] - z[..., :-1, :]                       # (..., T-1, D)
     lengths = steps.norm(dim=-1)
-    k = torch.arange(steps.shape[-2], device=h.device)
+    k = torch.arange(steps.shape[-2], device=z.device)
     real_step = (k < (rows - 1).unsqueeze(-1)) & (lengths > ZERO_STEP)  # both rows real, |v| > 0
     dots = (steps[..., 1:, :] * steps[..., :-1, :]).sum(-1)      # (..., T-2)
     norms = lengths[..., 1:] * lengths[..., :-1]
