@@ -14,7 +14,7 @@ from torch.testing import assert_close
 import reference as ref
 from conftest import compose_job
 from lw.extract import all_layers, extract, length_batches, pad_batch, skip_leading
-from lw.metrics import token_metrics
+from lw.metrics import token_products, token_products_needed, token_values
 from lw.metrics.curvature import curvature
 from lw.metrics.entropy import prompt_entropy
 
@@ -213,7 +213,9 @@ def test_tiny_pythia_matches_unbatched_numpy_reference(tiny_pythia, skip_first):
     job = compose_job(["model=tiny-pythia", "metrics=[prompt_entropy,curvature]"])
     prompts = [p for p in encode(tiny_pythia) if len(p) > skip_first + 2]
     out = extract(tiny_pythia, prompts, batch_size=8, skip_first=skip_first,
-                  token_metrics=token_metrics(job))
+                  token_metrics=token_products(token_products_needed(job)))
+    rows = torch.tensor([len(p) - skip_first for p in prompts])
+    out.per_prompt.update(token_values(job, out.per_prompt, rows, tiny_pythia.info.hidden_size))
     for i, prompt in enumerate(prompts):
         with torch.inference_mode():
             hidden = tiny_pythia.model(input_ids=torch.tensor([prompt]),

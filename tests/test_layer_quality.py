@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from conftest import compose_job, load_option, wiki_records
 from lw.config import ConfigError
-from lw.run import compute
+from lw.job import compute
 
 TOPICS = ("Mathematics", "Geography", "Arts")
 PER_TOPIC = 6

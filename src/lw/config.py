@@ -19,6 +19,7 @@ DATA_SOURCES = ("hub", "wiki-vital", "medical-hpo", "local")
 PERTURBATIONS = ("none", "repetition", "randomness", "random", "augment")
 COMPAT_MODES = ("paper", "official")
 NORMALIZATIONS = ("raw", "max", "logN", "logD")
+POOLINGS = ("mean", "last", "first")
 # Token-level metrics are computed per batch; pooled ones on the whole set of pooled vectors;
 # view metrics need augmented copies of every prompt (perturbation-independent).
 METRIC_NAMES = (
@@ -58,13 +59,19 @@ class ModelConfig:
     arch: str = ""                   # random init: gpt_neox | mamba | llama | bert
     arch_config: dict[str, Any] = field(default_factory=dict)  # random init: config overrides
     tokenizer: str = ""              # random init: which offline model's tokenizer to use
-    dtype: str = "float32"           # float32 | bfloat16 | float16
+    dtype: str = "float32"           # float32 | bfloat16 | float16 (metrics stay float32+)
     trust_remote_code: bool = False
+    # Big-model loading (Accelerate): "auto" spreads one model over every visible GPU (then the
+    # CPU); "cpu", "cuda:0" ... put it whole on one device. None: extraction.device decides.
+    device_map: str | None = None
+    max_memory: dict[str, str] | None = None   # with device_map: {"0": "20GiB", "cpu": "60GiB"}
 
     def __post_init__(self) -> None:
         _one_of("model.source", self.source, MODEL_SOURCES)
         _one_of("model.family", self.family, MODEL_FAMILIES)
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check(self.max_memory is None or self.device_map is not None,
+               "model.max_memory needs model.device_map (e.g. model.device_map=auto)")
 
 
 @dataclass
@@ -185,8 +192,11 @@ class ExtractionConfig:
     batch_size: int = 8
     skip_first: int = 0              # leading positions left out of token metrics and pooling
     device: str = "auto"             # auto | cpu | cuda | cuda:1 ...
+    pooling: str = "mean"            # mean | last | first: one vector per prompt and layer
+    cache: bool = False              # keep / reuse the forward pass's products (lw.cache)
 
     def __post_init__(self) -> None:
+        _one_of("extraction.pooling", self.pooling, POOLINGS)
         _check(self.batch_size >= 1, f"extraction.batch_size={self.batch_size}: must be >= 1")
         _check(self.skip_first >= 0, f"extraction.skip_first={self.skip_first}: must be >= 0")
 

@@ -236,6 +236,9 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
     none: LwError.
     """
     records = read_records(cfg)
+    if cfg.n_prompts > len(records):  # said before tokenizing anything: it can take a while
+        warnings.warn(f"data.n_prompts={cfg.n_prompts}: data {cfg.name!r} holds "
+                      f"{len(records)} records; taking all of them", stacklevel=2)
     order = list(range(len(records)))
     random.Random(cfg.seed).shuffle(order)
     min_length = max(cfg.min_tokens, 1)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from lw.config import POOLINGS
 from lw.models import LoadedModel
 
-# fn(hidden (L+1, B, T, D), mask (B, T) bool) -> {value name: (L+1, B)}
+# fn(hidden (L+1, B, T, D), mask (B, T) bool) -> {value name: (L+1, B, ...)}
 TokenMetric = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -24,7 +25,7 @@ class Extraction:
     """What one pass over N prompts leaves: pooled vectors and per-prompt metric values."""
 
     pooled: torch.Tensor                               # (N, L+1, D) float32, CPU
-    per_prompt: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N, L+1)
+    per_prompt: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N, L+1, ...)
     n_tokens: torch.Tensor | None = None               # (N,) real tokens per prompt
 
 
@@ -101,16 +102,66 @@ def token_norm_diagnostic(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str,
             "token_norm/argmax_position": (position - first_real).double()}
 
 
+
+
+def pool(hidden: torch.Tensor, kept: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """One vector per prompt and layer from token states.
+
+    Args:
+        hidden: ``(L+1, B, T, D)`` token states.
+        kept: ``(B, T)`` bool, the positions pooling may use (real, after skip_first).
+        how: ``mean`` over kept positions; ``last`` / ``first`` kept position (decoders'
+            sentence embedding is often the last token's state).
+
+    Returns:
+        ``(L+1, B, D)``.
+    """
+    if how == "mean":
+        weights = kept.unsqueeze(0).unsqueeze(-1).to(hidden.dtype)          # (1, B, T, 1)
+        return (hidden * weights).sum(dim=2) / weights.sum(dim=2)
+    positions = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
+    if how == "last":
+        index = torch.where(kept, positions, -1).amax(dim=1)
+    elif how == "first":
+        index = torch.where(kept, positions, kept.shape[1]).amin(dim=1)
+    else:
+        raise ValueError(f"pooling={how!r}: use one of {', '.join(POOLINGS)}")
+    index = index.view(1, -1, 1, 1).expand(hidden.shape[0], -1, 1, hidden.shape[-1])
+    return hidden.gather(2, index).squeeze(2)
+
+
+def _store(per_prompt: dict[str, torch.Tensor], name: str, index: list[int],
+           value: torch.Tensor, n: int) -> None:
+    """Scatter a batch's ``(L+1, B, ...)`` values into ``per_prompt[name]`` ``(N, L+1, ...)``.
+
+    Trailing sizes (a spectrum's width) may differ between batches: the store is widened with
+    zeros, which no spectrum-based metric counts. Scalars start as NaN (never measured)."""
+    value = value.transpose(0, 1).double().cpu()
+    if name not in per_prompt:
+        fill = float("nan") if value.dim() == 2 else 0.0
+        per_prompt[name] = torch.full((n, *value.shape[1:]), fill, dtype=torch.float64)
+    stored = per_prompt[name]
+    if value.dim() > 2 and value.shape[-1] != stored.shape[-1]:
+        width = max(value.shape[-1], stored.shape[-1])
+        if stored.shape[-1] < width:
+            stored = per_prompt[name] = torch.nn.functional.pad(stored,
+                                                                (0, width - stored.shape[-1]))
+        value = torch.nn.functional.pad(value, (0, width - value.shape[-1]))
+    stored[index] = value
+
+
 @torch.inference_mode()
 def extract(loaded: LoadedModel, prompts: list[list[int]], *, batch_size: int,
             skip_first: int = 0, token_metrics: dict[str, TokenMetric] | None = None,
-            device: torch.device | None = None, desc: str = "prompts") -> Extraction:
+            device: torch.device | None = None, pooling: str = "mean",
+            desc: str = "prompts", progress: bool = True) -> Extraction:
     """One forward pass over ``prompts`` (token id lists), batch by batch.
 
-    Returns pooled vectors (mean over real tokens after skipping the first ``skip_first``) and,
-    for every token metric, its per-prompt values; always includes the token-norm diagnostic.
+    Returns pooled vectors (``pooling`` over the real tokens after skipping the first
+    ``skip_first``) and, for every token function, its per-prompt values ``(N, L+1, ...)``;
+    always includes the token-norm diagnostic.
     """
-    device = device or next(loaded.model.parameters()).device
+    device = device or loaded.model.get_input_embeddings().weight.device
     token_metrics = dict(token_metrics or {})
     n, n_states, width = len(prompts), loaded.info.n_layers + 1, loaded.info.hidden_size
     pooled = torch.empty((n, n_states, width), dtype=torch.float32)
@@ -118,22 +169,20 @@ def extract(loaded: LoadedModel, prompts: list[list[int]], *, batch_size: int,
     pad_id = _pad_id(loaded.tokenizer)
     batches = length_batches([len(p) for p in prompts], batch_size,
                              equal_lengths=loaded.info.family == "ssm")
-    bar = tqdm(total=n, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=n, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress)
     for index in batches:
         ids, mask = pad_batch([prompts[i] for i in index], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         hidden = all_layers(loaded, ids, mask)
+        mask = mask.to(hidden.device)  # a model spread over GPUs ends on another device
         kept = skip_leading(mask, skip_first)
         values = token_norm_diagnostic(hidden, mask)
         for metric in token_metrics.values():
             values.update(metric(hidden, kept))
-        weights = kept.unsqueeze(0).unsqueeze(-1).float()                # (1, B, T, 1)
-        mean = (hidden * weights).sum(dim=2) / weights.sum(dim=2)        # (L+1, B, D)
-        pooled[index] = mean.transpose(0, 1).cpu()
+        pooled[index] = pool(hidden, kept, pooling).transpose(0, 1).float().cpu()
         for name, value in values.items():
-            if name not in per_prompt:
-                per_prompt[name] = torch.full((n, n_states), float("nan"), dtype=torch.float64)
-            per_prompt[name][index] = value.transpose(0, 1).double().cpu()
+            _store(per_prompt, name, index, value, n)
         bar.update(len(index))
     bar.close()
     n_tokens = torch.tensor([len(p) for p in prompts])

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -67,6 +68,13 @@ def offline_models() -> list[str]:
 
 
 def file_sha256(path: Path) -> str:
+    stat = Path(path).stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Hashed once per process and file version: a sweep asks for it per job."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -141,22 +149,70 @@ def _weights_folder(cfg: ModelConfig) -> tuple[Path, str]:
     raise LwError(f"model {cfg.name} has no offline weights folder (source={cfg.source})")
 
 
-def _hub_model(cfg: ModelConfig):
-    from transformers import AutoModel, AutoTokenizer
+def _hub_unreachable(cfg: ModelConfig) -> LwError:
+    return LwError(
+        f"model {cfg.id} (revision {cfg.revision}) comes from the Hugging Face hub, which "
+        "is unreachable from this machine, and it is not in the local cache. "
+        f"Offline models: {', '.join(offline_models())}")
 
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+def _hub_model(cfg: ModelConfig):
+    from transformers import AutoModel
+
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                  **placement(cfg))
     if not hub_reachable():
         # Offline is fine when the exact revision is already in the local hub cache.
         try:
             return (AutoModel.from_pretrained(cfg.id, local_files_only=True, **kwargs),
-                    AutoTokenizer.from_pretrained(cfg.id, local_files_only=True, **kwargs))
+                    load_tokenizer(cfg))
         except OSError:
-            raise LwError(
-                f"model {cfg.id} (revision {cfg.revision}) comes from the Hugging Face hub, which "
-                "is unreachable from this machine, and it is not in the local cache. "
-                f"Offline models: {', '.join(offline_models())}") from None
-    return (AutoModel.from_pretrained(cfg.id, **kwargs),
-            AutoTokenizer.from_pretrained(cfg.id, **kwargs))
+            raise _hub_unreachable(cfg) from None
+    return AutoModel.from_pretrained(cfg.id, **kwargs), load_tokenizer(cfg)
+
+
+def placement(cfg: ModelConfig) -> dict:
+    """from_pretrained's placement arguments: the dtype, and with ``model.device_map``
+    Accelerate's big-model loading (weights straight to their devices, layers spread over the
+    GPUs by ``max_memory``), so a model larger than one GPU loads at all."""
+    kwargs: dict = {"dtype": getattr(torch, cfg.dtype)}
+    if cfg.device_map:
+        kwargs["device_map"] = cfg.device_map
+        if cfg.max_memory:
+            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v
+                                    for k, v in cfg.max_memory.items()}
+    return kwargs
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer alone (seconds, no weights): prompts are built and checked
+    before the model is loaded, and a cached job needs no model at all."""
+    from transformers import AutoTokenizer
+
+    if cfg.source == "random":
+        return load_tokenizer_of(cfg.tokenizer)
+    if cfg.source == "hub":
+        kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        if not hub_reachable():
+            try:
+                return AutoTokenizer.from_pretrained(cfg.id, local_files_only=True, **kwargs)
+            except OSError:
+                raise _hub_unreachable(cfg) from None
+        return AutoTokenizer.from_pretrained(cfg.id, **kwargs)
+    return AutoTokenizer.from_pretrained(_weights_folder(cfg)[0])
+
+
+def weights_identity(cfg: ModelConfig) -> str:
+    """What names the weights without loading them: the packaged file's sha256, the hub id
+    and revision, or the random-init architecture (its seed is the job's)."""
+    if cfg.source == "gguf-package":
+        return file_sha256(package_folder(cfg.module, cfg.package) / cfg.file)
+    if cfg.source == "package":
+        weights = package_folder(cfg.module, cfg.package) / cfg.file / "model.safetensors"
+        return file_sha256(weights) if weights.exists() else cfg.revision
+    if cfg.source == "random":
+        return f"random:{cfg.arch}:{sorted(cfg.arch_config.items())}:{cfg.tokenizer}"
+    return f"{cfg.id}@{cfg.revision}"
 
 
 def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedModel:
@@ -176,9 +232,14 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedM
         folder, sha = _weights_folder(cfg)
         from transformers import AutoTokenizer
 
-        model = AutoModel.from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder, **placement(cfg))
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
+    if cfg.device_map:  # placed by Accelerate's loading; random init has no map to follow
+        model = model.eval() if hasattr(model, "hf_device_map") else model.to(
+            device=torch.device(cfg.device_map if cfg.device_map != "auto" else "cpu"),
+            dtype=getattr(torch, cfg.dtype)).eval()
+    else:
+        model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
     config = model.config
     arch = config.model_type
     info = ModelInfo(
@@ -187,3 +248,19 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedM
         last_state_after_final_norm=AFTER_FINAL_NORM.get(arch, True),
         revision=revision, weights_sha256=sha, source=cfg.source)
     return LoadedModel(model, tokenizer, info)
+
+
+def embedding_rows(cfg: ModelConfig, tokenizer) -> int:
+    """How many token ids the model embeds, read from its config (no weights): perturbations
+    draw ids below it, and prompts are built before the model loads."""
+    if cfg.source == "random":
+        return int(cfg.arch_config.get("vocab_size", len(tokenizer)))
+    from transformers import AutoConfig
+
+    if cfg.source == "hub":
+        config = AutoConfig.from_pretrained(cfg.id, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code,
+                                            local_files_only=not hub_reachable())
+    else:
+        config = AutoConfig.from_pretrained(_weights_folder(cfg)[0])
+    return int(getattr(config, "vocab_size", None) or len(tokenizer))

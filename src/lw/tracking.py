@@ -27,6 +27,7 @@ from lw.perturb import perturbation_tags
 
 PARENT_ENV = "LW_PARENT_RUN_ID"
 PARAM_LIMIT = 6000  # MLflow's longest param value
+DEPTH_PREFIX = "depth/"  # per-layer curves again, keyed by depth per-mille (log_result)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -69,12 +70,17 @@ def client_for(cfg: TrackingConfig):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment on this view: the training runs, not the GenAI overview.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client, cfg: TrackingConfig) -> str:
     found = client.get_experiment_by_name(cfg.experiment)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg))
+        return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg),
+                                        tags=EXPERIMENT_KIND)
     except Exception:  # another job of the sweep created it first
         return client.get_experiment_by_name(cfg.experiment).experiment_id
 
@@ -140,16 +146,21 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str]) 
 
 def log_result(client, run_id: str, result, figures: dict[str, Any],
                extra_tags: dict[str, str]) -> None:
-    """Per-layer curves (step = layer), summaries, tables and figures of one finished job."""
+    """Per-layer curves (step = layer), the same curves over relative depth (``depth/<name>``,
+    step = depth in per-mille, 0 = embeddings, 1000 = last layer: models of different depths
+    overlay in the MLflow UI), summaries, tables and figures of one finished job."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = []
+    layers = result.table["layer"].astype(int)
+    per_mille = (1000 * layers / result.info.n_layers).round().astype(int)
     for column in result.table.columns:
         if column in ("layer", "depth_pct"):
             continue
-        for layer, value in zip(result.table["layer"], result.table[column], strict=True):
+        for layer, depth, value in zip(layers, per_mille, result.table[column], strict=True):
             metrics.append(Metric(column, float(value), now, int(layer)))
+            metrics.append(Metric(f"{DEPTH_PREFIX}{column}", float(value), now, int(depth)))
     metrics += [Metric(k, float(v), now, 0) for k, v in result.summary.items()]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
@@ -187,6 +198,10 @@ class ParentRunCallback(Callback):
     any job failed."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from lw.distributed import current_ranks
+
+        if not current_ranks().is_main:  # one parent per sweep, however many ranks
+            return
         tracking = _tracking(config)
         client = client_for(tracking)
         sweep_dir = str(config.hydra.sweep.dir)
@@ -198,8 +213,14 @@ class ParentRunCallback(Callback):
         os.environ[PARENT_ENV] = run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from lw.distributed import current_ranks
+
         parent = os.environ.pop(PARENT_ENV, None)
         failed_here, FAILED_JOBS[:] = list(FAILED_JOBS), []
+        if not current_ranks().is_main:  # rank 0 reports; the others share its exit status
+            if failed_here:
+                raise SystemExit(1)
+            return
         if parent is None:  # no tracking: say what failed from what the jobs reported
             for line in failed_here:
                 print(f"[lw] FAILED job {line}")

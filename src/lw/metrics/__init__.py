@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from lw.config import LwConfig
-from lw.metrics.curvature import prepped_curvature
+from lw.metrics.curvature import prepped_curvatures
 from lw.metrics.downstream import cluster, probe
-from lw.metrics.entropy import dataset_entropy, matrix_entropy, prep
+from lw.metrics.entropy import dataset_entropy, gram_spectrum, prep, spectrum_matrix_entropy
 from lw.metrics.views import dime, infonce, lidar
 
 TOKEN_METRICS = ("prompt_entropy", "curvature")
@@ -31,30 +31,65 @@ def needs_prompt_entropy(cfg: LwConfig) -> bool:
     return "prompt_entropy" in cfg.metrics or "dip" in cfg.metrics
 
 
-def token_metrics(cfg: LwConfig) -> dict:
-    """{"token": fn(hidden (L+1, B, T, D), mask (B, T)) -> {logged name: (L+1, B)}}, or {}.
+def token_products_needed(cfg: LwConfig) -> list[str]:
+    """Names of the per-prompt products the job's token metrics are computed from:
+    ``spectrum/<compat>`` (N, L+1, m) for prompt entropy, ``curvature/<compat>`` (N, L+1)."""
+    names = []
+    if needs_prompt_entropy(cfg):
+        names.append(f"spectrum/{cfg.metric.compat}")
+    if "curvature" in cfg.metrics:
+        names += ["curvature/paper", "curvature/official"]
+    return names
 
-    One function for all token metrics, so that the prep they share (centering and
+
+def token_products(wanted: list[str]) -> dict:
+    """{"token": fn(hidden (L+1, B, T, D), mask (B, T)) -> {product: (L+1, B, ...)}}, or {}.
+
+    ``wanted``: product names, as :func:`token_products_needed` gives them.
+
+    One function for all token products, so that the prep they share (centering and
     normalizing every token state, the largest tensor of the batch) runs once per batch.
+    What it keeps are the raw products (Gram spectra, curvature in both compat modes), not
+    the metrics: prompt entropy then follows for any alpha and normalization without another
+    forward pass (:func:`token_values`), which is what the activation cache relies on.
     """
-    m = cfg.metric
-    entropy, curve = needs_prompt_entropy(cfg), "curvature" in cfg.metrics
-    if not (entropy or curve):
+    if not wanted:
         return {}
 
-    def batch_values(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def batch_products(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = mask.to(device=h.device, dtype=torch.bool)
         z = prep(h, mask)
         values = {}
-        if entropy:
-            values.update(_prefixed("prompt_entropy", matrix_entropy(
-                z, mask, alpha=m.prompt_entropy.alpha, compat=m.compat,
-                normalizations=tuple(m.normalizations))))
-        if curve:
-            values["curvature"] = prepped_curvature(z, mask, compat=m.compat)
+        for name in wanted:
+            if name.startswith("spectrum/"):
+                values[name] = gram_spectrum(z, mask, compat=name.split("/")[1])
+        if "curvature/paper" in wanted:
+            values.update(_prefixed("curvature", prepped_curvatures(z, mask)))
         return values
 
-    return {"token": batch_values}
+    return {"token": batch_products}
+
+
+def token_values(cfg: LwConfig, per_prompt: dict[str, torch.Tensor], rows: torch.Tensor,
+                 hidden_size: int) -> dict[str, torch.Tensor]:
+    """Per-prompt token metrics (N, L+1) from the products of :func:`token_products`.
+
+    Args:
+        per_prompt: ``{product: (N, L+1, ...)}`` as the forward pass (or the cache) left them.
+        rows: ``(N,)`` real token rows each prompt's metrics saw (its tokens after skip_first).
+        hidden_size: D, for the logD / max normalizations.
+    """
+    m = cfg.metric
+    values: dict[str, torch.Tensor] = {}
+    if needs_prompt_entropy(cfg):
+        spectra = per_prompt[f"spectrum/{m.compat}"]
+        values.update(_prefixed("prompt_entropy", spectrum_matrix_entropy(
+            spectra, rows.unsqueeze(-1).expand(spectra.shape[:-1]), hidden_size,
+            alpha=m.prompt_entropy.alpha, compat=m.compat,
+            normalizations=tuple(m.normalizations))))
+    if "curvature" in cfg.metrics:
+        values["curvature"] = per_prompt[f"curvature/{m.compat}"]
+    return values
 
 
 def pooled_metrics(cfg: LwConfig, pooled: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -40,6 +40,18 @@ def prepped_curvature(z: Tensor, mask: Tensor | None, compat: str = "paper") -> 
     """:func:`curvature` of already prepped rows ``z = prep(h, mask)`` (``mask`` bool), for
     callers that share one prep between metrics."""
     check_compat(compat)
+    return _mean_angle(*_turning_cosines(z, mask), compat)
+
+
+def prepped_curvatures(z: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+    """``{"paper": C, "official": C}`` of prepped rows, sharing the costly part (the step
+    cosines), so that both modes can be kept (the activation cache serves either)."""
+    cos, valid = _turning_cosines(z, mask)
+    return {compat: _mean_angle(cos, valid, compat) for compat in ("paper", "official")}
+
+
+def _turning_cosines(z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Cosines between successive steps ``(..., T-2)`` and which of them are valid."""
     # Real rows first, in order, so consecutive rows are consecutive tokens for every prompt.
     z, rows = compact(z, mask)
     steps = z[..., 1:, :] - z[..., :-1, :]                       # (..., T-1, D)
@@ -49,7 +61,10 @@ def prepped_curvature(z: Tensor, mask: Tensor | None, compat: str = "paper") -> 
     dots = (steps[..., 1:, :] * steps[..., :-1, :]).sum(-1)      # (..., T-2)
     norms = lengths[..., 1:] * lengths[..., :-1]
     valid = real_step[..., 1:] & real_step[..., :-1]
-    cos = (dots / torch.where(valid, norms, 1.0)).clamp(-1.0, 1.0)
+    return (dots / torch.where(valid, norms, 1.0)).clamp(-1.0, 1.0), valid
+
+
+def _mean_angle(cos: Tensor, valid: Tensor, compat: str) -> Tensor:
     if compat == "official":
         cos = cos.abs()
     angles = torch.where(valid, torch.arccos(cos), 0.0)

@@ -150,21 +150,88 @@ def normalize_entropy(
     return out
 
 
-def _gram(x: Tensor, mask: Tensor | None, rows: Tensor, compat: str) -> tuple[Tensor, Tensor]:
-    """The Gram matrix whose spectrum is used, and its size n (for the official alpha=2)."""
+def _gram(x: Tensor, mask: Tensor | None, rows: Tensor, compat: str) -> Tensor:
+    """The Gram matrix whose spectrum is used (the smaller orientation, or per matrix in
+    official mode)."""
     n, dim = x.shape[-2:]
     if n <= dim:  # every matrix has rows <= D: the row Gram is the smaller one everywhere
-        return x @ x.mT, rows
+        return x @ x.mT
     feature = x.mT @ x
     if compat != "official":  # same non-zero spectrum either way: one shape for the batch
-        return feature, torch.full_like(rows, dim)
+        return feature
     # The clamp makes the orientation matter: matrices with rows <= D get their row Gram,
     # built from the compacted real rows cut to D (zero rows add only zero eigenvalues).
     use_rows = rows <= dim
     row_gram = compact(x, mask)[0][..., :dim, :]
     row_gram = row_gram @ row_gram.mT
-    gram = torch.where(use_rows[..., None, None], row_gram, feature)
-    return gram, torch.where(use_rows, rows, torch.full_like(rows, dim))
+    return torch.where(use_rows[..., None, None], row_gram, feature)
+
+
+def gram_spectrum(x: Tensor, mask: Tensor | None = None, compat: str = "paper") -> Tensor:
+    """Eigenvalues of the Gram matrix whose spectrum :func:`matrix_entropy` measures.
+
+    ``K = X X^T`` (``n x n``) when ``n <= D``, else ``X^T X`` (``D x D``): same non-zero
+    spectrum. ``compat="official"`` clamps K at 0 and divides it by its trace first (the
+    authors' code; module docstring). Everything the entropy needs for any alpha and
+    normalization is in this spectrum and the row count, which is why the activation cache
+    keeps spectra rather than entropies.
+
+    Args:
+        x: ``(..., n, D)`` prepped rows (see :func:`prep`), padded rows 0.
+        mask: ``(..., n)`` bool, True = real row; None = all real.
+        compat: ``"paper"`` or ``"official"``.
+
+    Returns:
+        ``(..., m)`` float64 ascending, ``m = min(n, D)``; all NaN where ``x`` is not finite.
+    """
+    check_compat(compat)
+    x = x.to(torch.float64)
+    rows = _real_mask(x, mask).sum(-1)
+    gram = _gram(x, mask, rows, compat)
+    # eigvalsh raises on NaN/inf (e.g. a half-precision overflow upstream): report NaN instead.
+    finite = torch.isfinite(gram).all(-1).all(-1)
+    gram = torch.where(finite[..., None, None], gram, 0.0)
+    if compat == "official":
+        gram = gram.clamp(min=0)
+        trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
+        gram = gram / torch.where(trace > 0, trace, 1.0)[..., None, None]
+    eigs = torch.linalg.eigvalsh(gram)
+    return torch.where(finite[..., None], eigs, math.nan)
+
+
+def spectrum_matrix_entropy(
+    eigs: Tensor,
+    rows: Tensor,
+    dim: int,
+    alpha: float = 1.0,
+    compat: str = "paper",
+    normalizations: Sequence[str] = NORMALIZATIONS,
+) -> dict[str, Tensor]:
+    """:func:`matrix_entropy` from a :func:`gram_spectrum`.
+
+    Args:
+        eigs: ``(..., m)`` spectrum; trailing zeros (padding to a common width) change nothing.
+        rows: ``(...)`` real rows of each matrix; dim: D.
+        alpha, compat, normalizations: as :func:`matrix_entropy`. Official alpha = 2 is the
+            authors' ``sum(K^2) / n^2`` with ``n = rows if rows <= D else D``, and
+            ``sum(K^2) = sum(lam^2)`` for a symmetric K.
+
+    Returns:
+        ``{name: (...)}`` float64; NaN where rows < 2, the spectrum has no positive value, or
+        it is NaN.
+    """
+    check_compat(compat)
+    eigs = eigs.to(torch.float64)
+    rows = rows.to(device=eigs.device)
+    if compat == "official" and alpha == 2.0:
+        n = torch.where(rows <= dim, rows, torch.full_like(rows, dim)).to(torch.float64)
+        total = eigs.sum(-1)
+        s = -torch.log(eigs.square().sum(-1) / n.clamp(min=1).square())
+        s = torch.where(total > 0, s, math.nan)
+    else:
+        s = spectrum_entropy(eigs, alpha)
+    s = torch.where(rows >= 2, s, math.nan)
+    return normalize_entropy(s, rows, dim, normalizations)
 
 
 def matrix_entropy(
@@ -178,9 +245,8 @@ def matrix_entropy(
 
     ``K = X X^T`` (``n x n``) when ``n <= D``, else ``X^T X`` (``D x D``): same non-zero
     spectrum. ``lam`` = eigenvalues of K > 1e-12 max, divided by their sum;
-    ``S = -sum(lam ln lam)`` (alpha = 1) or ``ln(sum(lam^alpha)) / (1 - alpha)``; alpha = 2 uses
-    ``sum(lam^2) = ||K||_F^2 / tr(K)^2``. Normalizations: raw = S,
-    max = S / ln(min(rows, D)), logN = S / ln(rows), logD = S / ln(D).
+    ``S = -sum(lam ln lam)`` (alpha = 1) or ``ln(sum(lam^alpha)) / (1 - alpha)``.
+    Normalizations: raw = S, max = S / ln(min(rows, D)), logN = S / ln(rows), logD = S / ln(D).
 
     Args:
         x: ``(..., n, D)`` prepped rows (see :func:`prep`), padded rows 0.
@@ -193,19 +259,9 @@ def matrix_entropy(
     Returns:
         ``{name: (...)}`` float64; NaN where rows < 2 or all rows are zero.
     """
-    check_compat(compat)
-    x = x.to(torch.float64)
     rows = _real_mask(x, mask).sum(-1)
-    gram, n = _gram(x, mask, rows, compat)
-    frobenius_n = None
-    if compat == "official":
-        gram = gram.clamp(min=0)
-        trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
-        gram = gram / torch.where(trace > 0, trace, 1.0)[..., None, None]
-        frobenius_n = n
-    s = psd_entropy(gram, alpha, frobenius_n)
-    s = torch.where(rows >= 2, s, math.nan)
-    return normalize_entropy(s, rows, x.shape[-1], normalizations)
+    return spectrum_matrix_entropy(gram_spectrum(x, mask, compat), rows, x.shape[-1], alpha,
+                                   compat, normalizations)
 
 
 def prompt_entropy(

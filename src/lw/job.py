@@ -1,0 +1,249 @@
+"""One job as stages (no tracking here):
+
+    plan (prompts, perturbation, views; from the job's seed, before any model loads)
+      -> forward (one process, this rank's share of N ranks, or an activation-cache hit)
+      -> products (pooled vectors, per-prompt spectra and values), gathered on rank 0
+      -> measure (metrics -> the per-layer results table), rank 0 only
+
+The forward products are one value (``lw.cache.PassProducts``) whichever way they came, so the
+metrics never know whether they came from 1 process, 8 GPUs or the disk.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lw import cache
+from lw.config import LwConfig, LwError
+from lw.data import load_prompts, tokenize
+from lw.distributed import Ranks, from_main, gather_extraction, shard, together
+from lw.extract import Extraction, extract
+from lw.identity import forward_hash
+from lw.metrics import (
+    downstream_metrics,
+    pooled_metrics,
+    token_products,
+    token_products_needed,
+    token_values,
+    view_metrics,
+    views_needed,
+)
+from lw.models import (
+    PROJECT_ROOT,
+    LoadedModel,
+    embedding_rows,
+    load_model,
+    load_tokenizer,
+)
+from lw.perturb import augment_views, perturb
+from lw.results import JobResult, build_result
+
+SINGLE = Ranks()
+
+
+@dataclass
+class JobPlan:
+    """What the job measures, drawn from its seed: the same on every rank."""
+
+    ids: list[list[int]]               # the prompts measured (after the perturbation)
+    texts: list[str]                   # their texts (decoded when a perturbation changed ids)
+    labels: list[str] | None           # data.label_field values
+    view_ids: list[list[int]]          # n_views x N augmented copies, view-major; [] if none
+    n_views: int
+    views_seed: int                    # nlpaug's seed: view j is the same for any n_views > j
+    generator: torch.Generator         # after the plan's draws: DiME's permutations follow
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LwError(f"extraction.device={name}: no CUDA device here; use auto or cpu")
+    return device
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    """A seed for libraries with their own RNG (nlpaug), drawn from the job's generator."""
+    return int(torch.randint(2**31 - 1, (1,), generator=generator))
+
+
+def job_prompts(job: LwConfig, tokenizer, generator: torch.Generator,
+                vocab_size: int | None = None):
+    """The prompts the job measures (token ids, after its perturbation), their texts and
+    labels (None without data.label_field)."""
+    prompts = load_prompts(job.data, tokenizer)
+    p = job.perturbation
+    if p.name == "augment":
+        # views augmented copies of every prompt, each measured as a prompt of its own
+        texts = [t for view in augment_views(prompts.texts, p.views, seed=_draw_seed(generator))
+                 for t in view]
+        labels = prompts.labels * p.views if prompts.labels else None
+        return tokenize(tokenizer, texts, job.data.max_tokens), texts, labels
+    ids = perturb(prompts.input_ids, p, tokenizer, generator, vocab_size)
+    if p.name == "none":
+        return ids, prompts.texts, prompts.labels
+    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), prompts.labels
+
+
+def plan_job(job: LwConfig, tokenizer) -> JobPlan:
+    """Prompts, perturbation and augmented views, from the job's seed (no model needed)."""
+    torch.manual_seed(job.seed)
+    generator = torch.Generator().manual_seed(job.seed)
+    ids, texts, labels = job_prompts(job, tokenizer, generator,
+                                     embedding_rows(job.model, tokenizer))
+    if job.extraction.skip_first >= min(map(len, ids)):
+        raise LwError(f"extraction.skip_first={job.extraction.skip_first} leaves no token of "
+                      f"the shortest prompt ({min(map(len, ids))} tokens); raise "
+                      "data.min_tokens")
+    n_views, views_seed = views_needed(job), _draw_seed(generator)
+    view_ids = view_prompts(texts, n_views, views_seed, tokenizer, job.data.max_tokens)
+    return JobPlan(ids, texts, labels, view_ids, n_views, views_seed, generator)
+
+
+def view_prompts(texts: list[str], n_views: int, seed: int, tokenizer,
+                 max_tokens: int) -> list[list[int]]:
+    """Token ids of ``n_views`` nlpaug copies of every text, view-major (n_views x N)."""
+    if not n_views:
+        return []
+    views = augment_views(texts, n_views, seed=seed)
+    return [prompt for view in views for prompt in tokenize(tokenizer, view, max_tokens)]
+
+
+def check_context(job: LwConfig, loaded: LoadedModel, plan: JobPlan) -> None:
+    longest = max(map(len, plan.ids + plan.view_ids))
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if context is not None and longest > context:
+        knob = (f"perturbation.T={job.perturbation.T}" if job.perturbation.name == "random"
+                else f"data.max_tokens={job.data.max_tokens}")
+        raise LwError(f"prompts of {longest} tokens ({knob}) exceed model {job.model.name}'s "
+                      f"context of {context} positions; set at most {context}")
+
+
+def forward_stage(job: LwConfig, loaded: LoadedModel, plan: JobPlan, device: torch.device,
+                  ranks: Ranks = SINGLE, products: list[str] | None = None,
+                  n_views: int | None = None,
+                  view_ids: list[list[int]] | None = None) -> cache.PassProducts | None:
+    """The forward pass over this rank's share of the prompts (and of the views), gathered on
+    rank 0 (None elsewhere). ``products`` / ``n_views`` / ``view_ids``: what to keep (default:
+    what the job's metrics need)."""
+    products = token_products_needed(job) if products is None else products
+    n_views = plan.n_views if n_views is None else n_views
+    view_ids = plan.view_ids if view_ids is None else view_ids
+    batching = dict(batch_size=job.extraction.batch_size, skip_first=job.extraction.skip_first,
+                    device=device, pooling=job.extraction.pooling, progress=ranks.is_main)
+    jobs = [("prompts", plan.ids, token_products(products))]
+    if n_views:
+        jobs.append((f"{n_views} views", view_ids, {}))
+    started = time.perf_counter()
+    gathered: list[Extraction | None] = []
+    for what, prompts, token_fns in jobs:
+        shares = shard([len(p) for p in prompts], ranks.world)
+        with together(f"the forward pass over {what}", ranks):
+            mine = extract(loaded, [prompts[i] for i in shares[ranks.rank]],
+                           token_metrics=token_fns,
+                           desc=f"{job.model.name} {job.data.name} {what}", **batching)
+        whole = gather_extraction(mine, shares, len(prompts), ranks)
+        if whole is not None:
+            whole.n_tokens = torch.tensor([len(p) for p in prompts])
+        gathered.append(whole)
+    if not ranks.is_main:
+        return None
+    return cache.PassProducts(info=loaded.info, prompts=gathered[0],
+                              views=gathered[1] if n_views else None, n_views=n_views,
+                              forward_seconds=time.perf_counter() - started)
+
+
+def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
+            loaded: LoadedModel | None = None, device: torch.device | None = None) -> JobResult:
+    """Every metric of the job from the forward products: the per-layer results table."""
+    info, prompts = products.info, products.prompts
+    rows = (prompts.n_tokens - job.extraction.skip_first).clamp(min=0)
+    per_prompt = {name: value for name, value in prompts.per_prompt.items()
+                  if name.startswith("token_norm/")}
+    per_prompt.update(token_values(job, prompts.per_prompt, rows, info.hidden_size))
+    per_layer = pooled_metrics(job, prompts.pooled)
+    if plan.labels is not None:
+        per_layer.update(downstream_metrics(job, prompts.pooled, plan.labels))
+    if plan.n_views:
+        n = len(plan.ids)
+        views = products.views.pooled[:plan.n_views * n]                    # (J N, L+1, D)
+        views = views.view(plan.n_views, n, *views.shape[1:]).permute(1, 2, 0, 3)
+        per_layer.update(view_metrics(job, views, plan.generator))
+    if "mteb" in job.metrics:
+        per_layer.update(mteb_scores(job, loaded, device))
+    norms = job.metric.normalizations
+    dip_of = f"prompt_entropy/{'max' if 'max' in norms else norms[0]}" \
+        if "dip" in job.metrics else None
+    result = build_result(info, per_prompt, per_layer, prompts.n_tokens, dip_of)
+    result.summary.update({"n_prompts": float(len(plan.ids)),
+                           "n_tokens": float(prompts.n_tokens.sum()),
+                           "forward_seconds": products.forward_seconds,
+                           "prompts_per_second": len(plan.ids) / products.forward_seconds})
+    return result
+
+
+def mteb_scores(job: LwConfig, loaded: LoadedModel, device: torch.device):
+    """Every layer's MTEB main score per task, one forward pass per task's sentences."""
+    from lw.encoder import LayerwiseEncoder, run_mteb
+
+    encoder = LayerwiseEncoder(loaded, batch_size=job.extraction.batch_size,
+                               max_tokens=job.data.max_tokens,
+                               skip_first=job.extraction.skip_first, device=device)
+    folder = job.metric.mteb.output_folder or PROJECT_ROOT / "mteb-results"
+    frame = run_mteb(encoder, list(job.metric.mteb.tasks), output_folder=folder)
+    curves = frame.pivot(index="layer", columns="task", values="main_score").sort_index()
+    values = {f"mteb/{task}": torch.tensor(curves[task].to_numpy()) for task in curves}
+    values["mteb/mean"] = torch.tensor(curves.mean(axis=1).to_numpy())
+    return values
+
+
+def say(message: str, ranks: Ranks = SINGLE) -> None:
+    if ranks.is_main:
+        print(f"[lw] {message}", file=sys.stderr)
+
+
+def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
+    """The whole job, no tracking: plan -> forward (or cache) -> measure. On rank 0 the
+    result; on other ranks None (they only run their share of the forward pass)."""
+    with together("planning the prompts", ranks):
+        plan = plan_job(job, load_tokenizer(job.model))
+    products = None
+    key = forward_hash(job) if job.extraction.cache else None
+    needed, n_views = token_products_needed(job), plan.n_views
+    if key is not None:
+        with together("reading the activation cache", ranks):
+            found = cache.load(key) if ranks.is_main else None
+            missing = found.missing(needed, n_views) if found is not None else None
+        if from_main(found is not None and not missing, ranks):
+            products = found
+            say(f"activation cache hit {key}: no model loaded, no forward pass", ranks)
+        elif found is not None:
+            say(f"activation cache entry {key} lacks {', '.join(missing)}: running the "
+                "forward pass", ranks)
+            # Keep what the entry had, so the rewritten entry serves both jobs.
+            needed = sorted(set(needed) | {name for name in found.prompts.per_prompt
+                                           if not name.startswith("token_norm/")})
+            n_views = max(n_views, found.n_views)
+        else:
+            say(f"activation cache miss {key}: running the forward pass", ranks)
+    loaded, device = None, ranks.device or pick_device(job.extraction.device)
+    if products is None or "mteb" in job.metrics:
+        with together("loading the model", ranks):
+            loaded = load_model(job.model, device, seed=job.seed)
+            check_context(job, loaded, plan)
+    if products is None:
+        views = plan.view_ids
+        if n_views > plan.n_views:  # the entry had more views than this job needs
+            views = view_prompts(plan.texts, n_views, plan.views_seed, loaded.tokenizer,
+                                 job.data.max_tokens)
+        products = forward_stage(job, loaded, plan, device, ranks, needed, n_views, views)
+        if key is not None and ranks.is_main:
+            cache.store(key, products)
+    if not ranks.is_main:
+        return None
+    return measure(job, products, plan, loaded, device)
