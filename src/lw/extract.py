@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from lw.architectures import architecture, layer_states
 from lw.config import POOLINGS
 from lw.models import LoadedModel
 
@@ -59,23 +60,9 @@ def pad_batch(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 def all_layers(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states (L+1, B, T, D): index 0 the embedding output, index L the last block.
-
-    Hugging Face's Mamba returns the block outputs plus the final-norm output and no embedding
-    output; it is rearranged here to the same convention as the transformers.
-    """
-    model = loaded.model
-    # use_cache=False: in eval mode the decoders and Mamba would otherwise build a KV / SSM
-    # cache of every layer for the batch (about as large as the states), used for nothing.
-    if loaded.info.architecture == "mamba":
-        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-        embeddings = model.get_input_embeddings()(ids)
-        states = (embeddings, *out.hidden_states[:-2], out.hidden_states[-1])
-    else:
-        out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True,
-                    use_cache=False)
-        states = out.hidden_states
-    return torch.stack(states).float()
+    """Hidden states (L+1, B, T, D) float32: index 0 the embedding output, index L the last block
+    (the convention and each architecture's facts: lw.architectures)."""
+    return layer_states(loaded.model, architecture(loaded.info.architecture), ids, mask)
 
 
 def skip_leading(mask: torch.Tensor, k: int) -> torch.Tensor:

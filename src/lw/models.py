@@ -18,14 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from lw.architectures import ARCHITECTURES, architecture, check_layer_convention, config_class
 from lw.assets import package_folder
 from lw.config import LwError, ModelConfig
 from lw.hub import hub_reachable
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-# Architectures whose last hidden state Hugging Face returns after the final norm. BERT-style
-# encoders have no final norm (each block ends in its own LayerNorm).
-AFTER_FINAL_NORM = {"gpt_neox": True, "llama": True, "mamba": True, "bert": False}
 
 
 @dataclass(frozen=True)
@@ -116,12 +114,10 @@ def _dequantized_gguf(cfg: ModelConfig) -> tuple[Path, str]:
 def _random_model(cfg: ModelConfig, seed: int):
     import transformers
 
+    if cfg.arch not in ARCHITECTURES:
+        raise LwError(f"model.arch={cfg.arch!r} is not one of {', '.join(ARCHITECTURES)}")
     tokenizer = load_tokenizer_of(cfg.tokenizer)
-    config_class = {"gpt_neox": transformers.GPTNeoXConfig, "mamba": transformers.MambaConfig,
-                    "llama": transformers.LlamaConfig, "bert": transformers.BertConfig}
-    if cfg.arch not in config_class:
-        raise LwError(f"model.arch={cfg.arch!r} is not one of {', '.join(config_class)}")
-    config = config_class[cfg.arch](vocab_size=len(tokenizer), **cfg.arch_config)
+    config = config_class(cfg.arch)(vocab_size=len(tokenizer), **cfg.arch_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModel.from_config(config)
@@ -241,11 +237,16 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedM
     else:
         model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
     config = model.config
-    arch = config.model_type
+    arch = architecture(config.model_type)
+    if not arch.padding_safe and cfg.family != "ssm":
+        # extract batches equal lengths only for family ssm; padding would enter the state.
+        raise LwError(f"model.family={cfg.family!r}: {arch.model_type} has no attention mask, "
+                      "so it must be family 'ssm' (equal-length batches, never padded)")
+    check_layer_convention(model, arch)
     info = ModelInfo(
-        name=cfg.name, id=cfg.id, family=cfg.family, architecture=arch,
+        name=cfg.name, id=cfg.id, family=cfg.family, architecture=arch.model_type,
         n_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-        last_state_after_final_norm=AFTER_FINAL_NORM.get(arch, True),
+        last_state_after_final_norm=arch.last_state_after_final_norm,
         revision=revision, weights_sha256=sha, source=cfg.source)
     return LoadedModel(model, tokenizer, info)
 
