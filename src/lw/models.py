@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from lw.architectures import ARCHITECTURES, architecture, check_layer_convention, config_class
+from lw.architectures import (
+    ARCHITECTURES,
+    architecture,
+    check_layer_convention,
+    config_class,
+    make_bidirectional,
+)
 from lw.assets import package_folder
 from lw.config import LwError, ModelConfig
 from lw.hub import hub_reachable
@@ -146,9 +152,10 @@ def _weights_folder(cfg: ModelConfig) -> tuple[Path, str]:
 
 
 def _hub_unreachable(cfg: ModelConfig) -> LwError:
+    adapters = f" with adapters {', '.join(cfg.adapters)}" if cfg.adapters else ""
     return LwError(
-        f"model {cfg.id} (revision {cfg.revision}) comes from the Hugging Face hub, which "
-        "is unreachable from this machine, and it is not in the local cache. "
+        f"model {cfg.id} (revision {cfg.revision}){adapters} comes from the Hugging Face hub, "
+        "which is unreachable from this machine, and it is not in the local cache. "
         f"Offline models: {', '.join(offline_models())}")
 
 
@@ -157,14 +164,32 @@ def _hub_model(cfg: ModelConfig):
 
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                   **placement(cfg))
-    if not hub_reachable():
-        # Offline is fine when the exact revision is already in the local hub cache.
-        try:
-            return (AutoModel.from_pretrained(cfg.id, local_files_only=True, **kwargs),
-                    load_tokenizer(cfg))
-        except OSError:
-            raise _hub_unreachable(cfg) from None
-    return AutoModel.from_pretrained(cfg.id, **kwargs), load_tokenizer(cfg)
+    # Offline is fine when the exact revision (and every adapter) is already in the local cache.
+    offline = not hub_reachable()
+    try:
+        model = AutoModel.from_pretrained(cfg.id, local_files_only=offline, **kwargs)
+        model = _merged_adapters(model, cfg.adapters, offline)
+    except (OSError, ValueError):
+        if not offline:
+            raise
+        raise _hub_unreachable(cfg) from None
+    return model, load_tokenizer(cfg)
+
+
+def _merged_adapters(model: torch.nn.Module, adapters: list[str], offline: bool):
+    """``model`` with each PEFT adapter (hub id or folder) merged into its weights, in order
+    (LLM2Vec: the MNTP adapter, then the contrastive one)."""
+    if not adapters:
+        return model
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise LwError(f"model.adapters={list(adapters)} needs peft: pip install "
+                      "'.[llm2vec]'") from None
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter,
+                                          local_files_only=offline).merge_and_unload()
+    return model
 
 
 def placement(cfg: ModelConfig) -> dict:
@@ -230,11 +255,11 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedM
 
         model = AutoModel.from_pretrained(folder, **placement(cfg))
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    if cfg.device_map:  # placed by Accelerate's loading; random init has no map to follow
-        model = model.eval() if hasattr(model, "hf_device_map") else model.to(
-            device=torch.device(cfg.device_map if cfg.device_map != "auto" else "cpu"),
-            dtype=getattr(torch, cfg.dtype)).eval()
-    else:
+    if cfg.device_map and cfg.source != "random":
+        model = model.eval()  # from_pretrained placed every layer (Accelerate's big-model path)
+    else:  # random init is built whole in memory: a device_map names at most one device
+        if cfg.device_map and cfg.device_map != "auto":
+            device = torch.device(cfg.device_map)
         model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
     config = model.config
     arch = architecture(config.model_type)
@@ -242,6 +267,8 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedM
         # extract batches equal lengths only for family ssm; padding would enter the state.
         raise LwError(f"model.family={cfg.family!r}: {arch.model_type} has no attention mask, "
                       "so it must be family 'ssm' (equal-length batches, never padded)")
+    if cfg.bidirectional:
+        make_bidirectional(model)
     check_layer_convention(model, arch)
     info = ModelInfo(
         name=cfg.name, id=cfg.id, family=cfg.family, architecture=arch.model_type,

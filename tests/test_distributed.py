@@ -1,0 +1,188 @@
+"""One job over 2 processes (a gloo group on this CPU), launched as users launch it: torchrun,
+accelerate launch, or ranks started by hand. Each logs to a temporary MLflow store, and what it
+logs is compared with the 1-process run of the same job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import PYTHON, cli_env, compose_job, free_port, wiki_records
+from lw.job import compute
+
+BIN = PYTHON.parent
+METRICS = "[prompt_entropy,curvature,dataset_entropy,dip,infonce,dime,lidar]"
+# Batch mates change with the split (padding, matmul shapes): float32 states then differ in the
+# last bits, which float64 metrics carry through. Measured: max relative difference ~1e-6.
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def data_file(tmp: Path, n: int = 12) -> Path:
+    path = tmp / "wiki.jsonl"
+    path.write_text("".join(json.dumps({"text": r["extract"]}) + "\n"
+                            for r in wiki_records()[:n]))
+    return path
+
+
+def store_args(tmp: Path) -> list[str]:
+    return [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/art",
+            f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/multirun"]
+
+
+def launch(launcher: list[str], tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, "-m", "lw.run", *overrides, *store_args(tmp)], cwd=tmp,
+                          env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+
+
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+ONE = [str(PYTHON)]
+
+
+def runs(tmp: Path) -> list:
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+
+
+def curves(tmp: Path, run) -> dict[str, np.ndarray]:
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    out = {}
+    for key in run.data.metrics:
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        out[key] = np.array([m.value for m in history])
+    return out
+
+
+def assert_same_curves(one: dict, two: dict) -> None:
+    timing = ("prompts_per_second", "forward_seconds")
+    keys = {k for k in one if not k.startswith(timing)}
+    assert keys == {k for k in two if not k.startswith(timing)}
+    for key in sorted(keys):
+        np.testing.assert_allclose(two[key], one[key], rtol=RTOL, atol=ATOL, equal_nan=True,
+                                   err_msg=key)
+
+
+@pytest.mark.parametrize("model,launcher,metrics", [
+    ("tiny-pythia", "torchrun", METRICS),
+    ("minilm", "accelerate", "[prompt_entropy,curvature,dataset_entropy,dip]"),
+])
+def test_two_processes_log_what_one_process_logs(tmp_path, model, launcher, metrics):
+    path = data_file(tmp_path)
+    job = [f"model={model}", "data=local", f"data.path={path}", "data.n_prompts=12",
+           "data.max_tokens=48", f"metrics={metrics}", "metric.lidar.J=3",
+           "extraction.batch_size=4"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    single.mkdir(), double.mkdir()
+    done = launch(ONE, single, *job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(TORCHRUN if launcher == "torchrun" else ACCELERATE, double, *job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (one,), (two,) = runs(single), runs(double)  # one run, not one per rank
+    assert two.info.status == "FINISHED" and two.data.metrics["n_prompts"] == 12
+    assert_same_curves(curves(single, one), curves(double, two))
+    # rank 0 alone writes the job's results folder
+    assert (double / "run" / "results" / "table.csv").exists()
+
+
+def test_two_process_sweep_is_one_parent_with_two_children(tmp_path):
+    path = data_file(tmp_path)
+    done = launch(TORCHRUN, tmp_path, "-m", "model=tiny-pythia", "data=local",
+                  f"data.path={path}", "data.n_prompts=6", "data.max_tokens=32",
+                  "data.seed=0,1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = runs(tmp_path)
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert sorted(r.data.params["data.seed"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    # the ranks agreed on one sweep folder: job folders 0 and 1, nothing else
+    assert sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_a_failure_on_one_rank_ends_both_and_fails_the_run(tmp_path):
+    """Ranks started by hand, as a launcher would, with rank 1 on a machine whose cache folder
+    is broken (a file where the folder should be): loading the tokenizer fails there only."""
+    path = data_file(tmp_path)
+    broken = tmp_path / "not-a-folder"
+    broken.write_text("")
+    port = str(free_port())
+    processes = []
+    for rank in (0, 1):
+        env = cli_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                      OMP_NUM_THREADS="1")
+        if rank == 1:
+            env["LW_CACHE_DIR"] = str(broken)
+        processes.append(subprocess.Popen(
+            [str(PYTHON), "-m", "lw.run", "model=tiny-pythia", "data=local",
+             f"data.path={path}", "data.n_prompts=6", *store_args(tmp_path)],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [1, 1], outputs
+    for _, stderr in outputs:
+        assert "rank 1 of 2 failed in planning the prompts" in stderr
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert "rank 1 of 2 failed" in run.data.tags["lw.error"]
+
+
+def test_bfloat16_weights_give_finite_float_metrics(tmp_path):
+    path = data_file(tmp_path, 6)
+    base = ["model=tiny-pythia", "data=local", f"data.path={path}", "data.n_prompts=6",
+            "data.max_tokens=32"]
+    full = compute(compose_job(base)).table
+    half = compute(compose_job([*base, "model.dtype=bfloat16"])).table
+    for column in ("prompt_entropy/max", "curvature", "dataset_entropy/max"):
+        assert np.isfinite(half[column]).all(), column
+        # bfloat16 keeps ~3 significant digits: close to float32, and not identical to it
+        np.testing.assert_allclose(half[column], full[column], rtol=0.05)
+    assert not np.array_equal(half["prompt_entropy/max"], full["prompt_entropy/max"])
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "auto"])
+def test_device_map_is_accepted_on_cpu_and_changes_nothing(tmp_path, device_map):
+    """The big-model loading path (from_pretrained with a device_map) runs here on the CPU: it
+    must place the model whole and give the values the plain path gives."""
+    from lw.models import load_model
+
+    job = compose_job(["model=minilm", f"model.device_map={device_map}"])
+    loaded = load_model(job.model, torch.device("cpu"))
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    path = data_file(tmp_path, 6)
+    base = ["model=minilm", "data=local", f"data.path={path}", "data.n_prompts=6"]
+    plain = compute(compose_job(base)).table
+    mapped = compute(compose_job([*base, f"model.device_map={device_map}"])).table
+    np.testing.assert_allclose(mapped.to_numpy(float), plain.to_numpy(float), rtol=1e-6,
+                               equal_nan=True)
+
+
+def test_shards_balance_tokens_and_cover_every_prompt_once():
+    from lw.distributed import shard
+
+    lengths = [int(x) for x in np.random.default_rng(0).integers(2, 129, size=101)]
+    shares = shard(lengths, 3)
+    assert sorted(i for share in shares for i in share) == list(range(101))
+    loads = [sum(lengths[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(lengths)
+    assert shard([5], 2) == [[0], []]  # fewer prompts than ranks: a rank may have none
+
+
+def test_max_memory_needs_a_device_map():
+    from lw.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.max_memory needs model.device_map"):
+        compose_job(["model=minilm", "+model.max_memory={cpu: 1GiB}"])
+    job = compose_job(["model=minilm", "model.device_map=auto", "+model.max_memory.0=2GiB"])
+    from lw.models import placement
+
+    assert placement(job.model)["max_memory"] == {0: "2GiB"}  # GPU indices as ints
