@@ -39,6 +39,7 @@ class PassProducts:
     views: Extraction | None = None     # J x N view prompts, view-major: pooled (J N, L+1, D)
     n_views: int = 0
     forward_seconds: float = 0.0
+    from_cache: bool = False
 
     def missing(self, products: list[str], n_views: int) -> list[str]:
         """What a job needing ``products`` and ``n_views`` views would miss here."""
@@ -75,7 +76,8 @@ def load(key: str) -> PassProducts | None:
     if "views/pooled" in tensors:
         views = Extraction(pooled=tensors["views/pooled"], n_tokens=tensors["views/n_tokens"])
     return PassProducts(info=info, prompts=prompts, views=views,
-                        n_views=meta["n_views"], forward_seconds=meta["forward_seconds"])
+                        n_views=meta["n_views"], forward_seconds=meta["forward_seconds"],
+                        from_cache=True)
 
 
 def store(key: str, products: PassProducts) -> Path:

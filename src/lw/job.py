@@ -183,6 +183,7 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
     result.summary.update({"n_prompts": float(len(plan.ids)),
                            "n_tokens": float(prompts.n_tokens.sum()),
                            "forward_seconds": products.forward_seconds,
+                           "activation_cache_hit": float(products.from_cache),
                            "prompts_per_second": len(plan.ids) / products.forward_seconds})
     return result
 
