@@ -25,6 +25,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
+# Speed and memory side by side (bench/bench.py); the README shows the latest table.
+bench: $(STAMP)
+	$(PY) bench/bench.py
+
 ui: $(STAMP)
 	mkdir -p mlruns
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
