@@ -139,3 +139,17 @@ def check_layer_convention(model: torch.nn.Module, arch: Architecture) -> None:
         if not torch.allclose(state, tensor.float().to(state.device), rtol=1e-4, atol=1e-5):
             raise LwError(f"{where}: state {index} is not {what}; every layer would be shifted. "
                           "Declare the architecture's layout correctly.")
+
+
+def make_bidirectional(model: torch.nn.Module) -> torch.nn.Module:
+    """Every attention layer attends both ways, as LLM2Vec trains its encoders: transformers
+    builds a bidirectional mask when ``config.is_causal`` is False, and attention modules whose
+    ``is_causal`` is False never fall back to a causal kernel when that mask is skipped."""
+    causal = [m for m in model.modules() if getattr(m, "is_causal", None) is True]
+    if not causal:
+        raise LwError(f"model.bidirectional=true: {model.config.model_type} has no causal "
+                      "attention layers to make bidirectional")
+    model.config.is_causal = False
+    for module in causal:
+        module.is_causal = False
+    return model
