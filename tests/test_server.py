@@ -87,7 +87,7 @@ class Server:
                       LW_SERVER_ADMIN_PASSWORD=ADMIN_PW)
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                [str(PYTHON), "-m", "lw.server", "--port", str(self.port), "--workers", "2",
+                [str(PYTHON), "-m", "lw.server", "--port", str(self.port), "--workers", "1",
                  *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -122,17 +122,19 @@ class Server:
 
 
 def sweep(tmp: Path, uri: str, *overrides: str, user=("alice", ALICE_PW),
-          wait: bool = True):
+          wait: bool = True, **extra_env: str):
     """``python -m lw.run`` on tiny models and real text, logging to ``uri`` as ``user``."""
     data = tmp / "prompts.txt"
     if not data.exists():
         data.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:8]))
-    command = [str(PYTHON), "-m", "lw.run", *overrides, "data=local", f"data.path={data}",
+    multirun = [o for o in overrides if o == "-m"]
+    command = [str(PYTHON), "-m", "lw.run", *multirun, "data=local", f"data.path={data}",
                "data.n_prompts=8", "data.max_tokens=24",
                "metrics=[prompt_entropy,dataset_entropy,dip]", "tracking=server",
+               *[o for o in overrides if o != "-m"],
                f"hydra.run.dir={tmp}/out", f"hydra.sweep.dir={tmp}/multirun"]
     env = cli_env(MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME=user[0],
-                  MLFLOW_TRACKING_PASSWORD=user[1])
+                  MLFLOW_TRACKING_PASSWORD=user[1], **extra_env)
     if not wait:
         return subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -189,6 +191,11 @@ def read_as_teammate(uri: str) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def teammate_view(team) -> dict:
+    return read_as_teammate(team["server"].uri)
+
+
 def same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=1e-12)
 
@@ -208,8 +215,8 @@ def test_the_server_refuses_to_start_without_a_safe_admin_password(tmp_path):
         assert "Traceback" not in done.stderr
 
 
-def test_a_teammate_reads_every_run_point_and_artifact_over_http(team):
-    read = read_as_teammate(team["server"].uri)
+def test_a_teammate_reads_every_run_point_and_artifact_over_http(teammate_view):
+    read = teammate_view
     assert read["experiment"]["mlflow.experimentKind"] == "custom_model_development"
     children = [r for r in read["runs"] if "mlflow.parentRunId" in r["tags"]]
     assert len(read["runs"]) == 3 and len(children) == 2
@@ -240,8 +247,8 @@ def test_a_teammate_reads_every_run_point_and_artifact_over_http(team):
         assert (downloaded / "config" / "config.yaml").exists()
 
 
-def test_no_password_reaches_params_tags_artifacts_logs_or_files(team):
-    read = read_as_teammate(team["server"].uri)
+def test_no_password_reaches_params_tags_artifacts_logs_or_files(team, teammate_view):
+    read = teammate_view
     logged = json.dumps([[r["params"], r["tags"]] for r in read["runs"]])
     files = [p for r in read["runs"] for p in Path(r["artifacts"]).rglob("*") if p.is_file()]
     files += [p for p in (team["tmp"] / "multirun").rglob("*") if p.is_file()]
@@ -309,3 +316,36 @@ def test_four_jobs_logging_at_once_lose_no_metric_point(team, tmp_path):
             assert sorted(values) == table["layer"].tolist(), column
             assert all(same(values[layer], v) for layer, v in zip(table["layer"], table[column],
                                                                    strict=True))
+
+
+def test_a_server_stopped_mid_sweep_fails_the_running_job_and_keeps_its_results(
+        postgres, tmp_path):
+    folder = private_folder("lw-server-")
+    server = Server(postgres("stopped"), folder)
+    server.add_user("alice", ALICE_PW)
+    (tmp_path / "prompts.txt").write_text(
+        "".join(r["extract"] + "\n" for r in wiki_records()[:64]))
+    running = sweep(tmp_path, server.uri, "-m", "model=tiny-pythia", "seed=0,1",
+                    "data.n_prompts=64", "data.max_tokens=96",
+                    "metrics=[prompt_entropy,curvature,dataset_entropy,dip]", wait=False,
+                    # MLflow's own retry knobs: by default a dead server is retried for minutes
+                    MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    try:
+        # stop it once the first job's run is set up (its config is uploaded) and computing
+        deadline = time.monotonic() + 300
+        while not list((folder / "artifacts").rglob("config/config.yaml")):
+            assert running.poll() is None and time.monotonic() < deadline, running.stderr.read()
+            time.sleep(0.05)
+        server.stop()
+        stdout, stderr = running.communicate(timeout=300)
+    finally:
+        running.kill()
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert running.returncode == 1, stderr[-3000:]
+    failed = [line for line in stdout.splitlines() if line.startswith("[lw] FAILED job #0")]
+    assert failed and server.uri in failed[0], stdout[-3000:] + stderr[-3000:]
+    # the job's results were computed and written to its Hydra folder before logging failed
+    results = tmp_path / "multirun" / "0" / "results"
+    assert pd.read_csv(results / "table.csv")["layer"].tolist() == list(range(7))
+    assert (results / "per_prompt.parquet").stat().st_size > 0

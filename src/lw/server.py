@@ -25,7 +25,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lw.config import LwError
-from lw.models import PROJECT_ROOT
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # lw.models would import torch
 
 ADMIN = "admin"
 # MLflow < 3.5 shipped this admin password in basic_auth.ini; a server must never run with it.
@@ -48,7 +49,8 @@ def settings(env: dict[str, str]) -> dict[str, str]:
         default_auth = f"sqlite:///{Path(db[len('sqlite:///'):]).parent / 'auth.db'}"
     else:
         default_auth = db
-    return {"db": db, "artifacts": artifacts, "auth_db": env.get("LW_SERVER_AUTH_DB") or default_auth}
+    return {"db": db, "artifacts": artifacts,
+            "auth_db": env.get("LW_SERVER_AUTH_DB") or default_auth}
 
 
 def admin_password(env: dict[str, str]) -> str:
