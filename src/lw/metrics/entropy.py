@@ -45,17 +45,20 @@ def prep(x: Tensor, mask: Tensor | None = None) -> Tensor:
         ``(..., n, D)`` float64: ``(x_i - mean_real(x)) / |x_i - mean_real(x)|`` for real rows;
         padded rows and rows of norm 0 (up to rounding) are 0.
     """
-    x = x.to(torch.float64)
-    real = _real_mask(x, mask).unsqueeze(-1)
-    x = torch.where(real, x, 0.0)
-    count = real.sum(-2, keepdim=True).clamp(min=1)
-    centered = torch.where(real, x - x.sum(-2, keepdim=True) / count, 0.0)
-    norms = centered.norm(dim=-1, keepdim=True)
+    # In place on one float64 copy: this runs on every token state of every batch (the
+    # largest tensor of a job), so each pass over it counts.
+    x = x.to(dtype=torch.float64, copy=True)
+    real = _real_mask(x, mask)
+    x.masked_fill_(~real.unsqueeze(-1), 0.0)
+    count = real.sum(-1, keepdim=True).clamp(min=1).unsqueeze(-1)
+    mean = x.sum(-2, keepdim=True) / count
     # Identical rows leave ~1e-17 residues after centering; those must stay 0, not become
     # random unit vectors.
-    scale = x.norm(dim=-1, keepdim=True).amax(-2, keepdim=True)
-    nonzero = norms > ZERO_ROW_RTOL * scale
-    return torch.where(nonzero, centered / torch.where(nonzero, norms, 1.0), 0.0)
+    scale = x.norm(dim=-1).amax(-1, keepdim=True)
+    x.sub_(mean)
+    norms = x.norm(dim=-1)
+    keep = real & (norms > ZERO_ROW_RTOL * scale)
+    return x.mul_(torch.where(keep, 1.0 / torch.where(keep, norms, 1.0), 0.0).unsqueeze(-1))
 
 
 def compact(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -69,10 +72,12 @@ def compact(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         0; ``rows`` ``(...)`` int64, the number of real rows.
     """
     real = _real_mask(x, mask)
-    order = torch.sort((~real).to(torch.uint8), dim=-1, stable=True).indices
-    moved = torch.gather(x, -2, order.unsqueeze(-1).expand(x.shape))
     rows = real.sum(-1)
     keep = torch.arange(x.shape[-2], device=x.device) < rows.unsqueeze(-1)
+    if torch.equal(real, keep):  # right padding (what extract makes): nothing to move
+        return x, rows
+    order = torch.sort((~real).to(torch.uint8), dim=-1, stable=True).indices
+    moved = torch.gather(x, -2, order.unsqueeze(-1).expand(x.shape))
     return torch.where(keep.unsqueeze(-1), moved, 0), rows
 
 
