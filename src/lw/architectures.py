@@ -85,7 +85,9 @@ def layer_states(model: torch.nn.Module, arch: Architecture, ids: torch.Tensor,
         out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True,
                     use_cache=False)
         states = out.hidden_states
-    return torch.stack(states).float()
+    # A model spread over GPUs (model.device_map=auto) leaves each layer's states on its own
+    # device: the metrics take them on one, the inputs' (a no-op on one device).
+    return torch.stack([state.to(ids.device) for state in states]).float()
 
 
 def block_list(model: torch.nn.Module, arch: Architecture) -> torch.nn.ModuleList:
