@@ -237,6 +237,15 @@ def test_llm2vec_style_model_merges_adapters_and_attends_both_ways(llm2vec_folde
                                rtol=1e-5, atol=1e-5)
 
 
+def test_an_adapter_missing_offline_is_named(llm2vec_folders, hub_down):
+    """The base is at hand (a folder) but the adapter is a hub id not in the cache."""
+    adapter = "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp"
+    cfg = ModelConfig(name="tiny-llm2vec", source="hub", id=str(llm2vec_folders / "base"),
+                      family="encoder", bidirectional=True, adapters=[adapter])
+    with pytest.raises(LwError, match=f"with adapters {adapter} .*unreachable"):
+        load_model(cfg, CPU)
+
+
 def transformers_weights(folders) -> dict[str, torch.Tensor]:
     import transformers
 

@@ -166,6 +166,10 @@ def _hub_model(cfg: ModelConfig):
                   **placement(cfg))
     # Offline is fine when the exact revision (and every adapter) is already in the local cache.
     offline = not hub_reachable()
+    if offline:
+        # With peft installed, transformers looks for an adapter_config.json on the hub and
+        # does not pass local_files_only on: 5 retries, 23 s, before it gives up.
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
         model = AutoModel.from_pretrained(cfg.id, local_files_only=offline, **kwargs)
         model = _merged_adapters(model, cfg.adapters, offline)
@@ -187,8 +191,12 @@ def _merged_adapters(model: torch.nn.Module, adapters: list[str], offline: bool)
         raise LwError(f"model.adapters={list(adapters)} needs peft: pip install "
                       "'.[llm2vec]'") from None
     for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter,
-                                          local_files_only=offline).merge_and_unload()
+        if offline and not Path(adapter).is_dir():
+            # peft ignores local_files_only (5 retries, 23 s): resolve the cached copy here.
+            from huggingface_hub import snapshot_download
+
+            adapter = snapshot_download(adapter, local_files_only=True)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model
 
 
