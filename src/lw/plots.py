@@ -1,5 +1,6 @@
 """Figures from a results table: every metric against depth %, and per-layer histograms of
-prompt entropy with the dip statistic."""
+prompt entropy with the dip statistic (the most bimodal layer marked); and from a sweep's runs:
+curves over depth per model / level, histograms of many runs as heat maps."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.2 * n_rows),
                              squeeze=False, sharex=True)
     by_layer = table.set_index("layer")
+    bimodal = (by_layer["dip/stat"].idxmax() if "dip/stat" in by_layer
+               and by_layer["dip/stat"].notna().any() else None)
     for ax, layer in zip(axes.flat, layers, strict=False):
         values = per_prompt.loc[per_prompt["layer"] == layer, column].to_numpy()
         values = values[np.isfinite(values)]
@@ -50,7 +53,11 @@ def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
         if "dip/stat" in by_layer:
             row = by_layer.loc[layer]
             label += f"\ndip {row['dip/stat']:.3f} p={row['dip/pvalue']:.2f}"
-        ax.set_title(label, fontsize=8)
+        if layer == bimodal:  # the most bimodal layer (largest dip)
+            label += " (max)"
+            for spine in ax.spines.values():
+                spine.set_color("tab:red")
+        ax.set_title(label, fontsize=8, color="tab:red" if layer == bimodal else "black")
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
@@ -69,7 +76,10 @@ def sweep_curves(frame: pd.DataFrame, metric: str, hue: str, panels: list[str],
     n_rows = math.ceil(len(groups) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.5 * n_cols, 3.4 * n_rows),
                              squeeze=False, sharey=True)
-    for ax, (key, group) in zip(axes.flat, groups, strict=False):
+    # fixed margins: tight_layout costs seconds on a figure of many panels
+    fig.subplots_adjust(left=0.08 / min(n_cols, 2), right=0.98, bottom=0.3 / n_rows + 0.02,
+                        top=1 - 0.35 / n_rows, wspace=0.08, hspace=0.45)
+    for i, (ax, (key, group)) in enumerate(zip(axes.flat, groups, strict=False)):
         levels = sorted(group[hue].unique())
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(levels)))
         for color, level in zip(colors, levels, strict=True):
@@ -79,12 +89,52 @@ def sweep_curves(frame: pd.DataFrame, metric: str, hue: str, panels: list[str],
         key = key if isinstance(key, tuple) else (key,)
         ax.set_title(", ".join(f"{p}={k}" for p, k in zip(panels, key, strict=True)),
                      fontsize=8)
-        ax.set_xlabel("depth %")
-        ax.set_ylabel(metric)
+        ax.set_xlabel("depth %", fontsize=8)
+        if i % n_cols == 0:
+            ax.set_ylabel(metric, fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(title=hue, fontsize=7, title_fontsize=7)
+        if i == 0 or len(levels) != len(groups[0][1][hue].unique()):
+            ax.legend(title=hue, fontsize=7, title_fontsize=7)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    return fig
+
+
+def entropy_heatmaps(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
+                     column: str = "prompt_entropy/max", title: str = "") -> plt.Figure:
+    """Per-layer histograms of per-prompt ``column`` values for many runs at once: one panel
+    per run, one row per layer (its histogram as a colour strip, share of prompts per bin),
+    the most bimodal layer (largest dip) marked in red and named with its dip test.
+    ``runs``: name -> (per_prompt rows (prompt, layer, column), results table)."""
+    values = np.concatenate([p[column].to_numpy() for p, _ in runs.values()])
+    values = values[np.isfinite(values)]
+    edges = np.linspace(values.min(), values.max() + 1e-9, 31) if len(values) else np.arange(2)
+    n_cols = min(4, len(runs))
+    n_rows = math.ceil(len(runs) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.2 * n_rows),
+                             squeeze=False)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.3 / n_rows + 0.02,
+                        top=1 - 0.4 / n_rows, wspace=0.25, hspace=0.6)
+    for ax, (name, (per_prompt, table)) in zip(axes.flat, runs.items(), strict=False):
+        layers = sorted(per_prompt["layer"].unique())
+        counts = np.stack([np.histogram(per_prompt.loc[per_prompt["layer"] == layer, column],
+                                        bins=edges)[0] for layer in layers]).astype(float)
+        counts /= np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(counts, aspect="auto", origin="lower", cmap="Blues", interpolation="nearest",
+                  extent=(edges[0], edges[-1], -0.5, len(layers) - 0.5))
+        label = name
+        if "dip/stat" in table and table["dip/stat"].notna().any():
+            best = table.loc[table["dip/stat"].idxmax()]
+            ax.axhline(best["layer"], color="tab:red", lw=1)
+            label += (f"\nmost bimodal: layer {int(best['layer'])} "
+                      f"(dip {best['dip/stat']:.3f}, p={best['dip/pvalue']:.2f})")
+        ax.set_title(label, fontsize=7)
+        ax.set_xlabel(column, fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    fig.suptitle(title)
     return fig

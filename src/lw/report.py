@@ -1,17 +1,26 @@
-"""Compare a sweep's runs: one metric over depth, a curve per level (`python -m lw.report`).
+"""Compare a sweep's runs (`python -m lw.report`).
 
+    python -m lw.report --all --out report/      # the whole sweep: PNGs + index.html, logged
     python -m lw.report --metric prompt_entropy/max --hue lw.perturbation.p \
         --panels lw.perturbation lw.skip_first --out docs/figures/extreme_prompts.png
     python -m lw.report --best-layers mteb/      # per model: is the best layer the last?
 
 Reads the child runs of a parent run (default: the latest sweep in the experiment) from the
-MLflow store; computes nothing new, only gathers the logged per-layer values.
+MLflow store; computes nothing new, only gathers the logged per-layer values. Reads in bulk:
+one search for the runs (tags, summaries), then each run's ``results/`` artifacts (its
+per-layer table, every logged curve, and per-prompt values), runs in parallel: never one
+history request per metric per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -31,25 +40,175 @@ def latest_parent(client, experiment: str) -> str:
     return runs[0].info.run_id
 
 
-def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
-    """Long rows, one per (child run, metric, layer): run tags, layer, depth_pct, value."""
+@dataclass
+class SweepResults:
+    runs: list                              # the finished child runs (MLflow Run objects)
+    curves: pd.DataFrame                    # long: run tags, run_id, run_name, metric, layer,
+    #                                         depth_pct, value
+    per_prompt: dict[str, pd.DataFrame]     # run_id -> per-prompt rows (prompt, layer, ...)
+    tables: dict[str, pd.DataFrame]         # run_id -> per-layer table
+
+
+def finished_children(client, parent: str) -> list:
     experiment = client.get_run(parent).info.experiment_id
     children = client.search_runs([experiment],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    rows = []
-    for run in children:
-        if run.info.status != "FINISHED":
-            continue
+    return [r for r in children if r.info.status == "FINISHED"]
+
+
+def read_sweep(client, parent: str, per_prompt: bool = True) -> SweepResults:
+    """Every finished child's per-layer table (and per-prompt values) from its ``results/``
+    artifacts: one search, then one download per run, 8 at a time."""
+    runs = finished_children(client, parent)
+    if not runs:
+        raise LwError(f"sweep {parent} has no finished child run")
+    files = ["table.csv", *(["per_prompt.parquet"] if per_prompt else [])]
+
+    def fetch(run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = [Path(client.download_artifacts(run.info.run_id, f"results/{name}", tmp))
+                     for name in files]
+            return (pd.read_csv(local[0]),
+                    pd.read_parquet(local[1]) if per_prompt else None)
+
+    with ThreadPoolExecutor(8) as pool:
+        fetched = list(pool.map(fetch, runs))
+    frames, prompts, tables = [], {}, {}
+    for run, (table, values) in zip(runs, fetched, strict=True):
+        run_id = run.info.run_id
         tags = {k: v for k, v in run.data.tags.items() if k.startswith("lw.")}
-        n_layers = int(tags["lw.model.n_layers"])
-        for metric in metrics:
-            for point in client.get_metric_history(run.info.run_id, metric):
-                rows.append({**tags, "run_id": run.info.run_id, "metric": metric,
-                             "layer": point.step, "depth_pct": 100.0 * point.step / n_layers,
-                             "value": point.value})
-    if not rows:
+        long = table.melt(id_vars=["layer", "depth_pct"], var_name="metric", value_name="value")
+        frames.append(long.assign(run_id=run_id, run_name=run.info.run_name, **tags))
+        tables[run_id] = table
+        if values is not None:
+            prompts[run_id] = values
+    return SweepResults(runs, pd.concat(frames, ignore_index=True), prompts, tables)
+
+
+def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
+    """Long rows, one per (child run, metric, layer): run tags, layer, depth_pct, value."""
+    curves = read_sweep(client, parent, per_prompt=False).curves
+    rows = curves[curves["metric"].isin(metrics)]
+    if rows.empty:
         raise LwError(f"no finished child run of {parent} logged {', '.join(metrics)}")
-    return pd.DataFrame(rows)
+    return rows.reset_index(drop=True)
+
+
+def line_grouping(curves: pd.DataFrame) -> tuple[str, list[str]]:
+    """What a line and a panel stand for: a perturbation level that varies, else a training
+    step (checkpoints), else the model; a panel per data set (and per model when the lines
+    are levels or steps of several models)."""
+    def varies(tag: str) -> bool:
+        return tag in curves and curves[tag].nunique() > 1
+
+    levels = [c for c in curves.columns if c.startswith("lw.perturbation.") and varies(c)]
+    hue = (levels[0] if levels else "training step" if varies("training step")
+           else "lw.model")
+    panels = ["lw.data"] if "lw.data" in curves else []
+    if hue != "lw.model" and varies("lw.model"):
+        panels.append("lw.model")
+    return hue, panels
+
+
+def training_step(revision: str) -> float:
+    """Pythia-style checkpoint names: "step143000" -> 143000 (NaN for others)."""
+    digits = "".join(ch for ch in str(revision) if ch.isdigit())
+    return float(digits) if str(revision).startswith("step") and digits else float("nan")
+
+
+def summary_table(runs: list) -> pd.DataFrame:
+    """One row per run: its name, what it varied (model, data, level, revision) and its
+    summaries (best / extreme layers, NaN counts, prompts/s) as logged."""
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        row = {"run": run.info.run_name, "model": tags.get("lw.model"),
+               "revision": tags.get("lw.model.revision"), "layers": tags.get("lw.model.n_layers"),
+               "data": tags.get("lw.data"), "perturbation": tags.get("lw.perturbation")}
+        row.update({k[len("lw.perturbation."):]: v for k, v in tags.items()
+                    if k.startswith("lw.perturbation.")})
+        row.update({k: v for k, v in sorted(run.data.metrics.items())
+                    if k.startswith("summary/") or k in ("n_prompts", "prompts_per_second")})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["model", "data", "run"]).reset_index(drop=True)
+
+
+def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
+    """The sweep's whole report in ``out``: a PNG per logged per-layer metric over depth, the
+    prompt-entropy histograms (every run as a heat map, the most bimodal run in full), the
+    summary table (CSV), and index.html showing them; logged under ``report/`` of the parent
+    run when ``log``. Returns the HTML page."""
+    from lw.plots import entropy_heatmaps, entropy_histograms, plt, sweep_curves
+
+    sweep = read_sweep(client, parent)
+    curves = sweep.curves
+    curves["training step"] = curves["lw.model.revision"].map(training_step) \
+        if "lw.model.revision" in curves else float("nan")
+    hue, panels = line_grouping(curves)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str]] = []
+    for metric in sorted(curves["metric"].unique()):
+        if curves.loc[curves["metric"] == metric, "value"].isna().all():
+            continue
+        name = f"curve_{metric.replace('/', '_')}.png"
+        figure = sweep_curves(curves, metric, hue, panels, title=f"{metric} over depth")
+        figure.savefig(out / name, dpi=90)
+        plt.close(figure)
+        figures.append((metric, name))
+    histograms: list[tuple[str, str]] = []
+    names = {r.info.run_id: r.info.run_name for r in sweep.runs}
+    entropy = next((c for c in ("prompt_entropy/max", "prompt_entropy/raw")
+                    if all(c in p for p in sweep.per_prompt.values())), None)
+    if entropy and sweep.per_prompt:
+        runs = {names[i]: (sweep.per_prompt[i], sweep.tables[i]) for i in sweep.per_prompt}
+        figure = entropy_heatmaps(runs, entropy, title=f"per-layer histograms of {entropy}")
+        figure.savefig(out / "histograms_all_runs.png", dpi=90)
+        plt.close(figure)
+        histograms.append(("every run: one row per layer, red = largest dip",
+                           "histograms_all_runs.png"))
+        dips = {i: t["dip/stat"].max() for i, t in sweep.tables.items() if "dip/stat" in t}
+        if dips:
+            most = max(dips, key=lambda i: dips[i])
+            figure = entropy_histograms(sweep.per_prompt[most], sweep.tables[most], entropy,
+                                        names[most])
+            figure.savefig(out / "histograms_most_bimodal_run.png", dpi=90)
+            plt.close(figure)
+            histograms.append((f"the run with the largest dip: {names[most]}",
+                               "histograms_most_bimodal_run.png"))
+    summary = summary_table(sweep.runs)
+    summary.to_csv(out / "summary.csv", index=False)
+    page = out / "index.html"
+    page.write_text(report_html(parent, len(sweep.runs), hue, panels, summary, figures,
+                                histograms))
+    if log:
+        client.log_artifacts(parent, str(out), artifact_path="report")
+    return page
+
+
+def report_html(parent: str, n_runs: int, hue: str, panels: list[str], summary: pd.DataFrame,
+                figures: list[tuple[str, str]], histograms: list[tuple[str, str]]) -> str:
+    from html import escape
+
+    def images(items):
+        return "\n".join(f'<h3>{escape(title)}</h3><img src="{name}" alt="{escape(title)}">'
+                          for title, name in items)
+
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>lw sweep {parent}</title>
+<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:100%}}
+table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px}}
+</style></head><body>
+<h1>Sweep {parent}</h1>
+<p>{n_runs} finished runs. Curves over depth (0 % = embeddings, 100 % = last layer): a line
+per {escape(hue)}, a panel per {escape(", ".join(panels) or "sweep")}.</p>
+<h2>Summary</h2>
+{summary.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")}
+<h2>Per-layer metrics over depth</h2>
+{images(figures)}
+<h2>Prompt-entropy histograms and dip test</h2>
+{images(histograms)}
+</body></html>
+"""
 
 
 def best_layers(client, parent: str, prefix: str) -> pd.DataFrame:
@@ -86,13 +245,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hue", default="lw.model", help="tag giving one curve per value")
     parser.add_argument("--panels", nargs="*", default=[], help="tags giving one panel each")
     parser.add_argument("--out", type=Path, help="figure file (.png); also writes a .csv")
+    parser.add_argument("--all", action="store_true",
+                        help="the whole sweep's report: every metric, histograms, summary "
+                             "(PNGs + index.html in --out, default report/), logged to the "
+                             "parent run")
+    parser.add_argument("--no-log", action="store_true", help="with --all: write files only")
     parser.add_argument("--best-layers", metavar="PREFIX",
                         help="instead: best layer vs last layer per model over the scores "
                              "named PREFIX* (mteb/, probe/accuracy, cluster/v_measure)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
     try:
         client = client_for(TrackingConfig(uri=args.uri, experiment=args.experiment))
         parent = args.parent or latest_parent(client, args.experiment)
+        if args.all:
+            started = time.perf_counter()
+            page = write_report(client, parent, args.out or Path("report"), log=not args.no_log)
+            print(f"[lw] report of sweep {parent}: {page} "
+                  f"({time.perf_counter() - started:.1f} s)"
+                  + ("" if args.no_log else "; logged under report/ of the parent run"))
+            return
         if args.best_layers:
             print(best_layers(client, parent, args.best_layers).round(4).to_string(index=False))
             return

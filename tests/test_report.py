@@ -1,0 +1,138 @@
+"""`python -m lw.report --all`: a sweep's whole report from a real MLflow store (SQLite, the
+local default), here a 50-run sweep of synthetic per-layer values logged with MlflowClient the
+way lw.tracking logs a job (tags, per-layer curves, depth series, summaries, results/)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from lw.report import main as report
+from lw.report import read_sweep
+
+MODELS = {"smollm2": 30, "minilm": 6}
+DATA = ["wiki-vital", "medical-hpo", "set-c", "set-d", "set-e"]
+LEVELS = ["0.000", "0.250", "0.500", "0.750", "1.000"]
+COLUMNS = ["prompt_entropy/raw", "prompt_entropy/max", "curvature", "dataset_entropy/max",
+           "dip/stat", "dip/pvalue", "token_norm/max_over_median"]
+N_PROMPTS = 32
+BIMODAL = ("minilm", "medical-hpo", "0.500")  # the run whose layer 4 is made bimodal
+
+
+def job_values(rng, n_layers: int, bimodal: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    layers = np.arange(n_layers + 1)
+    per_prompt = pd.DataFrame({
+        "prompt": np.repeat(np.arange(N_PROMPTS), n_layers + 1),
+        "layer": np.tile(layers, N_PROMPTS),
+        "n_tokens": 40,
+        "prompt_entropy/raw": rng.normal(3, 0.2, N_PROMPTS * (n_layers + 1)),
+    })
+    per_prompt["prompt_entropy/max"] = per_prompt["prompt_entropy/raw"] / 4
+    table = pd.DataFrame({"layer": layers, "depth_pct": 100 * layers / n_layers})
+    for column in COLUMNS:
+        table[column] = rng.random(n_layers + 1)
+    table.loc[0, "curvature"] = np.nan  # a NaN layer, as the embedding layer can give
+    table["dip/stat"] = rng.uniform(0.02, 0.05, n_layers + 1)
+    if bimodal:
+        table.loc[4, "dip/stat"] = 0.2
+    return table, per_prompt
+
+
+@pytest.fixture(scope="module")
+def sweep_store():
+    """One parent and 50 finished children (2 models x 5 data sets x 5 levels of p)."""
+    folder = Path(tempfile.mkdtemp(prefix="lw-report-"))
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("lw", artifact_location=(folder / "art").as_uri())
+    parent = client.create_run(experiment, run_name="sweep", tags={"lw.jobs": "50"}).info.run_id
+    rng = np.random.default_rng(0)
+    logged = {}
+    started = time.perf_counter()
+    for model, n_layers in MODELS.items():
+        for data in DATA:
+            for p in LEVELS:
+                table, per_prompt = job_values(rng, n_layers, (model, data, p) == BIMODAL)
+                run = client.create_run(experiment, run_name=f"{model} {data} p={p}", tags={
+                    "mlflow.parentRunId": parent, "lw.model": model, "lw.data": data,
+                    "lw.perturbation": "repetition", "lw.perturbation.p": p,
+                    "lw.model.n_layers": str(n_layers), "lw.model.revision": "main"})
+                run_id = run.info.run_id
+                per_mille = np.round(1000 * table["layer"] / n_layers).astype(int)
+                metrics = [Metric(name, float(v), 0, int(step))
+                           for column in COLUMNS
+                           for name, steps in ((column, table["layer"]),
+                                               (f"depth/{column}", per_mille))
+                           for step, v in zip(steps, table[column], strict=True)]
+                metrics.append(Metric("summary/dip/stat/max_layer",
+                                      float(table["dip/stat"].idxmax()), 0, 0))
+                client.log_batch(run_id, metrics=metrics)
+                with tempfile.TemporaryDirectory() as tmp:
+                    table.to_csv(Path(tmp) / "table.csv", index=False)
+                    per_prompt.to_parquet(Path(tmp) / "per_prompt.parquet", index=False)
+                    client.log_artifacts(run_id, tmp, artifact_path="results")
+                client.set_terminated(run_id, "FINISHED")
+                logged[run_id] = table
+    client.set_terminated(parent, "FINISHED")
+    print(f"\n[store] 50 synthetic runs logged in {time.perf_counter() - started:.1f} s")
+    return {"uri": uri, "client": client, "parent": parent, "logged": logged,
+            "folder": folder}
+
+
+def test_the_sweep_is_read_back_exactly(sweep_store):
+    sweep = read_sweep(sweep_store["client"], sweep_store["parent"])
+    assert len(sweep.runs) == 50 and len(sweep.per_prompt) == 50
+    for run_id, table in sweep_store["logged"].items():
+        rows = sweep.curves[sweep.curves["run_id"] == run_id]
+        for column in COLUMNS:
+            got = rows[rows["metric"] == column].sort_values("layer")["value"].to_numpy()
+            np.testing.assert_allclose(got, table[column].to_numpy(), rtol=0, atol=0,
+                                       err_msg=column)
+        # the same values MLflow holds as the run's metric history
+        history = sweep_store["client"].get_metric_history(run_id, "dip/stat")
+        np.testing.assert_array_equal([m.value for m in sorted(history, key=lambda m: m.step)],
+                                      table["dip/stat"].to_numpy())
+
+
+def test_the_whole_report_is_written_and_logged_to_the_parent(sweep_store, tmp_path, capsys):
+    out = tmp_path / "report"
+    started = time.perf_counter()
+    report(["--uri", sweep_store["uri"], "--all", "--out", str(out)])
+    seconds = time.perf_counter() - started
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print(f"\n[report] 50-run sweep report in {seconds:.1f} s")
+    assert sweep_store["parent"] in printed
+    html = (out / "index.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', html)
+    # a figure per logged per-layer metric, the all-runs histograms, the most bimodal run
+    assert sorted(images) == sorted([f"curve_{c.replace('/', '_')}.png" for c in COLUMNS]
+                                    + ["histograms_all_runs.png",
+                                       "histograms_most_bimodal_run.png"])
+    for name in images:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    bimodal_name = f"{BIMODAL[0]} {BIMODAL[1]} p={BIMODAL[2]}"
+    assert f"the run with the largest dip: {bimodal_name}" in html
+    assert "a line\nper lw.perturbation.p, a panel per lw.data, lw.model" in html
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 50
+    row = summary[summary["run"] == bimodal_name].iloc[0]
+    assert row["summary/dip/stat/max_layer"] == 4 and row["p"] == 0.5
+    logged = {f.path for f in sweep_store["client"].list_artifacts(sweep_store["parent"],
+                                                                   "report")}
+    assert {f"report/{name}" for name in images} | {"report/index.html",
+                                                    "report/summary.csv"} <= logged
+
+
+def test_one_metric_report_names_a_missing_tag(sweep_store, tmp_path):
+    with pytest.raises(SystemExit, match="has tag 'lw.nope'.*lw.perturbation.p"):
+        report(["--uri", sweep_store["uri"], "--metric", "curvature", "--hue", "lw.nope",
+                "--out", str(tmp_path / "c.png")])
