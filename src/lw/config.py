@@ -216,6 +216,7 @@ class TrackingConfig:
     uri: str | None = None        # None: sqlite:///<project>/mlruns/mlflow.db
     artifact_location: str | None = None  # None: <project>/mlruns/artifacts
     experiment: str = "lw"
+    rerun: bool = False           # run a job even if a FINISHED run with its lw.job_hash exists
 
 
 @dataclass

@@ -16,14 +16,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lw.config import LwConfig, LwError, register_configs, validate
-from lw.distributed import current_ranks, shared_now, together
+from lw.distributed import current_ranks, from_main, shared_now, together
+from lw.identity import job_hash
 from lw.job import compute
 from lw.plots import depth_curves, entropy_histograms
 from lw.results import JobResult
+from lw.resume import Heartbeat, finished_run
 from lw.tracking import (
-    FAILED_JOBS,
+    SKIPPED_FILE,
     client_for,
+    experiment_id,
     log_result,
+    record_failure,
     save_result_files,
     start_job_run,
 )
@@ -62,20 +66,36 @@ def run_job(cfg: DictConfig) -> JobResult | None:
     overrides = list(hydra_cfg.overrides.task)
     output_dir = Path(hydra_cfg.runtime.output_dir)
     name = job.run_name or run_name(job, overrides)
-    client = run_id = None
+    client = run_id = done = None
     with together("opening the MLflow run", ranks):
         if ranks.is_main:
             client = client_for(job.tracking)
-            run_id = start_job_run(client, cfg, name, overrides)
+            digest = job_hash(job)
+            label = (f"job #{hydra_cfg.job.num} ({name})"
+                     if hydra_cfg.mode == RunMode.MULTIRUN else f"job ({name})")
+            # Resume: a job with a FINISHED run of the same hash is done (lw.resume).
+            found = finished_run(client, experiment_id(client, job.tracking), digest, label)
+            if found is not None and not job.tracking.rerun:
+                done = found.info.run_id
+                print(f"[lw] {label}: skipped, already FINISHED in run {done} "
+                      f"(lw.job_hash={digest}; tracking.rerun=true runs it again)",
+                      file=sys.stderr)
+                if hydra_cfg.mode == RunMode.MULTIRUN:
+                    (output_dir / SKIPPED_FILE).write_text(f"{label}: run {done}\n")
+            else:
+                run_id = start_job_run(client, cfg, name, overrides, digest)
+    if from_main(done, ranks) is not None:
+        return None
     try:
-        result = compute(job, ranks)
-        with together("saving and logging the results", ranks):
-            if ranks.is_main:
-                # Results land on disk first, so a tracking failure cannot lose them.
-                save_result_files(result, output_dir / "results")
-                log_result(client, run_id, result, figures_of(result, name),
-                           {"lw.output_dir": str(output_dir)})
-                client.set_terminated(run_id, "FINISHED")
+        with Heartbeat(client, run_id):  # rank 0: the run shows it is alive (lw.resume)
+            result = compute(job, ranks)
+            with together("saving and logging the results", ranks):
+                if ranks.is_main:
+                    # Results land on disk first, so a tracking failure cannot lose them.
+                    save_result_files(result, output_dir / "results")
+                    log_result(client, run_id, result, figures_of(result, name),
+                               {"lw.output_dir": str(output_dir)})
+                    client.set_terminated(run_id, "FINISHED")
         return result
     except BaseException as error:
         if run_id is not None:
@@ -98,9 +118,9 @@ def main(cfg: DictConfig) -> None:
             traceback.print_exc()
         if not multirun:
             sys.exit(1)
-        FAILED_JOBS.append(f"#{HydraConfig.get().job.num} "
-                           f"{' '.join(HydraConfig.get().overrides.task)}: "
-                           f"{type(error).__name__}: {error}")
+        record_failure(f"#{HydraConfig.get().job.num} "
+                       f"{' '.join(HydraConfig.get().overrides.task)}: "
+                       f"{type(error).__name__}: {error}", HydraConfig.get().runtime.output_dir)
     # Under -m a failed job is FAILED in MLflow and the sweep goes on; the parent run's
     # callback reports the failures and sets the exit status at the end.
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lw.config import LwError, TrackingConfig
 from lw.models import PROJECT_ROOT
 from lw.perturb import perturbation_tags
+from lw.resume import HASH_TAG, Heartbeat, owner_tags, reap
 
 PARENT_ENV = "LW_PARENT_RUN_ID"
 PARAM_LIMIT = 6000  # MLflow's longest param value
@@ -67,7 +68,23 @@ def client_for(cfg: TrackingConfig):
         except OSError as error:
             raise LwError(f"tracking server {uri} is unreachable ({error}); start it, fix "
                           "tracking.uri, or use tracking=local") from None
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # MLflow creates a new SQLite store's tables on first use, and two processes doing it at
+    # once break it (`table _alembic_tmp_latest_metrics already exists`): one creates them
+    # under a lock beside the database, the others then find them.
+    import fcntl
+
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # the store (and its tables) exist now
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 # MLflow 3's UI opens an experiment on this view: the training runs, not the GenAI overview.
@@ -116,11 +133,14 @@ def lw_version() -> str:
         return "unknown"
 
 
-def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str]) -> str:
-    """Create the job's run (a child when a sweep's parent exists) with params and tags."""
+def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
+                  job_hash: str) -> str:
+    """Create the job's run (a child when a sweep's parent exists) with params and tags,
+    its ``lw.job_hash`` and its owner (lw.resume: host, pid, heartbeat)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     exp = experiment_id(client, _tracking(cfg))
     tags = {
+        HASH_TAG: job_hash, **owner_tags(),
         "lw.model": cfg.model.name, "lw.model.id": cfg.model.id,
         "lw.model.family": cfg.model.family, "lw.model.revision": cfg.model.revision,
         "lw.data": cfg.data.name, **perturbation_tags(cfg.perturbation),
@@ -191,6 +211,22 @@ def _tracking(cfg: DictConfig) -> TrackingConfig:
 # Jobs of this sweep that failed, kept in the process (Hydra's basic launcher runs every job
 # here), so that the exit status is right even when MLflow itself was what failed.
 FAILED_JOBS: list[str] = []
+# The same, and the jobs skipped as already done, as files in each job's folder: jobs of the
+# joblib and submitit launchers run in other processes (or on other machines).
+FAILED_FILE, SKIPPED_FILE = "lw_failed.txt", "lw_skipped.txt"
+
+
+def record_failure(line: str, output_dir: str | Path) -> None:
+    FAILED_JOBS.append(line)
+    (Path(output_dir) / FAILED_FILE).write_text(line + "\n")
+
+
+def _job_files(sweep_dir: str, name: str) -> list[str]:
+    return sorted(p.read_text().strip() for p in Path(sweep_dir).rglob(name))
+
+
+# The sweep's parent run's heartbeat (lw.resume), from on_multirun_start to on_multirun_end.
+_PARENT_HEARTBEAT: list[Heartbeat] = []
 
 
 class ParentRunCallback(Callback):
@@ -202,43 +238,66 @@ class ParentRunCallback(Callback):
 
         if not current_ranks().is_main:  # one parent per sweep, however many ranks
             return
+        sweep_dir = str(config.hydra.sweep.dir)
+        for name in (FAILED_FILE, SKIPPED_FILE):  # a re-run into the same sweep folder
+            for old in Path(sweep_dir).rglob(name):
+                old.unlink()
         tracking = _tracking(config)
         client = client_for(tracking)
-        sweep_dir = str(config.hydra.sweep.dir)
+        experiment = experiment_id(client, tracking)
+        # a killed earlier sweep's parent and children: KILLED, not RUNNING forever
+        reap(client, experiment, f"sweep {sweep_dir}")
         run = client.create_run(
-            experiment_id(client, tracking), run_name=f"sweep {Path(sweep_dir).name}",
+            experiment, run_name=f"sweep {Path(sweep_dir).name}",
             tags={"lw.sweep_dir": sweep_dir, "lw.git_commit": git_commit(),
-                  "lw.version": lw_version(),
+                  "lw.version": lw_version(), **owner_tags(),
                   "lw.overrides": " ".join(config.hydra.overrides.task)[:PARAM_LIMIT]})
         os.environ[PARENT_ENV] = run.info.run_id
+        _PARENT_HEARTBEAT.append(Heartbeat(client, run.info.run_id).start())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from lw.distributed import current_ranks
 
         parent = os.environ.pop(PARENT_ENV, None)
+        while _PARENT_HEARTBEAT:
+            _PARENT_HEARTBEAT.pop().stop()
         failed_here, FAILED_JOBS[:] = list(FAILED_JOBS), []
         if not current_ranks().is_main:  # rank 0 reports; the others share its exit status
             if failed_here:
                 raise SystemExit(1)
             return
-        if parent is None:  # no tracking: say what failed from what the jobs reported
+        # what the jobs reported, wherever they ran (this process, joblib workers, submitit)
+        sweep_dir = str(config.hydra.sweep.dir)
+        failed_here = sorted(set(failed_here) | set(_job_files(sweep_dir, FAILED_FILE)))
+        skipped = _job_files(sweep_dir, SKIPPED_FILE)
+        try:
+            if parent is None:
+                raise LwError("no parent run")
+            client = client_for(_tracking(config))
+            children = client.search_runs(
+                [client.get_run(parent).info.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
+            failed = [r for r in children if r.info.status == "FAILED"]
+            client.set_tag(parent, "lw.jobs", str(len(children)))
+            client.set_tag(parent, "lw.failed_jobs", str(len(failed)))
+            client.set_tag(parent, "lw.skipped_jobs", str(len(skipped)))
+            client.set_terminated(parent, "FAILED" if failed and len(failed) == len(children)
+                                  else "FINISHED")
+        except Exception:  # noqa: BLE001 - tracking is what failed: say what the jobs reported
             for line in failed_here:
                 print(f"[lw] FAILED job {line}")
             if failed_here:
-                raise SystemExit(1)
+                raise SystemExit(1) from None
             return
-        client = client_for(_tracking(config))
-        children = client.search_runs(
-            [client.get_run(parent).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-        failed = [r for r in children if r.info.status == "FAILED"]
-        client.set_tag(parent, "lw.jobs", str(len(children)))
-        client.set_tag(parent, "lw.failed_jobs", str(len(failed)))
-        client.set_terminated(parent, "FAILED" if failed and len(failed) == len(children)
-                              else "FINISHED")
-        print(f"[lw] sweep done: {len(children) - len(failed)} of {len(children)} jobs "
-              f"finished, MLflow parent run {parent} in {tracking_uri(_tracking(config))}")
+        # jobs that failed before their run was opened (a bad value) have no child run
+        total = len(children) + max(0, len(failed_here) - len(failed))
+        print(f"[lw] sweep done: {len(children) - len(failed)} of {total} jobs "
+              f"finished, {len(skipped)} skipped (already FINISHED), MLflow parent run "
+              f"{parent} in {tracking_uri(_tracking(config))}")
         for run in failed:
             print(f"[lw] FAILED {run.info.run_name}: {run.data.tags.get('lw.error', '')}")
+        if len(failed_here) > len(failed):  # some failed before their run was opened
+            for line in failed_here:
+                print(f"[lw] FAILED job {line}")
         if failed or failed_here:
             raise SystemExit(1)

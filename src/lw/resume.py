@@ -1,0 +1,129 @@
+"""Resume: a job whose results are already in the store is not run again, and a run whose
+process died is not left RUNNING.
+
+A job is known by ``lw.identity.job_hash`` (tag ``lw.job_hash``). Before a job runs, rank 0
+looks in the experiment for a FINISHED run with the same hash: if there is one, the job is
+skipped and says so (``tracking.rerun=true`` runs it anyway).
+
+When is a RUNNING run dead? Every lw run (job or sweep parent) carries its owner's
+``lw.host``, ``lw.pid`` and ``lw.pid_started`` (the process's start time, so that a reused pid
+is not taken for the owner), and ``lw.heartbeat`` (epoch seconds), refreshed every
+``HEARTBEAT_S`` while it runs. A RUNNING run is dead when
+- it was started on this host and no process with that pid and start time exists (certain,
+  at once: the usual case of a sweep killed on a workstation), or
+- its last sign of life (heartbeat, else its start) is older than ``STALE_AFTER_S`` (a run
+  from another host: a SLURM node, a teammate's machine; its live owner keeps beating).
+A dead run is marked KILLED (tag ``lw.killed_by`` says who found it) before its job is redone;
+a sweep's start marks every dead RUNNING run of its experiment KILLED, parents included. A
+run alive elsewhere is left alone and the job runs anyway (a requeued SLURM job must not wait
+for its own dead predecessor's heartbeat to age).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+
+HASH_TAG = "lw.job_hash"
+HEARTBEAT_TAG = "lw.heartbeat"
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0   # 10 missed heartbeats: dead, wherever it ran
+
+
+def _process_started(pid: int) -> float | None:
+    """The start time of process ``pid`` (epoch seconds, rounded), or None if there is none."""
+    import psutil
+
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Who runs this run: host, pid and the pid's start time, and a first heartbeat."""
+    return {"lw.host": socket.gethostname(), "lw.pid": str(os.getpid()),
+            "lw.pid_started": str(_process_started(os.getpid())),
+            HEARTBEAT_TAG: str(int(time.time()))}
+
+
+def is_dead(run, now: float | None = None) -> bool:
+    """Whether the owner of RUNNING ``run`` is gone (the rule in this module's docstring)."""
+    tags = run.data.tags
+    if tags.get("lw.host") == socket.gethostname() and tags.get("lw.pid", "").isdigit():
+        return str(_process_started(int(tags["lw.pid"]))) != tags.get("lw.pid_started")
+    last = run.info.start_time / 1000
+    try:
+        last = max(last, float(tags.get(HEARTBEAT_TAG, 0)))
+    except ValueError:
+        pass
+    return (time.time() if now is None else now) - last > STALE_AFTER_S
+
+
+def mark_killed(client, run, who: str) -> None:
+    client.set_tag(run.info.run_id, "lw.killed_by", who)
+    client.set_terminated(run.info.run_id, "KILLED")
+    print(f"[lw] run {run.info.run_id} ({run.info.run_name}) was left RUNNING by a process "
+          f"that died (host {run.data.tags.get('lw.host', '?')}, pid "
+          f"{run.data.tags.get('lw.pid', '?')}): marked KILLED", file=sys.stderr)
+
+
+def _running(client, experiment: str, extra: str = "") -> list:
+    return client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'"
+                              + extra, max_results=10000)
+
+
+def reap(client, experiment: str, who: str) -> list:
+    """Mark every dead RUNNING run of the experiment KILLED (a sweep's start); returns them."""
+    dead = [run for run in _running(client, experiment) if is_dead(run)]
+    for run in dead:
+        mark_killed(client, run, who)
+    return dead
+
+
+def finished_run(client, experiment: str, job_hash: str, who: str):
+    """The latest FINISHED run of the job with ``job_hash``, or None. Dead RUNNING runs of the
+    same job are marked KILLED on the way (it is about to be redone)."""
+    same = f" and tags.`{HASH_TAG}` = '{job_hash}'"
+    for run in _running(client, experiment, same):
+        if is_dead(run):
+            mark_killed(client, run, who)
+    done = client.search_runs([experiment], filter_string="attributes.status = 'FINISHED'"
+                              + same, order_by=["attributes.start_time DESC"], max_results=1)
+    return done[0] if done else None
+
+
+class Heartbeat:
+    """Refresh ``lw.heartbeat`` on a run every ``every`` seconds from a daemon thread, until
+    stopped. A tracking hiccup skips a beat; it never fails the job."""
+
+    def __init__(self, client, run_id: str | None, every: float = HEARTBEAT_S):
+        self.client, self.run_id, self.every = client, run_id, every
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="lw-heartbeat")
+
+    def _beat(self) -> None:
+        while not self.stop_event.wait(self.every):
+            try:
+                self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception:  # noqa: BLE001 - a missed beat only ages the run
+                pass
+
+    def start(self) -> Heartbeat:
+        if self.run_id is not None:
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=2)  # a beat stuck on a dead server is not waited for
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,182 @@
+"""Resume (lw.resume): real sweeps into temporary MLflow stores, killed with SIGKILL and run
+again; the rule that tells a dead run from a live one; sweeps racing to create a new store."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+import test_tracking
+from conftest import PYTHON, cli_env, compose_job
+from lw.config import TrackingConfig
+from lw.identity import job_hash
+from lw.resume import HASH_TAG, STALE_AFTER_S, is_dead, owner_tags, reap
+from lw.tracking import client_for
+
+server = test_tracking.server  # a real `mlflow server` on 127.0.0.1 (module fixture)
+
+JOB = ["model=tiny-pythia", "data=wiki-vital", "data.n_prompts=8", "data.max_tokens=32",
+       "metrics=[prompt_entropy]"]
+
+
+def store_args(tmp: Path) -> list[str]:
+    return [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/art",
+            f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/multirun"]
+
+
+def lw_run(tmp: Path, *overrides: str, wait: bool = True, **env: str):
+    command = [str(PYTHON), "-m", "lw.run", *overrides]
+    if not wait:
+        return subprocess.Popen(command, cwd=tmp, env=cli_env(**env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=tmp, env=cli_env(**env), capture_output=True,
+                          text=True, timeout=600)
+
+
+def runs_of(client) -> list:
+    return client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+
+
+def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path):
+    sweep = ["-m", *JOB, "seed=0,1,2,3", *store_args(tmp_path)]
+    running = lw_run(tmp_path, *sweep, wait=False)
+    client = None
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # kill it once the 3rd job's run is open and the job computing
+            assert running.poll() is None, running.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the 3rd job never started"
+            if (tmp_path / "multirun" / "2").is_dir():
+                client = client or client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/"
+                                                             "mlflow.db"))
+                third = [r for r in runs_of(client) if r.data.params.get("seed") == "2"]
+                if third and third[0].info.status == "RUNNING":
+                    break
+            time.sleep(0.05)
+        running.send_signal(signal.SIGKILL)
+        running.communicate(timeout=60)
+    finally:
+        running.kill()
+    before = runs_of(client)
+    status = {r.data.params.get("seed", "parent"): r.info.status for r in before}
+    assert status == {"parent": "RUNNING", "0": "FINISHED", "1": "FINISHED", "2": "RUNNING"}
+    finished_before = {r.data.params["seed"]: r.info.run_id for r in before
+                       if r.info.status == "FINISHED"}
+    stale = {r.info.run_id for r in before if r.info.status == "RUNNING"}
+
+    again = lw_run(tmp_path, *sweep)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for seed, run_id in finished_before.items():  # said per job, naming the run it found
+        assert any(f"job #{seed} (" in line and "skipped" in line and run_id in line
+                   for line in again.stderr.splitlines()), again.stderr[-3000:]
+    after = runs_of(client)
+    assert not [r for r in after if r.info.status == "RUNNING"]
+    jobs = [r for r in after if "seed" in r.data.params]
+    for seed in "0123":
+        done = [r for r in jobs if r.data.params["seed"] == seed and r.info.status == "FINISHED"]
+        assert len(done) == 1, seed
+    # the jobs that had finished did not run again; the killed job and parent are KILLED
+    assert {s: r.info.run_id for r in jobs for s in finished_before
+            if r.data.params["seed"] == s} == finished_before
+    killed = {r.info.run_id for r in after if r.info.status == "KILLED"}
+    assert killed == stale
+    assert all(r.data.tags["lw.killed_by"].startswith("sweep ") for r in after
+               if r.info.run_id in killed)
+    new_parent = next(r for r in after if "seed" not in r.data.params
+                      and r.info.run_id not in stale)
+    assert new_parent.info.status == "FINISHED"
+    assert new_parent.data.tags["lw.skipped_jobs"] == "2" and new_parent.data.tags["lw.jobs"] == "2"
+    # every job run carries the hash of its config
+    for run in jobs:
+        expected = job_hash(compose_job([*JOB, f"seed={run.data.params['seed']}"]))
+        assert run.data.tags[HASH_TAG] == expected
+
+
+def test_a_done_job_is_skipped_and_rerun_true_forces_it(tmp_path):
+    first = lw_run(tmp_path, *JOB, *store_args(tmp_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = lw_run(tmp_path, *JOB, *store_args(tmp_path))
+    assert second.returncode == 0 and "skipped, already FINISHED" in second.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(runs_of(client)) == 1
+    # another knob is another job: it runs
+    other = lw_run(tmp_path, *JOB, "metric.prompt_entropy.alpha=2", *store_args(tmp_path))
+    assert other.returncode == 0 and "skipped" not in other.stderr
+    forced = lw_run(tmp_path, *JOB, "tracking.rerun=true", *store_args(tmp_path))
+    assert forced.returncode == 0 and "skipped" not in forced.stderr
+    hashes = [r.data.tags[HASH_TAG] for r in runs_of(client)]
+    assert len(hashes) == 3 and len(set(hashes)) == 2
+    assert all(r.info.status == "FINISHED" for r in runs_of(client))
+
+
+def _exited_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_dead_and_live_runs_are_told_apart(tmp_path):
+    client = client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    experiment = client.create_experiment("lw", artifact_location=str(tmp_path / "art"))
+    here, long_ago = owner_tags(), int(time.time() - STALE_AFTER_S - 60)
+    elsewhere = {**here, "lw.host": "node-17", "lw.pid": "1"}
+    cases = {  # name: (tags, started long ago?, dead?)
+        "this process": (here, True, False),
+        "exited process here": ({**here, "lw.pid": str(_exited_pid())}, False, True),
+        "reused pid here": ({**here, "lw.pid_started": "12.0"}, False, True),
+        "elsewhere, beating": ({**elsewhere, "lw.heartbeat": str(int(time.time()))}, True,
+                               False),
+        "elsewhere, silent": ({**elsewhere, "lw.heartbeat": str(long_ago)}, True, True),
+        # runs from before owner tags: only their start time tells
+        "untagged, old": ({}, True, True),
+        "untagged, new": ({}, False, False),
+    }
+    made = {name: client.create_run(experiment, run_name=name, tags=tags,
+                                    start_time=long_ago * 1000 if old else None)
+            for name, (tags, old, _) in cases.items()}
+    expected = {name: dead for name, (_, _, dead) in cases.items()}
+    for name, run in made.items():
+        assert is_dead(client.get_run(run.info.run_id)) == expected[name], name
+    reaped = {r.info.run_name for r in reap(client, experiment, "test")}
+    assert reaped == {n for n, dead in expected.items() if dead}
+    status = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
+    assert status == {n: "KILLED" if dead else "RUNNING" for n, dead in expected.items()}
+
+
+def test_three_sweeps_creating_one_new_store_at_once(tmp_path):
+    started = [lw_run(tmp_path, "-m", *JOB, f"seed={i}", *store_args(tmp_path)[:2],
+                      f"hydra.sweep.dir={tmp_path}/multirun{i}", wait=False) for i in range(3)]
+    done = [(p.communicate(timeout=600)[1], p.returncode)[::-1] for p in started]
+    assert [rc for rc, _ in done] == [0, 0, 0], [err[-2000:] for _, err in done]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # usable after
+    runs = runs_of(client)
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.params["seed"] for r in runs if "seed" in r.data.params) == ["0", "1",
+                                                                                      "2"]
+
+
+def test_resume_on_a_tracking_server(server, tmp_path):
+    uri, _ = server
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("lw-resume")
+    # a run its process left RUNNING on this host, with the job's hash
+    job = [*JOB, "tracking=server", "tracking.experiment=lw-resume"]
+    dead = client.create_run(experiment, run_name="killed", tags={
+        **owner_tags(), "lw.pid": str(_exited_pid()),
+        HASH_TAG: job_hash(compose_job(job))})
+    args = [*job, f"hydra.run.dir={tmp_path}/run"]
+    first = lw_run(tmp_path, *args, MLFLOW_TRACKING_URI=uri)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"run {dead.info.run_id} (killed) was left RUNNING" in first.stderr
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    second = lw_run(tmp_path, *args, MLFLOW_TRACKING_URI=uri)
+    assert second.returncode == 0 and "skipped, already FINISHED" in second.stderr
+    runs = client.search_runs([experiment])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    assert socket.gethostname() == runs[0].data.tags["lw.host"]
+
