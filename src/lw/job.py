@@ -18,13 +18,16 @@ from dataclasses import dataclass
 import torch
 
 from lw import cache
+from lw.answers import letter_ids, output_embedding
 from lw.config import LwConfig, LwError
-from lw.data import load_prompts, tokenize
+from lw.data import Question, corpus_texts, load_prompts, tokenize
 from lw.distributed import Ranks, from_main, gather_extraction, shard, together
 from lw.extract import Extraction, extract
 from lw.identity import forward_hash
 from lw.metrics import (
     downstream_metrics,
+    mc_metrics,
+    overlap_metrics,
     pooled_metrics,
     token_products,
     token_products_needed,
@@ -40,7 +43,7 @@ from lw.models import (
     load_tokenizer,
 )
 from lw.perturb import augment_views, perturb
-from lw.results import JobResult, build_result
+from lw.results import JobResult, add_prompt_columns, build_result
 
 SINGLE = Ranks()
 
@@ -56,6 +59,12 @@ class JobPlan:
     n_views: int
     views_seed: int                    # nlpaug's seed: view j is the same for any n_views > j
     generator: torch.Generator         # after the plan's draws: DiME's permutations follow
+    questions: list[Question] | None = None  # multiple-choice data: subject, answer per prompt
+    # What the views are copies of: "text" (the prompts' own text) or "decoded_ids" (the
+    # perturbed ids decoded to text, which re-tokenizes to other ids for some prompts), and
+    # the share of prompts whose text re-tokenizes to exactly the ids measured.
+    views_of: str = "text"
+    views_roundtrip: float = float("nan")
 
 
 def pick_device(name: str) -> torch.device:
@@ -74,8 +83,8 @@ def _draw_seed(generator: torch.Generator) -> int:
 
 def job_prompts(job: LwConfig, tokenizer, generator: torch.Generator,
                 vocab_size: int | None = None):
-    """The prompts the job measures (token ids, after its perturbation), their texts and
-    labels (None without data.label_field)."""
+    """The prompts the job measures (token ids, after its perturbation), their texts, labels
+    (None without data.label_field) and questions (None but for multiple-choice data)."""
     prompts = load_prompts(job.data, tokenizer)
     p = job.perturbation
     if p.name == "augment":
@@ -83,26 +92,40 @@ def job_prompts(job: LwConfig, tokenizer, generator: torch.Generator,
         texts = [t for view in augment_views(prompts.texts, p.views, seed=_draw_seed(generator))
                  for t in view]
         labels = prompts.labels * p.views if prompts.labels else None
-        return tokenize(tokenizer, texts, job.data.max_tokens), texts, labels
+        questions = prompts.questions * p.views if prompts.questions else None
+        return tokenize(tokenizer, texts, job.data.max_tokens), texts, labels, questions
     ids = perturb(prompts.input_ids, p, tokenizer, generator, vocab_size)
     if p.name == "none":
-        return ids, prompts.texts, prompts.labels
-    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), prompts.labels
+        return ids, prompts.texts, prompts.labels, prompts.questions
+    questions = None if p.name == "random" else prompts.questions  # random: no questions left
+    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True), prompts.labels, questions
 
 
 def plan_job(job: LwConfig, tokenizer) -> JobPlan:
     """Prompts, perturbation and augmented views, from the job's seed (no model needed)."""
     torch.manual_seed(job.seed)
     generator = torch.Generator().manual_seed(job.seed)
-    ids, texts, labels = job_prompts(job, tokenizer, generator,
-                                     embedding_rows(job.model, tokenizer))
+    ids, texts, labels, questions = job_prompts(job, tokenizer, generator,
+                                                embedding_rows(job.model, tokenizer))
+    if "mc_accuracy" in job.metrics:  # fails here, before the model loads, if it cannot work
+        letter_ids(tokenizer, max(q.n_choices for q in questions))
     if job.extraction.skip_first >= min(map(len, ids)):
         raise LwError(f"extraction.skip_first={job.extraction.skip_first} leaves no token of "
                       f"the shortest prompt ({min(map(len, ids))} tokens); raise "
                       "data.min_tokens")
     n_views, views_seed = views_needed(job), _draw_seed(generator)
     view_ids = view_prompts(texts, n_views, views_seed, tokenizer, job.data.max_tokens)
-    return JobPlan(ids, texts, labels, view_ids, n_views, views_seed, generator)
+    plan = JobPlan(ids, texts, labels, view_ids, n_views, views_seed, generator, questions)
+    if n_views:
+        # nlpaug works on text: the views are copies of the measured prompts only as far as
+        # their text re-tokenizes to the measured ids, which decoded random ids often do not.
+        plan.views_of = "text" if job.perturbation.name in ("none", "augment") else "decoded_ids"
+        again = tokenize(tokenizer, texts, job.data.max_tokens)
+        plan.views_roundtrip = sum(a == b for a, b in zip(again, ids, strict=True)) / len(ids)
+        if plan.views_roundtrip < 1:
+            say(f"views: nlpaug copies of {plan.views_of} text; only "
+                f"{plan.views_roundtrip:.0%} of the prompts re-tokenize to the ids measured")
+    return plan
 
 
 def view_prompts(texts: list[str], n_views: int, seed: int, tokenizer,
@@ -177,9 +200,34 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
     if "mteb" in job.metrics:
         per_layer.update(mteb_scores(job, loaded, device))
     norms = job.metric.normalizations
-    dip_of = f"prompt_entropy/{'max' if 'max' in norms else norms[0]}" \
-        if "dip" in job.metrics else None
+    entropy_of = f"prompt_entropy/{'max' if 'max' in norms else norms[0]}"
+    columns, summary = {}, {}
+    if "mc_accuracy" in job.metrics:
+        if loaded is None:  # an activation-cache hit loaded no model; the LM head is in it
+            loaded = load_model(job.model, device or pick_device(job.extraction.device),
+                                seed=job.seed)
+        questions = plan.questions
+        values, columns, summary = mc_metrics(
+            per_prompt[entropy_of], prompts.per_prompt["final_state/last"][:, 0],
+            output_embedding(loaded.model),
+            letter_ids(loaded.tokenizer, max(q.n_choices for q in questions)),
+            [q.subject for q in questions], torch.tensor([q.answer for q in questions]),
+            torch.tensor([q.n_choices for q in questions]))
+        per_layer.update(values)
+        columns["subject"] = [q.subject for q in questions]
+    if "overlap" in job.metrics:
+        corpus = corpus_texts(job.metric.overlap.corpus, job.metric.overlap.text_field)
+        values, found, stats = overlap_metrics(job, plan.texts, corpus, per_prompt[entropy_of])
+        per_layer.update(values)
+        columns.update(found)
+        summary.update(stats)
+    dip_of = entropy_of if "dip" in job.metrics else None
     result = build_result(info, per_prompt, per_layer, prompts.n_tokens, dip_of)
+    add_prompt_columns(result, columns)
+    result.summary.update(summary)
+    if plan.n_views:
+        result.tags["lw.views.of"] = plan.views_of
+        result.summary["views/roundtrip_share"] = plan.views_roundtrip
     result.summary.update({"n_prompts": float(len(plan.ids)),
                            "n_tokens": float(prompts.n_tokens.sum()),
                            "forward_seconds": products.forward_seconds,

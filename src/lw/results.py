@@ -5,7 +5,7 @@ Tracking and plots read these; they compute nothing new.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ class JobResult:
     per_prompt: pd.DataFrame     # one row per (prompt, layer): per-prompt metric values
     summary: dict[str, float]    # scalars: best layers, NaN counts, prompts/s ...
     info: ModelInfo
+    tags: dict[str, str] = field(default_factory=dict)  # what the numbers are of (lw.views.of)
 
 
 def build_result(info: ModelInfo, per_prompt: dict[str, torch.Tensor],
@@ -55,6 +56,16 @@ def build_result(info: ModelInfo, per_prompt: dict[str, torch.Tensor],
             "n_tokens": np.repeat(n_tokens.numpy(), n_states)}
     long.update({name: values.numpy().reshape(-1) for name, values in per_prompt.items()})
     return JobResult(table=table, per_prompt=pd.DataFrame(long), summary=summary, info=info)
+
+
+def add_prompt_columns(result: JobResult, columns: dict) -> None:
+    """Per-prompt values that do not depend on the layer (``(N,)`` tensors, arrays or lists:
+    a subject, a BM25 overlap, an answer's correctness) as columns of ``result.per_prompt``,
+    repeated on each of the prompt's layer rows; they stay out of the per-layer table."""
+    prompt = result.per_prompt["prompt"].to_numpy()
+    for name, values in columns.items():
+        values = values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        result.per_prompt[name] = values[prompt]
 
 
 def layer_summaries(table: pd.DataFrame) -> dict[str, float]:

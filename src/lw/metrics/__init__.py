@@ -3,7 +3,9 @@
 Token metrics run per batch inside the forward pass (see ``lw.extract``); data-set metrics run
 once on the pooled vectors of all prompts; view metrics on the pooled vectors of augmented
 copies of every prompt; downstream metrics (probe, cluster) on the pooled vectors and the
-data's labels; ``dip`` runs on the per-prompt prompt entropies.
+data's labels; ``dip`` runs on the per-prompt prompt entropies; ``mc_accuracy`` scores the
+answer letter from the last token's final state and correlates it per subject with prompt
+entropy; ``overlap`` scores each prompt's BM25 overlap with a reference corpus.
 The functions themselves live in the sibling modules and know nothing of configs.
 """
 
@@ -12,13 +14,17 @@ from __future__ import annotations
 import torch
 
 from lw.config import LwConfig
+from lw.metrics.choice import answer_logprobs, choice_correct, subject_correlations, subject_means
 from lw.metrics.curvature import prepped_curvatures
+from lw.metrics.dip import dip_test
 from lw.metrics.downstream import cluster, probe
 from lw.metrics.entropy import dataset_entropy, gram_spectrum, prep, spectrum_matrix_entropy
+from lw.metrics.intrinsic import twonn
+from lw.metrics.overlap import bm25_overlap, overlap_by_layer
 from lw.metrics.views import dime, infonce, lidar
 
 TOKEN_METRICS = ("prompt_entropy", "curvature")
-POOLED_METRICS = ("dataset_entropy",)
+POOLED_METRICS = ("dataset_entropy", "intrinsic_dimension")
 VIEW_METRICS = ("infonce", "dime", "lidar")
 DOWNSTREAM_METRICS = ("probe", "cluster")
 
@@ -28,17 +34,21 @@ def _prefixed(prefix: str, values: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def needs_prompt_entropy(cfg: LwConfig) -> bool:
-    return "prompt_entropy" in cfg.metrics or "dip" in cfg.metrics
+    return bool({"prompt_entropy", "dip", "mc_accuracy", "overlap"} & set(cfg.metrics))
 
 
 def token_products_needed(cfg: LwConfig) -> list[str]:
     """Names of the per-prompt products the job's token metrics are computed from:
-    ``spectrum/<compat>`` (N, L+1, m) for prompt entropy, ``curvature/<compat>`` (N, L+1)."""
+    ``spectrum/<compat>`` (N, L+1, m) for prompt entropy, ``curvature/<compat>`` (N, L+1),
+    ``final_state/last`` (N, 1, D) the last real token's state in the last layer (mc_accuracy:
+    what the LM head reads)."""
     names = []
     if needs_prompt_entropy(cfg):
         names.append(f"spectrum/{cfg.metric.compat}")
     if "curvature" in cfg.metrics:
         names += ["curvature/paper", "curvature/official"]
+    if "mc_accuracy" in cfg.metrics:
+        names.append("final_state/last")
     return names
 
 
@@ -58,8 +68,15 @@ def token_products(wanted: list[str]) -> dict:
 
     def batch_products(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = mask.to(device=h.device, dtype=torch.bool)
-        z = prep(h, mask)
         values = {}
+        if "final_state/last" in wanted:
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            last = torch.where(mask, positions, -1).amax(dim=1)                 # (B,)
+            rows = torch.arange(len(last), device=h.device)
+            values["final_state/last"] = h[-1, rows, last.to(h.device)].unsqueeze(0)
+        if not any(name.startswith(("spectrum/", "curvature/")) for name in wanted):
+            return values
+        z = prep(h, mask)
         for name in wanted:
             if name.startswith("spectrum/"):
                 values[name] = gram_spectrum(z, mask, compat=name.split("/")[1])
@@ -101,6 +118,9 @@ def pooled_metrics(cfg: LwConfig, pooled: torch.Tensor) -> dict[str, torch.Tenso
         values.update(_prefixed("dataset_entropy", dataset_entropy(
             by_layer, alpha=m.dataset_entropy.alpha, compat=m.compat,
             normalizations=tuple(m.normalizations))))
+    if "intrinsic_dimension" in cfg.metrics:
+        values["intrinsic_dimension"] = twonn(pooled.transpose(0, 1),
+                                              fraction=m.intrinsic_dimension.fraction)
     return values
 
 
@@ -145,3 +165,53 @@ def downstream_metrics(cfg: LwConfig, pooled: torch.Tensor,
     if "cluster" in cfg.metrics:
         values.update(_prefixed("cluster", cluster(by_layer, labels, seed=cfg.seed)))
     return values
+
+
+def mc_metrics(entropy: torch.Tensor, states: torch.Tensor, head: torch.Tensor,
+               letters: torch.Tensor, subjects: list[str], answers: torch.Tensor,
+               n_choices: torch.Tensor) -> tuple[dict, dict, dict]:
+    """Zero-shot multiple-choice accuracy and its per-subject correlation with prompt entropy.
+
+    Args:
+        entropy: ``(N, L+1)`` per-prompt prompt entropy; states: ``(N, D)`` last real token's
+            final state; head: ``(V, D)`` output embedding; letters: ``(K,)`` answer-letter ids;
+            subjects, answers, n_choices: per prompt.
+
+    Returns:
+        per-layer ``{mc/pearson, mc/spearman, ...: (L+1,)}``, per-prompt columns
+        ``{mc/correct, mc/logprob_A, ...: (N,)}``, and summaries (accuracy overall and per
+        subject, the number of subjects).
+    """
+    logprobs = answer_logprobs(states, head, letters)                          # (N, K)
+    correct = choice_correct(logprobs, answers, n_choices)
+    per_layer = _prefixed("mc", subject_correlations(entropy, correct, subjects))
+    columns = {"mc/correct": correct.double(), "mc/answer": answers.double(),
+               **{f"mc/logprob_{chr(65 + k)}": logprobs[:, k] for k in range(len(letters))}}
+    names, accuracy = subject_means(correct.double(), subjects)
+    summary = {"mc/accuracy": float(correct.double().mean()), "mc/n_subjects": float(len(names)),
+               **{f"mc/accuracy/{_metric_key(name)}": float(a)
+                  for name, a in zip(names, accuracy, strict=True)}}
+    return per_layer, columns, summary
+
+
+def _metric_key(name: str) -> str:
+    """A subject as an MLflow metric name part (letters, digits, _ - . space and / only)."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
+
+
+def overlap_metrics(cfg: LwConfig, prompts: list[str], corpus: list[str],
+                    entropy: torch.Tensor) -> tuple[dict, dict, dict]:
+    """Each prompt's BM25 overlap with ``corpus`` and, per layer, how it tracks prompt entropy
+    ``(N, L+1)`` (correlations; mean overlap per entropy mode where the dip test says bimodal).
+
+    Returns:
+        per-layer ``{overlap/pearson, ..., overlap/low_mode, overlap/high_mode: (L+1,)}``, the
+        per-prompt column ``{overlap/bm25: (N,)}``, and summaries (mean, median overlap).
+    """
+    o = cfg.metric.overlap
+    overlap = bm25_overlap(prompts, corpus, k=o.k, k1=o.k1, b=o.b)
+    _, pvalue = dip_test(entropy)
+    per_layer = _prefixed("overlap", overlap_by_layer(overlap, entropy, torch.from_numpy(pvalue)))
+    summary = {"overlap/mean": float(overlap.mean()), "overlap/median": float(overlap.median()),
+               "overlap/corpus_documents": float(len(corpus))}
+    return per_layer, {"overlap/bm25": overlap}, summary
