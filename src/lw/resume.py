@@ -77,10 +77,17 @@ def _running(client, experiment: str, extra: str = "") -> list:
 
 
 def reap(client, experiment: str, who: str) -> list:
-    """Mark every dead RUNNING run of the experiment KILLED (a sweep's start); returns them."""
-    dead = [run for run in _running(client, experiment) if is_dead(run)]
-    for run in dead:
-        mark_killed(client, run, who)
+    """Mark every dead RUNNING run of the experiment KILLED (a sweep's start); returns those
+    it marked. One it may not change (another user's, on a server) is left as it is."""
+    dead = []
+    for run in _running(client, experiment):
+        if is_dead(run):
+            try:
+                mark_killed(client, run, who)
+                dead.append(run)
+            except Exception as error:  # noqa: BLE001 - the sweep goes on without it
+                print(f"[lw] could not mark dead run {run.info.run_id} KILLED: {error}",
+                      file=sys.stderr)
     return dead
 
 
