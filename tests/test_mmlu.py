@@ -238,3 +238,22 @@ def test_subject_correlations_on_known_data():
     assert found["pearson"][0] == pytest.approx(-1.0)
     assert found["pearson"][1] == pytest.approx(
         stats.pearsonr([3.0, 1.5, 1.5, 2.0], [1, 0.5, 0.5, 0]).statistic)
+
+
+def test_subject_scatter_per_chosen_layer(smollm2_job):
+    from lw.job import scatter_layers
+    from lw.plots import subject_scatters
+
+    per_prompt, table = smollm2_job["per_prompt"], smollm2_job["table"]
+    layers = scatter_layers(table, [])
+    assert {1, 15, 30} <= set(layers) and len(layers) <= 4
+    assert scatter_layers(table, [5, 2, 5]) == [2, 5]
+    with pytest.raises(LwError, match=r"metric.mc_accuracy.layers=\[31\]: layers run 0..30"):
+        scatter_layers(table, [31])
+    figures = subject_scatters(per_prompt, table, [1, 30], column="prompt_entropy/max")
+    assert list(figures) == ["mc_scatter_layer_01", "mc_scatter_layer_30"]
+    points = figures["mc_scatter_layer_30"].axes[0].collections[0].get_offsets()
+    expected = per_prompt.query("layer == 30").groupby("subject").agg(
+        e=("prompt_entropy/max", "mean"), a=("mc/correct", "mean"))
+    np.testing.assert_allclose(np.asarray(points), expected[["e", "a"]].to_numpy())
+    figures["mc_scatter_layer_30"].savefig(smollm2_job["tmp"] / "scatter.png")

@@ -225,6 +225,9 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
     result = build_result(info, per_prompt, per_layer, prompts.n_tokens, dip_of)
     add_prompt_columns(result, columns)
     result.summary.update(summary)
+    if "mc_accuracy" in job.metrics:
+        result.tags["lw.mc.scatter_layers"] = ",".join(
+            map(str, scatter_layers(result.table, job.metric.mc_accuracy.layers)))
     if plan.n_views:
         result.tags["lw.views.of"] = plan.views_of
         result.summary["views/roundtrip_share"] = plan.views_roundtrip
@@ -234,6 +237,21 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
                            "activation_cache_hit": float(products.from_cache),
                            "prompts_per_second": len(plan.ids) / products.forward_seconds})
     return result
+
+
+def scatter_layers(table, chosen: list[int]) -> list[int]:
+    """Layers with a subject scatter figure: ``metric.mc_accuracy.layers``, or layer 1, the
+    middle, the last and the layer of the most negative Pearson r across subjects."""
+    last = int(table["layer"].max())
+    if chosen:
+        wrong = [layer for layer in chosen if not 0 <= layer <= last]
+        if wrong:
+            raise LwError(f"metric.mc_accuracy.layers={list(chosen)}: layers run 0..{last}")
+        return sorted(set(chosen))
+    picks = {min(1, last), last // 2, last}
+    if table["mc/pearson"].notna().any():
+        picks.add(int(table.loc[table["mc/pearson"].idxmin(), "layer"]))
+    return sorted(picks)
 
 
 def mteb_scores(job: LwConfig, loaded: LoadedModel, device: torch.device):

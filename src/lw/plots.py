@@ -138,3 +138,29 @@ def entropy_heatmaps(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
         ax.axis("off")
     fig.suptitle(title)
     return fig
+
+
+def subject_scatters(per_prompt: pd.DataFrame, table: pd.DataFrame, layers: list[int],
+                     column: str = "prompt_entropy/max",
+                     title: str = "") -> dict[str, plt.Figure]:
+    """The papers' Figs. 5-6: per layer, one point per subject, its prompts' mean ``column``
+    against its accuracy (``mc/correct``), titled with the layer's Pearson r and Spearman rho.
+    Returns ``{"mc_scatter_layer_<l>": figure}`` for each of ``layers``."""
+    figures = {}
+    by_layer = table.set_index("layer")
+    for layer in layers:
+        rows = per_prompt[per_prompt["layer"] == layer]
+        subjects = rows.groupby("subject").agg(entropy=(column, "mean"),
+                                               accuracy=("mc/correct", "mean"))
+        fig, ax = plt.subplots(figsize=(4.2, 3.4))
+        ax.scatter(subjects["entropy"], subjects["accuracy"], s=14, alpha=0.8)
+        row = by_layer.loc[layer]
+        ax.set_title(f"{title} layer {layer}\nPearson r={row['mc/pearson']:.2f} "
+                     f"(p={row['mc/pearson_pvalue']:.2g}), Spearman "
+                     f"rho={row['mc/spearman']:.2f}", fontsize=8)
+        ax.set_xlabel(f"subject mean {column}", fontsize=8)
+        ax.set_ylabel("subject accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        figures[f"mc_scatter_layer_{layer:02d}"] = fig
+    return figures
