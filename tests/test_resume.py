@@ -15,7 +15,15 @@ import test_tracking
 from conftest import PYTHON, cli_env, compose_job
 from lw.config import TrackingConfig
 from lw.identity import job_hash
-from lw.resume import HASH_TAG, STALE_AFTER_S, is_dead, owner_tags, reap
+from lw.resume import (
+    HASH_TAG,
+    HEARTBEAT_TAG,
+    STALE_AFTER_S,
+    Heartbeat,
+    is_dead,
+    owner_tags,
+    reap,
+)
 from lw.tracking import client_for
 
 server = test_tracking.server  # a real `mlflow server` on 127.0.0.1 (module fixture)
@@ -146,6 +154,22 @@ def test_dead_and_live_runs_are_told_apart(tmp_path):
     assert reaped == {n for n, dead in expected.items() if dead}
     status = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
     assert status == {n: "KILLED" if dead else "RUNNING" for n, dead in expected.items()}
+
+
+def test_a_live_run_keeps_beating_and_stops_when_told(tmp_path):
+    client = client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    experiment = client.create_experiment("lw", artifact_location=str(tmp_path / "art"))
+    run = client.create_run(experiment, tags={HEARTBEAT_TAG: "0"})
+    with Heartbeat(client, run.info.run_id, every=0.05):
+        deadline = time.monotonic() + 60
+        while client.get_run(run.info.run_id).data.tags[HEARTBEAT_TAG] == "0":
+            assert time.monotonic() < deadline, "no beat"
+            time.sleep(0.05)
+    beat = client.get_run(run.info.run_id).data.tags[HEARTBEAT_TAG]
+    assert abs(int(beat) - time.time()) < 60
+    client.set_tag(run.info.run_id, HEARTBEAT_TAG, "stopped")
+    time.sleep(0.3)  # 6 periods: a beat still going would have overwritten it
+    assert client.get_run(run.info.run_id).data.tags[HEARTBEAT_TAG] == "stopped"
 
 
 def test_three_sweeps_creating_one_new_store_at_once(tmp_path):
