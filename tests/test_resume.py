@@ -105,23 +105,6 @@ def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path):
         assert run.data.tags[HASH_TAG] == expected
 
 
-def test_a_done_job_is_skipped_and_rerun_true_forces_it(tmp_path):
-    first = lw_run(tmp_path, *JOB, *store_args(tmp_path))
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = lw_run(tmp_path, *JOB, *store_args(tmp_path))
-    assert second.returncode == 0 and "skipped, already FINISHED" in second.stderr
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert len(runs_of(client)) == 1
-    # another knob is another job: it runs
-    other = lw_run(tmp_path, *JOB, "metric.prompt_entropy.alpha=2", *store_args(tmp_path))
-    assert other.returncode == 0 and "skipped" not in other.stderr
-    forced = lw_run(tmp_path, *JOB, "tracking.rerun=true", *store_args(tmp_path))
-    assert forced.returncode == 0 and "skipped" not in forced.stderr
-    hashes = [r.data.tags[HASH_TAG] for r in runs_of(client)]
-    assert len(hashes) == 3 and len(set(hashes)) == 2
-    assert all(r.info.status == "FINISHED" for r in runs_of(client))
-
-
 def _exited_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
@@ -184,7 +167,7 @@ def test_three_sweeps_creating_one_new_store_at_once(tmp_path):
                                                                                       "2"]
 
 
-def test_resume_on_a_tracking_server(server, tmp_path):
+def test_resume_and_rerun_on_a_tracking_server(server, tmp_path):
     uri, _ = server
     client = MlflowClient(uri)
     experiment = client.create_experiment("lw-resume")
@@ -203,4 +186,9 @@ def test_resume_on_a_tracking_server(server, tmp_path):
     runs = client.search_runs([experiment])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
     assert socket.gethostname() == runs[0].data.tags["lw.host"]
+    forced = lw_run(tmp_path, *args, "tracking.rerun=true", MLFLOW_TRACKING_URI=uri)
+    assert forced.returncode == 0 and "skipped" not in forced.stderr
+    runs = client.search_runs([experiment])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
+    assert len({r.data.tags[HASH_TAG] for r in runs}) == 1
 
