@@ -36,8 +36,14 @@ server: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[server]'
 	$(PY) -m lw.server $(SERVER_ARGS)
 
+# MLflow 3.17's UI opens an experiment on its GenAI overview unless the URL (or the UI's
+# "GenAI / Model training" switch, remembered per browser) asks for the runs: print the links.
 ui: $(STAMP)
 	mkdir -p mlruns
+	@$(PY) -c 'import os, sqlite3; db = "mlruns/mlflow.db"; \
+	rows = sqlite3.connect(db).execute("select experiment_id, name from experiments where lifecycle_stage = ?", ("active",)).fetchall() if os.path.exists(db) else []; \
+	print("[lw] the runs of each experiment (or pick \"Model training\" top left, once per browser):"); \
+	[print(f"    http://127.0.0.1:5000/#/experiments/{i}?workflowType=machine_learning   {n}") for i, n in rows]'
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
 

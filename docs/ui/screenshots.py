@@ -1,15 +1,28 @@
 """Screenshots of the MLflow UI comparing smollm2 (30 layers) and minilm (6 layers) over
-relative depth, taken with Debian's chromium in headless mode (`apt-get install chromium`).
+relative depth, taken by driving Debian's chromium, headless, the way a new user clicks.
 
+    apt-get install -y chromium chromium-driver
+    .venv/bin/pip install -e '.[docs]'                 # selenium
     .venv/bin/python docs/ui/screenshots.py            # writes docs/ui/*.png
+    .venv/bin/python docs/ui/screenshots.py --uri sqlite:///path/mlflow.db   # no new sweep
 
-Runs a small real sweep (real weights, wiki-vital) into a temporary SQLite store, serves it
-with `mlflow ui` on a free local port, and opens the experiment the way a new user would,
-with the child runs listed (the filter keeps the sweep's parent out) and the chart view on.
+Runs a small real sweep (real weights, wiki-vital, 16 prompts) into a temporary SQLite store,
+serves it with `mlflow ui` on a free local port, and, each time in a fresh browser profile:
+1. opens the experiment's plain URL: MLflow 3.17.2 lands on the GenAI overview
+   (`experiment_opens.png`);
+2. opens the URL the README gives (`?workflowType=machine_learning`): the runs table; closes
+   the assistant panel, expands the sweep's parent run and gives each model its own colour
+   with the run's colour picker (`runs_view.png`);
+3. switches to the chart view, hides the parent (the eye), filters the charts to
+   `^(depth/)?prompt_entropy/max$` and enlarges the two cards (`charts_over_depth.png`);
+4. opens the depth chart full screen (`depth_chart_fullscreen.png`).
+It fails unless the depth chart draws one curve per model, each in its colour, over 0..1000
+per-mille depth, and the per-layer chart runs over smollm2's 0..30 layers.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
@@ -17,13 +30,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 OUT = Path(__file__).resolve().parent
+CHART_FILTER = "^(depth/)?prompt_entropy/max$"
+DEPTH_CHART, LAYER_CHART = "depth/prompt_entropy/max", "prompt_entropy/max"
+COLORS = {"smollm2": "#1f6fc5", "minilm": "#e8710a"}
 
 
 def free_port() -> int:
@@ -32,54 +47,230 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def screenshot(url: str, path: Path, size: str) -> None:
-    chromium = shutil.which("chromium") or sys.exit("no chromium: apt-get install chromium")
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
-                        "--hide-scrollbars", f"--user-data-dir={profile}",
-                        f"--window-size={size}", "--virtual-time-budget=30000",
-                        f"--screenshot={path}", url],
-                       check=True, capture_output=True, timeout=180)
-    print(f"wrote {path}")
-
-
-def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="lw-ui-"))
+def sweep(tmp: Path) -> str:
     store = f"sqlite:///{tmp}/mlflow.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     subprocess.run([str(PYTHON), "-m", "lw.run", "-m", "model=smollm2,minilm",
-                    "data=wiki-vital", "data.n_prompts=32", "data.max_tokens=64",
+                    "data=wiki-vital", "data.n_prompts=16", "data.max_tokens=64",
                     "metrics=[prompt_entropy,curvature,dataset_entropy]",
                     "metric.normalizations=[max]", f"tracking.uri={store}",
                     f"tracking.artifact_location={tmp}/artifacts",
                     f"hydra.sweep.dir={tmp}/multirun"], check=True, env=env, cwd=tmp)
-    port = free_port()
-    ui = subprocess.Popen([str(PYTHON.parent / "mlflow"), "ui", "--backend-store-uri", store,
-                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    return store
+
+
+class Browser:
+    """Debian's chromium through Debian's chromedriver (no driver download), fresh profile."""
+
+    def __init__(self, width: int, height: int):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        chromium = shutil.which("chromium") or sys.exit("no chromium: apt-get install chromium")
+        driver = shutil.which("chromedriver") or sys.exit(
+            "no chromedriver: apt-get install chromium-driver")
+        self.profile = tempfile.mkdtemp(prefix="lw-chromium-")
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--hide-scrollbars", f"--window-size={width},{height}",
+                    f"--user-data-dir={self.profile}"):
+            options.add_argument(arg)
+        self.d = webdriver.Chrome(options=options, service=Service(driver))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.d.quit()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def wait(self, condition, timeout: float = 90, what: str = ""):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        return WebDriverWait(self.d, timeout, poll_frequency=0.5).until(
+            lambda d: condition(d), message=what)
+
+    def find(self, xpath: str, timeout: float = 90):
+        from selenium.webdriver.common.by import By
+
+        return self.wait(lambda d: (d.find_elements(By.XPATH, xpath) or [None])[0], timeout,
+                         f"no element {xpath}")
+
+    def click(self, xpath: str, timeout: float = 90) -> None:
+        self.d.execute_script("arguments[0].click()", self.find(xpath, timeout))
+
+    def shot(self, path: Path) -> None:
+        time.sleep(1.5)  # the last animation frame
+        self.d.save_screenshot(str(path))
+        print(f"wrote {path.relative_to(ROOT)}  ({self.d.current_url})")
+
+    def close_assistant(self) -> None:
+        from selenium.webdriver.common.by import By
+
+        # MLflow 3.17's assistant panel opens by itself on a first visit
+        close = "button[data-component-id='mlflow.assistant.chat_panel.close']"
+        for _ in range(20):
+            buttons = self.d.find_elements(By.CSS_SELECTOR, close)
+            if buttons:
+                self.d.execute_script("arguments[0].click()", buttons[0])
+                return
+            time.sleep(0.5)
+
+
+def card(name: str) -> str:
+    """The chart card titled `name`, with its resize handle (a sibling of the card)."""
+    return (f"//div[contains(@class,'react-resizable')][div[@data-testid="
+            f"'experiment-view-compare-runs-card'][.//*[normalize-space(text())='{name}']]]")
+
+
+def curves(b: Browser, name: str, root: str = "") -> tuple[dict[str, str], list[float]]:
+    """The curves drawn in a chart (plotly line path -> its colour) and its x tick values."""
+    from selenium.webdriver.common.by import By
+
+    chart = b.find(root or card(name))
+    # MLflow draws each run's line twice (the line with its points, and a copy for hover)
+    lines = {p.get_attribute("d"): p.value_of_css_property("stroke")
+             for p in chart.find_elements(By.CSS_SELECTOR, "g.trace.scatter path.js-line")}
+    lines.pop("", None)
+    lines.pop(None, None)
+    ticks = []
+    for t in chart.find_elements(By.CSS_SELECTOR, "g.xtick text"):
+        try:
+            ticks.append(float(t.text.replace(",", "").replace("\u2212", "-")))
+        except ValueError:
+            pass
+    return lines, ticks
+
+
+def check(b: Browser, name: str, n: int, last: float, root: str = "") -> None:
+    """n curves in n colours, the x axis up to `last`."""
+    def ok(_):
+        lines, ticks = curves(b, name, root)
+        return len(lines) == len(set(lines.values())) == n and ticks and max(ticks) == last
     try:
+        b.wait(ok, 60)
+    except Exception:
+        lines, ticks = curves(b, name, root)
+        b.d.save_screenshot(str(OUT / "failed.png"))
+        sys.exit(f"chart {name}: {len(lines)} curves in colours {sorted(set(lines.values()))} "
+                 f"over x ticks {ticks}; expected {n} curves in {n} colours up to {last}")
+    lines, ticks = curves(b, name, root)
+    print(f"  {name}: {n} curves in {sorted(set(lines.values()))}, x ticks {ticks}")
+
+
+def pick_color(b: Browser, run: str, color: str) -> None:
+    """What the run's colour dot in the table does: a colour picker (MLflow keeps the choice
+    as the run's tag mlflow.runColor)."""
+    picker = b.find(f"//div[@row-id='{run}']//input[@type='color']")
+    b.d.execute_script("""
+        const input = arguments[0];
+        Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set
+              .call(input, arguments[1]);
+        input.dispatchEvent(new Event('input', {bubbles: true}));
+        input.dispatchEvent(new Event('change', {bubbles: true}));""", picker, color)
+
+
+def screenshots(base: str, experiment: str, parent: str, children: dict[str, str]) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    with Browser(1500, 900) as b:  # what a fresh browser shows on the experiment's plain URL
+        b.d.get(f"{base}/#/experiments/{experiment}")
+        b.wait(lambda d: "/overview" in d.current_url or "/runs" in d.current_url, 90,
+               "the experiment page did not open")
+        b.find("//*[contains(@class,'ag-root') or normalize-space(text())='Traces']")
+        b.close_assistant()
+        b.shot(OUT / "experiment_opens.png")
+
+    with Browser(1600, 1400) as b:
+        b.d.get(f"{base}/#/experiments/{experiment}?workflowType=machine_learning")
+        b.wait(lambda d: "/runs" in d.current_url, 90, "not on the runs view")
+        b.close_assistant()
+        b.click(f"//div[@row-id='{parent}']//button[contains(@data-component-id,"
+                "'runnamecellrenderer')]")  # expand the sweep's parent run
+        # MLflow colours a run by a hash of its id: two runs may share a colour, so give each
+        # model its own, as a user would in the table
+        for child, model in children.items():
+            pick_color(b, child, COLORS[model])
+        b.d.set_window_size(1600, 600)
+        b.shot(OUT / "runs_view.png")
+        b.d.set_window_size(1600, 1400)
+
+        b.click("//input[@type='radio'][@value='CHART']")  # the chart view
+        b.click(f"//div[@row-id='{parent}']//label[.//input[contains(@class,"
+                "'is-visibility-toggle-checkbox')]]")      # hide the parent (no metrics)
+        b.find("//input[@placeholder='Search metric charts']").send_keys(CHART_FILTER)
+        for name in (DEPTH_CHART, LAYER_CHART):            # enlarge both cards
+            handle = b.find(card(name) + "//*[@data-testid='draggable-card-resize-handle']")
+            b.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", handle)
+            drag = ActionChains(b.d).click_and_hold(handle)
+            for _ in range(10):
+                drag = drag.move_by_offset(50, 10).pause(0.05)
+            drag.release().perform()
+        b.d.execute_script("""for (let e = arguments[0]; e; e = e.parentElement) {
+                                  e.scrollTop = 0; }""", b.find(card(DEPTH_CHART)))  # to the top
+        ActionChains(b.d).move_to_element(b.find("//*[contains(text(),'matching runs')]")) \
+            .perform()  # the pointer off the charts
+        check(b, DEPTH_CHART, len(children), 1000)
+        check(b, LAYER_CHART, len(children), 30)
+        b.shot(OUT / "charts_over_depth.png")
+
+    with Browser(1600, 1000) as b:
+        b.d.get(f"{base}/#/experiments/{experiment}?workflowType=machine_learning")
+        b.wait(lambda d: "/runs" in d.current_url, 90, "not on the runs view")
+        b.close_assistant()
+        b.click(f"//div[@row-id='{parent}']//button[contains(@data-component-id,"
+                "'runnamecellrenderer')]")
+        b.click("//input[@type='radio'][@value='CHART']")
+        b.click(f"//div[@row-id='{parent}']//label[.//input[contains(@class,"
+                "'is-visibility-toggle-checkbox')]]")
+        b.find("//input[@placeholder='Search metric charts']").send_keys(CHART_FILTER)
+        b.click(card(DEPTH_CHART) + "//button[@data-component-id='fullscreen_button_chartcard']")
+        modal = "//div[@role='dialog'][.//*[contains(@class,'js-plotly-plot')]]"
+        b.find(modal)
+        check(b, DEPTH_CHART, len(children), 1000, root=modal)
+        b.shot(OUT / "depth_chart_fullscreen.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uri", help="an existing store with a smollm2 + minilm sweep "
+                                      "(default: run one into a temporary store)")
+    args = parser.parse_args()
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        sys.exit("no selenium: .venv/bin/pip install -e '.[docs]'")
+    tmp = Path(tempfile.mkdtemp(prefix="lw-ui-"))
+    ui = None
+    try:
+        store = args.uri or sweep(tmp)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(store)
+        experiment = client.get_experiment_by_name("lw").experiment_id
+        runs = client.search_runs([experiment], order_by=["attributes.start_time DESC"])
+        jobs = [r for r in runs if r.data.tags.get("lw.model") in COLORS]
+        parent = jobs[0].data.tags["mlflow.parentRunId"]
+        children = {r.info.run_id: r.data.tags["lw.model"] for r in jobs
+                    if r.data.tags.get("mlflow.parentRunId") == parent}
+        port = free_port()
+        ui = subprocess.Popen([str(PYTHON.parent / "mlflow"), "ui", "--backend-store-uri", store,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
         for _ in range(240):
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2)
                 break
             except OSError:
                 time.sleep(0.5)
-        from mlflow.tracking import MlflowClient
-
-        experiment = MlflowClient(store).get_experiment_by_name("lw").experiment_id
-        runs = f"{base}/#/experiments/{experiment}/runs"
-        children = urllib.parse.urlencode({"searchFilter": "tags.lw.model != ''",
-                                           "compareRunsMode": "CHART",
-                                           "workflowType": "machine_learning"},
-                                          quote_via=urllib.parse.quote)
-        screenshot(f"{base}/#/experiments/{experiment}", OUT / "experiment_opens.png",
-                   "1500,900")
-        screenshot(f"{runs}?{children}", OUT / "charts_over_depth.png", "1500,2600")
+        screenshots(base, experiment, parent, children)
     finally:
-        os.killpg(ui.pid, 15)
-        ui.wait(timeout=30)
+        if ui is not None:
+            os.killpg(ui.pid, 15)
+            ui.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

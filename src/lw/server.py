@@ -131,7 +131,10 @@ users: {redact(stores['auth_db'])}
 [lw] each teammate logs to it:
     export MLFLOW_TRACKING_URI={uri}
     export MLFLOW_TRACKING_USERNAME=alice MLFLOW_TRACKING_PASSWORD=...
-    .venv/bin/python -m lw.run -m tracking=server model=smollm2,minilm"""
+    .venv/bin/python -m lw.run -m tracking=server model=smollm2,minilm
+[lw] and looks at the runs (MLflow 3.17's UI opens an experiment on its GenAI overview unless
+     "Model training" is picked, top left, once per browser):
+    {uri}/#/experiments/<id>?workflowType=machine_learning"""
 
 
 def redact(uri: str) -> str:

@@ -87,7 +87,12 @@ def client_for(cfg: TrackingConfig):
     return client
 
 
-# MLflow 3's UI opens an experiment on this view: the training runs, not the GenAI overview.
+# The experiment kind MLflow documents for training runs. MLflow 3.17.2's UI ignores it: a
+# feature flag compiled on makes the top-left "GenAI / Model training" switch decide the view
+# (the URL's ?workflowType=, else the browser's localStorage `mlflow.workflowType_v1`, else
+# GenAI), so a fresh browser lands on the GenAI overview. No tag or server option changes
+# that; the links lw gives (README, `make ui`, `python -m lw.server`) end in
+# `#/experiments/<id>?workflowType=machine_learning`.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
