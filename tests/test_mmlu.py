@@ -257,3 +257,15 @@ def test_subject_scatter_per_chosen_layer(smollm2_job):
         e=("prompt_entropy/max", "mean"), a=("mc/correct", "mean"))
     np.testing.assert_allclose(np.asarray(points), expected[["e", "a"]].to_numpy())
     figures["mc_scatter_layer_30"].savefig(smollm2_job["tmp"] / "scatter.png")
+
+
+def test_the_run_logs_its_subject_scatters_and_tags(smollm2_job):
+    from mlflow.tracking import MlflowClient
+
+    tmp = smollm2_job["tmp"]
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    layers = [int(x) for x in run.data.tags["lw.mc.scatter_layers"].split(",")]
+    assert layers and all(0 <= layer <= 30 for layer in layers)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {f"figures/mc_scatter_layer_{layer:02d}.png" for layer in layers} <= logged

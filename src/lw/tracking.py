@@ -50,6 +50,11 @@ def artifact_location(cfg: TrackingConfig) -> str | None:
     return (database.parent / "artifacts").as_uri()
 
 
+SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
 def client_for(cfg: TrackingConfig):
     """An MlflowClient on the configured store, after checking a server answers at all (MLflow
     would otherwise retry for minutes before failing)."""
@@ -62,6 +67,10 @@ def client_for(cfg: TrackingConfig):
                       "would be logged; set MLFLOW_TRACKING_USERNAME and "
                       "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
     if url.scheme in ("http", "https"):
+        # A server that dies mid-job would otherwise hold the job in MLflow's retries (7 with
+        # exponential backoff: minutes); the user's own settings win.
+        for name, value in SERVER_RETRIES.items():
+            os.environ.setdefault(name, value)
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
             socket.create_connection((url.hostname, port), timeout=5).close()
@@ -189,7 +198,7 @@ def log_result(client, run_id: str, result, figures: dict[str, Any],
     metrics += [Metric(k, float(v), now, 0) for k, v in result.summary.items()]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
-    for key, value in {**extra_tags, **{f"lw.model.{k}": str(v)
+    for key, value in {**extra_tags, **result.tags, **{f"lw.model.{k}": str(v)
                                         for k, v in result.info.as_dict().items()}}.items():
         client.set_tag(run_id, key, value)
     client.log_table(run_id, data=result.table, artifact_file="results/table.json")
