@@ -44,7 +44,6 @@ def launch(launcher: list[str], tmp: Path, *overrides: str) -> subprocess.Comple
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
 ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-ONE = [str(PYTHON)]
 
 
 def runs(tmp: Path) -> list:
@@ -61,52 +60,71 @@ def curves(tmp: Path, run) -> dict[str, np.ndarray]:
     return out
 
 
-def assert_same_curves(one: dict, two: dict) -> None:
+def assert_logged_as_one_process(logged: dict, overrides: list[str]) -> None:
+    """The run's logged per-layer curves and summaries are the 1-process job's values
+    (``lw.job.compute`` in this process)."""
+    result = compute(compose_job(overrides))
+    columns = [c for c in result.table.columns if c not in ("layer", "depth_pct")]
+    assert columns and set(columns) <= set(logged)
+    for column in columns:
+        np.testing.assert_allclose(logged[column], result.table[column], rtol=RTOL, atol=ATOL,
+                                   equal_nan=True, err_msg=column)
     timing = ("prompts_per_second", "forward_seconds")
-    keys = {k for k in one if not k.startswith(timing)}
-    assert keys == {k for k in two if not k.startswith(timing)}
-    for key in sorted(keys):
-        np.testing.assert_allclose(two[key], one[key], rtol=RTOL, atol=ATOL, equal_nan=True,
-                                   err_msg=key)
+    for key, value in result.summary.items():
+        if not key.startswith(timing):
+            np.testing.assert_allclose(logged[key], [value], rtol=RTOL, atol=ATOL,
+                                       equal_nan=True, err_msg=key)
 
 
-@pytest.mark.parametrize("model,launcher,metrics", [
-    ("tiny-pythia", "torchrun", METRICS),
-    ("minilm", "accelerate", "[prompt_entropy,curvature,dataset_entropy,dip]"),
-])
-def test_two_processes_log_what_one_process_logs(tmp_path, model, launcher, metrics):
-    path = data_file(tmp_path)
-    job = [f"model={model}", "data=local", f"data.path={path}", "data.n_prompts=12",
-           "data.max_tokens=48", f"metrics={metrics}", "metric.lidar.J=3",
-           "extraction.batch_size=4"]
-    single, double = tmp_path / "one", tmp_path / "two"
-    single.mkdir(), double.mkdir()
-    done = launch(ONE, single, *job)
-    assert done.returncode == 0, done.stderr[-3000:]
-    done = launch(TORCHRUN if launcher == "torchrun" else ACCELERATE, double, *job)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (one,), (two,) = runs(single), runs(double)  # one run, not one per rank
-    assert two.info.status == "FINISHED" and two.data.metrics["n_prompts"] == 12
-    assert_same_curves(curves(single, one), curves(double, two))
-    # rank 0 alone writes the job's results folder
-    assert (double / "run" / "results" / "table.csv").exists()
+def tiny_job(path: Path) -> list[str]:
+    return ["model=tiny-pythia", "data=local", f"data.path={path}", "data.n_prompts=12",
+            "data.max_tokens=48", f"metrics={METRICS}", "metric.lidar.J=3",
+            "extraction.batch_size=4"]
 
 
-def test_two_process_sweep_is_one_parent_with_two_children(tmp_path):
-    path = data_file(tmp_path)
-    done = launch(TORCHRUN, tmp_path, "-m", "model=tiny-pythia", "data=local",
-                  f"data.path={path}", "data.n_prompts=6", "data.max_tokens=32",
-                  "data.seed=0,1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = runs(tmp_path)
+@pytest.fixture(scope="module")
+def torchrun_sweep(tmp_path_factory):
+    """`torchrun --nproc_per_node 2 -m lw.run -m ... seed=0,1`: one launch, two jobs."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    path = data_file(tmp)
+    done = launch(TORCHRUN, tmp, "-m", *tiny_job(path), "seed=0,1")
+    return {"done": done, "tmp": tmp, "path": path}
+
+
+def test_two_process_sweep_is_one_parent_with_two_children(torchrun_sweep):
+    tmp = torchrun_sweep["tmp"]
+    assert torchrun_sweep["done"].returncode == 0, torchrun_sweep["done"].stderr[-3000:]
+    found = runs(tmp)  # one run per job, not one per rank
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert sorted(r.data.params["data.seed"] for r in children) == ["0", "1"]
+    assert sorted(r.data.params["seed"] for r in children) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in children)
-    # the ranks agreed on one sweep folder: job folders 0 and 1, nothing else
-    assert sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir()) == ["0", "1"]
+    # the ranks agreed on one sweep folder: job folders 0 and 1, and rank 0 wrote results
+    assert sorted(p.name for p in (tmp / "multirun").iterdir() if p.is_dir()) == ["0", "1"]
+    assert (tmp / "multirun" / "1" / "results" / "table.csv").exists()
+
+
+@pytest.mark.parametrize("seed", ["0", "1"])
+def test_two_processes_log_what_one_process_logs(torchrun_sweep, seed):
+    tmp = torchrun_sweep["tmp"]
+    (run,) = [r for r in runs(tmp) if r.data.params.get("seed") == seed]
+    assert run.data.metrics["n_prompts"] == 12
+    assert_logged_as_one_process(curves(tmp, run), [*tiny_job(torchrun_sweep["path"]),
+                                                    f"seed={seed}"])
+
+
+def test_accelerate_launch_logs_what_one_process_logs(tmp_path):
+    path = data_file(tmp_path)
+    job = ["model=minilm", "data=local", f"data.path={path}", "data.n_prompts=12",
+           "data.max_tokens=48", "extraction.batch_size=4"]
+    done = launch(ACCELERATE, tmp_path, *job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert (tmp_path / "run" / "results" / "table.csv").exists()
+    assert_logged_as_one_process(curves(tmp_path, run), job)
 
 
 def test_a_failure_on_one_rank_ends_both_and_fails_the_run(tmp_path):
