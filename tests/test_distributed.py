@@ -204,3 +204,31 @@ def test_max_memory_needs_a_device_map():
     from lw.models import placement
 
     assert placement(job.model)["max_memory"] == {0: "2GiB"}  # GPU indices as ints
+
+
+def test_two_ranks_complete_a_partial_cache_entry(tmp_path, monkeypatch):
+    """An entry with the paper-mode spectra only, asked for official mode by a 2-rank job:
+    every rank must compute the union (rank 0 alone read the entry), so that the rewritten
+    entry holds both modes for every prompt, and the job logs what one process computes."""
+    from lw import cache
+    from lw.identity import forward_hash
+
+    path = data_file(tmp_path)
+    job = ["model=minilm", "data=local", f"data.path={path}", "data.n_prompts=12",
+           "data.max_tokens=48", "extraction.batch_size=4", "extraction.cache=true"]
+    monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
+    compute(compose_job(job))                                       # paper spectra only
+    official = [*job, "metric.compat=official"]
+    done = subprocess.run(
+        [*TORCHRUN, "-m", "lw.run", *official, *store_args(tmp_path)], cwd=tmp_path,
+        env=cli_env(OMP_NUM_THREADS="1", LW_CACHE_DIR=str(tmp_path / "cache")),
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lacks spectrum/official" in done.stderr
+    held = cache.load(forward_hash(compose_job(official))).prompts.per_prompt
+    for mode in ("paper", "official"):
+        spectra = held[f"spectrum/{mode}"]                         # (N, L+1, m)
+        assert (spectra.sum(-1) > 0).all(), mode                   # no prompt left empty
+    (run,) = runs(tmp_path)
+    uncached = [o for o in official if o != "extraction.cache=true"]
+    assert_logged_as_one_process(curves(tmp_path, run), uncached)

@@ -298,6 +298,8 @@ def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
             n_views = max(n_views, found.n_views)
         else:
             say(f"activation cache miss {key}: running the forward pass", ranks)
+        # Only rank 0 read the entry: every rank must compute the same products.
+        needed, n_views = from_main((needed, n_views), ranks)
     loaded, device = None, ranks.device or pick_device(job.extraction.device)
     if products is None or "mteb" in job.metrics:
         with together("loading the model", ranks):
