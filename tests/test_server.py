@@ -20,8 +20,7 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import PYTHON, cli_env, wiki_records
-from test_tracking import free_port
+from conftest import PYTHON, cli_env, free_port, wiki_records
 
 ADMIN_PW = "admin-Secret-4711-xyz"
 ALICE_PW = "alice-Secret-0815-abc"

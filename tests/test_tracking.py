@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, cli_env, wiki_records
+from conftest import PYTHON, cli_env, free_port, wiki_records
 
 SECRET = "s3cret-password-for-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_lw(tmp: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
