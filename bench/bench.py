@@ -51,7 +51,6 @@ def case_floor(model: str, n: int) -> dict:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_job
-
     from lw.extract import _pad_id, length_batches, pad_batch
     from lw.job import pick_device, plan_job
     from lw.models import load_model, load_tokenizer
@@ -73,7 +72,6 @@ def case_floor(model: str, n: int) -> dict:
 def case_job(model: str, n: int) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_job
-
     from lw.job import compute
 
     started = time.perf_counter()
