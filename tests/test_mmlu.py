@@ -241,7 +241,7 @@ def test_subject_correlations_on_known_data():
 
 
 def test_subject_scatter_per_chosen_layer(smollm2_job):
-    from lw.job import scatter_layers
+    from lw.metrics.mc_accuracy import scatter_layers
     from lw.plots import subject_scatters
 
     per_prompt, table = smollm2_job["per_prompt"], smollm2_job["table"]

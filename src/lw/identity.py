@@ -48,8 +48,10 @@ def forward_identity(job: LwConfig) -> dict:
 
 def job_identity(job: LwConfig) -> dict:
     """What every logged value of the job depends on."""
-    return {**forward_identity(job), "metrics": sorted(job.metrics),
-            "metric": asdict(job.metric)}
+    from lw.metrics.registry import identity
+
+    # {metric: version} of the metrics the job runs, and only their knobs
+    return {**forward_identity(job), **identity(job)}
 
 
 def stable_hash(tree: dict) -> str:

@@ -18,25 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from lw import cache
-from lw.answers import letter_ids, output_embedding
 from lw.config import LwConfig, LwError
-from lw.data import Question, corpus_texts, load_prompts, tokenize
+from lw.data import Question, load_prompts, tokenize
 from lw.distributed import Ranks, from_main, gather_extraction, shard, together
 from lw.extract import Extraction, extract
 from lw.identity import forward_hash
-from lw.metrics import (
-    downstream_metrics,
-    mc_metrics,
-    overlap_metrics,
-    pooled_metrics,
-    token_products,
-    token_products_needed,
-    token_values,
-    view_metrics,
-    views_needed,
-)
+from lw.metrics import registry
+from lw.metrics.registry import token_products_needed, views_needed
 from lw.models import (
-    PROJECT_ROOT,
     LoadedModel,
     embedding_rows,
     load_model,
@@ -107,8 +96,6 @@ def plan_job(job: LwConfig, tokenizer) -> JobPlan:
     generator = torch.Generator().manual_seed(job.seed)
     ids, texts, labels, questions = job_prompts(job, tokenizer, generator,
                                                 embedding_rows(job.model, tokenizer))
-    if "mc_accuracy" in job.metrics:  # fails here, before the model loads, if it cannot work
-        letter_ids(tokenizer, max(q.n_choices for q in questions))
     if job.extraction.skip_first >= min(map(len, ids)):
         raise LwError(f"extraction.skip_first={job.extraction.skip_first} leaves no token of "
                       f"the shortest prompt ({min(map(len, ids))} tokens); raise "
@@ -116,6 +103,7 @@ def plan_job(job: LwConfig, tokenizer) -> JobPlan:
     n_views, views_seed = views_needed(job), _draw_seed(generator)
     view_ids = view_prompts(texts, n_views, views_seed, tokenizer, job.data.max_tokens)
     plan = JobPlan(ids, texts, labels, view_ids, n_views, views_seed, generator, questions)
+    registry.check_plan(job, tokenizer, plan)  # fails here, before the model loads
     if n_views:
         # nlpaug works on text: the views are copies of the measured prompts only as far as
         # their text re-tokenizes to the measured ids, which decoded random ids often do not.
@@ -159,7 +147,7 @@ def forward_stage(job: LwConfig, loaded: LoadedModel, plan: JobPlan, device: tor
     view_ids = plan.view_ids if view_ids is None else view_ids
     batching = dict(batch_size=job.extraction.batch_size, skip_first=job.extraction.skip_first,
                     device=device, pooling=job.extraction.pooling, progress=ranks.is_main)
-    jobs = [("prompts", plan.ids, token_products(products))]
+    jobs = [("prompts", plan.ids, registry.token_functions(job, loaded, products))]
     if n_views:
         jobs.append((f"{n_views} views", view_ids, {}))
     started = time.perf_counter()
@@ -186,48 +174,39 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
     """Every metric of the job from the forward products: the per-layer results table."""
     info, prompts = products.info, products.prompts
     rows = (prompts.n_tokens - job.extraction.skip_first).clamp(min=0)
-    per_prompt = {name: value for name, value in prompts.per_prompt.items()
-                  if name.startswith("token_norm/")}
-    per_prompt.update(token_values(job, prompts.per_prompt, rows, info.hidden_size))
-    per_layer = pooled_metrics(job, prompts.pooled)
-    if plan.labels is not None:
-        per_layer.update(downstream_metrics(job, prompts.pooled, plan.labels))
+    views = None
     if plan.n_views:
         n = len(plan.ids)
         views = products.views.pooled[:plan.n_views * n]                    # (J N, L+1, D)
         views = views.view(plan.n_views, n, *views.shape[1:]).permute(1, 2, 0, 3)
-        per_layer.update(view_metrics(job, views, plan.generator))
-    if "mteb" in job.metrics:
-        per_layer.update(mteb_scores(job, loaded, device))
-    norms = job.metric.normalizations
-    entropy_of = f"prompt_entropy/{'max' if 'max' in norms else norms[0]}"
-    columns, summary = {}, {}
-    if "mc_accuracy" in job.metrics:
-        if loaded is None:  # an activation-cache hit loaded no model; the LM head is in it
+
+    def model() -> LoadedModel:  # an activation-cache hit loaded none: load it when asked
+        nonlocal loaded
+        if loaded is None:
             loaded = load_model(job.model, device or pick_device(job.extraction.device),
                                 seed=job.seed)
-        questions = plan.questions
-        values, columns, summary = mc_metrics(
-            per_prompt[entropy_of], prompts.per_prompt["final_state/last"][:, 0],
-            output_embedding(loaded.model),
-            letter_ids(loaded.tokenizer, max(q.n_choices for q in questions)),
-            [q.subject for q in questions], torch.tensor([q.answer for q in questions]),
-            torch.tensor([q.n_choices for q in questions]))
-        per_layer.update(values)
-        columns["subject"] = [q.subject for q in questions]
-    if "overlap" in job.metrics:
-        corpus = corpus_texts(job.metric.overlap.corpus, job.metric.overlap.text_field)
-        values, found, stats = overlap_metrics(job, plan.texts, corpus, per_prompt[entropy_of])
-        per_layer.update(values)
-        columns.update(found)
-        summary.update(stats)
-    dip_of = entropy_of if "dip" in job.metrics else None
-    result = build_result(info, per_prompt, per_layer, prompts.n_tokens, dip_of)
-    add_prompt_columns(result, columns)
-    result.summary.update(summary)
-    if "mc_accuracy" in job.metrics:
-        result.tags["lw.mc.scatter_layers"] = ",".join(
-            map(str, scatter_layers(result.table, job.metric.mc_accuracy.layers)))
+        return loaded
+
+    inputs = registry.Inputs(
+        job=job, knobs=None, info=info, pooled=prompts.pooled, products=prompts.per_prompt,
+        rows=rows, values={}, per_layer={}, views=views, labels=plan.labels, texts=plan.texts,
+        questions=plan.questions, generator=plan.generator, device=device, load_model=model)
+    outputs = registry.measure(job, inputs)
+    per_prompt = {name: value for name, value in prompts.per_prompt.items()
+                  if name.startswith("token_norm/")}
+    per_layer: dict[str, torch.Tensor] = {}
+    for out in outputs:
+        per_prompt.update(out.per_prompt)
+        per_layer.update(out.per_layer)
+    result = build_result(info, per_prompt, per_layer, prompts.n_tokens,
+                          registry.summaries_of(job), registry.scores_of(job),
+                          registry.agreement_of(job))
+    for out in outputs:
+        add_prompt_columns(result, out.columns)
+        result.summary.update(out.summary)
+        result.tags.update(out.tags)
+        result.tables.update(out.tables)
+        result.figures.update(out.figures)
     if plan.n_views:
         result.tags["lw.views.of"] = plan.views_of
         result.summary["views/roundtrip_share"] = plan.views_roundtrip
@@ -237,36 +216,6 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
                            "activation_cache_hit": float(products.from_cache),
                            "prompts_per_second": len(plan.ids) / products.forward_seconds})
     return result
-
-
-def scatter_layers(table, chosen: list[int]) -> list[int]:
-    """Layers with a subject scatter figure: ``metric.mc_accuracy.layers``, or layer 1, the
-    middle, the last and the layer of the most negative Pearson r across subjects."""
-    last = int(table["layer"].max())
-    if chosen:
-        wrong = [layer for layer in chosen if not 0 <= layer <= last]
-        if wrong:
-            raise LwError(f"metric.mc_accuracy.layers={list(chosen)}: layers run 0..{last}")
-        return sorted(set(chosen))
-    picks = {min(1, last), last // 2, last}
-    if table["mc/pearson"].notna().any():
-        picks.add(int(table.loc[table["mc/pearson"].idxmin(), "layer"]))
-    return sorted(picks)
-
-
-def mteb_scores(job: LwConfig, loaded: LoadedModel, device: torch.device):
-    """Every layer's MTEB main score per task, one forward pass per task's sentences."""
-    from lw.encoder import LayerwiseEncoder, run_mteb
-
-    encoder = LayerwiseEncoder(loaded, batch_size=job.extraction.batch_size,
-                               max_tokens=job.data.max_tokens,
-                               skip_first=job.extraction.skip_first, device=device)
-    folder = job.metric.mteb.output_folder or PROJECT_ROOT / "mteb-results"
-    frame = run_mteb(encoder, list(job.metric.mteb.tasks), output_folder=folder)
-    curves = frame.pivot(index="layer", columns="task", values="main_score").sort_index()
-    values = {f"mteb/{task}": torch.tensor(curves[task].to_numpy()) for task in curves}
-    values["mteb/mean"] = torch.tensor(curves.mean(axis=1).to_numpy())
-    return values
 
 
 def say(message: str, ranks: Ranks = SINGLE) -> None:
@@ -301,7 +250,7 @@ def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
         # Only rank 0 read the entry: every rank must compute the same products.
         needed, n_views = from_main((needed, n_views), ranks)
     loaded, device = None, ranks.device or pick_device(job.extraction.device)
-    if products is None or "mteb" in job.metrics:
+    if products is None or registry.needs(job, "model"):
         with together("loading the model", ranks):
             loaded = load_model(job.model, device, seed=job.seed)
             check_context(job, loaded, plan)

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lw.metrics.dip import dip_test
 from lw.metrics.downstream import layer_choice, metric_agreement
 from lw.models import ModelInfo
 
@@ -23,14 +22,19 @@ class JobResult:
     summary: dict[str, float]    # scalars: best layers, NaN counts, prompts/s ...
     info: ModelInfo
     tags: dict[str, str] = field(default_factory=dict)  # what the numbers are of (lw.views.of)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # results/<name>.csv
+    # figures a metric adds: name -> fn(result, title) -> {figure name: Figure}
+    figures: dict = field(default_factory=dict)
 
 
 def build_result(info: ModelInfo, per_prompt: dict[str, torch.Tensor],
                  per_layer: dict[str, torch.Tensor], n_tokens: torch.Tensor,
-                 dip_of: str | None = "prompt_entropy/max") -> JobResult:
+                 summaries: dict[str, str] | None = None, scores: tuple[str, ...] = (),
+                 agreement: tuple[str, ...] = ()) -> JobResult:
     """Per-prompt values (N, L+1) are averaged over prompts (NaNs left out and counted);
-    per-layer values (L+1,) go in as they are; the dip test runs on ``dip_of``'s per-prompt
-    values when given."""
+    per-layer values (L+1,) go in as they are. ``summaries``: {series: "min" | "max"}, the
+    layers where they take that extreme; ``scores``: downstream scores, and ``agreement``: the
+    series (or prefixes) whose agreement with them is logged (lw.metrics.registry)."""
     n_states = info.n_layers + 1
     layers = np.arange(n_states)
     columns: dict[str, np.ndarray] = {"layer": layers, "depth_pct": 100.0 * layers / info.n_layers}
@@ -45,12 +49,9 @@ def build_result(info: ModelInfo, per_prompt: dict[str, torch.Tensor],
     for name, values in per_layer.items():
         columns[name] = values.double().cpu().numpy()
         summary[f"nan_count/{name}"] = float(np.isnan(columns[name]).sum())
-    if dip_of is not None and dip_of in per_prompt:
-        stat, pvalue = dip_test(per_prompt[dip_of].numpy())
-        columns["dip/stat"], columns["dip/pvalue"] = np.asarray(stat), np.asarray(pvalue)
     table = pd.DataFrame(columns)
-    summary.update(layer_summaries(table))
-    summary.update(downstream_summaries(table))
+    summary.update(layer_summaries(table, summaries or {}))
+    summary.update(downstream_summaries(table, scores, agreement))
     n, _ = next(iter(per_prompt.values())).shape
     long = {"prompt": np.repeat(np.arange(n), n_states), "layer": np.tile(layers, n),
             "n_tokens": np.repeat(n_tokens.numpy(), n_states)}
@@ -68,34 +69,27 @@ def add_prompt_columns(result: JobResult, columns: dict) -> None:
         result.per_prompt[name] = values[prompt]
 
 
-def layer_summaries(table: pd.DataFrame) -> dict[str, float]:
-    """The layer (and depth %) where each headline curve takes its extreme."""
+def layer_summaries(table: pd.DataFrame, picks: dict[str, str]) -> dict[str, float]:
+    """The layer (and depth %) where each series of ``picks`` takes its extreme ("min" or
+    "max")."""
     out: dict[str, float] = {}
-    picks = {"prompt_entropy/max": "argmin", "dataset_entropy/max": "argmin",
-             "curvature": "argmin", "dip/stat": "argmax"}
-    for column, how in picks.items():
+    for column, label in picks.items():
         if column in table and table[column].notna().any():
-            row = table.loc[getattr(table[column], "idxmin" if how == "argmin" else "idxmax")()]
-            label = "min" if how == "argmin" else "max"
+            row = table.loc[getattr(table[column], f"idx{label}")()]
             out[f"summary/{column}/{label}_layer"] = float(row["layer"])
             out[f"summary/{column}/{label}_depth_pct"] = float(row["depth_pct"])
             out[f"summary/{column}/{label}"] = float(row[column])
     return out
 
 
-DOWNSTREAM = ("probe/accuracy", "cluster/v_measure", "mteb/mean")
-# The unsupervised curves whose agreement with a downstream score is worth knowing.
-UNSUPERVISED = ("prompt_entropy/", "dataset_entropy/", "curvature", "infonce/mi_bound", "dime",
-                "lidar/effective_rank")
-
-
-def downstream_summaries(table: pd.DataFrame) -> dict[str, float]:
-    """For each downstream score in the table: its best and last layer, and how each
-    unsupervised metric tracks it over the layers (Spearman rho; does its argmax / argmin layer
-    equal the best downstream layer?)."""
+def downstream_summaries(table: pd.DataFrame, scores: tuple[str, ...],
+                         agreement: tuple[str, ...]) -> dict[str, float]:
+    """For each downstream score in the table: its best and last layer, and how each series
+    starting with one of ``agreement`` tracks it over the layers (Spearman rho; does its
+    argmax / argmin layer equal the best downstream layer?)."""
     out: dict[str, float] = {}
-    metrics = [c for c in table.columns if c.startswith(UNSUPERVISED)]
-    for score in DOWNSTREAM:
+    metrics = [c for c in table.columns if agreement and c.startswith(agreement)]
+    for score in scores:
         if score not in table:
             continue
         downstream = torch.tensor(table[score].to_numpy())

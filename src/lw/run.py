@@ -20,7 +20,7 @@ from lw.config import LwConfig, LwError, register_configs, validate
 from lw.distributed import current_ranks, from_main, shared_now, together
 from lw.identity import job_hash
 from lw.job import compute
-from lw.plots import depth_curves, entropy_histograms, subject_scatters
+from lw.plots import depth_curves, entropy_histograms
 from lw.results import JobResult
 from lw.resume import Heartbeat, finished_run
 from lw.tracking import (
@@ -48,9 +48,8 @@ def figures_of(result: JobResult, title: str) -> dict:
         column = "prompt_entropy/max" if "prompt_entropy/max" in columns else columns[0]
         figures["prompt_entropy_histograms"] = entropy_histograms(
             result.per_prompt, result.table, column, title)
-    if "lw.mc.scatter_layers" in result.tags:  # entropy vs accuracy per subject (mc_accuracy)
-        layers = [int(layer) for layer in result.tags["lw.mc.scatter_layers"].split(",")]
-        figures.update(subject_scatters(result.per_prompt, result.table, layers, title=title))
+    for make in result.figures.values():  # the figures metrics add (lw.metrics.registry)
+        figures.update(make(result, title))
     return figures
 
 

@@ -216,6 +216,8 @@ def save_result_files(result, folder: Path) -> None:
     result.per_prompt.to_parquet(folder / "per_prompt.parquet", index=False)
     (folder / "model.json").write_text(json.dumps(result.info.as_dict(), indent=2))
     (folder / "summary.json").write_text(json.dumps(result.summary, indent=2))
+    for name, table in getattr(result, "tables", {}).items():  # a metric's own tables (cka)
+        table.to_csv(folder / f"{name}.csv", index=False)
 
 
 def _tracking(cfg: DictConfig) -> TrackingConfig:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lw.metrics.entropy import check_compat, compact, prep
+from lw.metrics.registry import Metric, Output
 
 # Rows are unit vectors (or 0): a step this short is two equal rows up to float64 rounding,
 # and its direction is noise, so it counts as |v| = 0.
@@ -71,3 +72,16 @@ def _mean_angle(cos: Tensor, valid: Tensor, compat: str) -> Tensor:
     count = valid.sum(-1)
     mean = angles.sum(-1) / count.clamp(min=1)
     return torch.where(count > 0, mean, math.nan)
+
+
+def _compute(inputs) -> Output:
+    compat = inputs.job.metric.compat
+    return Output(per_prompt={"curvature": inputs.products[f"curvature/{compat}"]})
+
+
+METRIC = Metric(
+    name="curvature", compute=_compute, default=True, needs=("tokens",), logs={"curvature": None},
+    summaries={"curvature": "min"}, agreement=("curvature",), shared_knobs=("compat",),
+    # both compat modes are kept: the cache then serves either
+    products=lambda job: ["curvature/paper", "curvature/official"],
+    description="mean turning angle of each prompt's token trajectory, per layer")

@@ -6,6 +6,8 @@ import diptest
 import numpy as np
 import torch
 
+from lw.metrics.registry import Metric, Output
+
 
 def dip_test(values: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer Hartigan dip statistic and p-value of per-prompt values.
@@ -32,3 +34,17 @@ def dip_test(values: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]
         if column.size >= 4:
             dips[layer], pvals[layer] = diptest.diptest(column)
     return dips, pvals
+
+
+def _compute(inputs) -> Output:
+    from lw.metrics.prompt_entropy import headline
+
+    stat, pvalue = dip_test(inputs.values[headline(inputs.job)])
+    return Output(per_layer={"dip/stat": torch.from_numpy(stat),
+                             "dip/pvalue": torch.from_numpy(pvalue)})
+
+
+METRIC = Metric(
+    name="dip", compute=_compute, default=True, needs=("tokens",), uses=("prompt_entropy",),
+    logs={"dip/stat": None, "dip/pvalue": None}, summaries={"dip/stat": "max"},
+    description="Hartigan's dip test over the per-prompt prompt entropies, per layer")

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lw.config import LwError
+from lw.errors import LwError
 from lw.metrics.entropy import prep
 
 PREFER = ("max", "min")

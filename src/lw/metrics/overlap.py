@@ -4,12 +4,15 @@ holds, by BM25, and how that tracks prompt entropy layer by layer, within each e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lw.errors import check
 from lw.metrics.correlation import correlations
+from lw.metrics.registry import Metric, Output
 
 BIMODAL_P = 0.05  # dip test p-value below which a layer's entropies count as two modes
 
@@ -77,3 +80,43 @@ def overlap_by_layer(overlap: Tensor, entropy: Tensor, dip_pvalue: Tensor) -> di
     values["high_mode"] = torch.where(bimodal, high_mean, nan)
     values["low_mode_share"] = torch.where(bimodal, low.mean(0), nan)
     return values
+
+
+@dataclass
+class OverlapKnobs:
+    corpus: str = "wiki-vital"       # a data option (conf/data/<name>.yaml) or a file path
+    text_field: str = "text"         # the corpus file's text column (a file path only)
+    k: int = 1                       # overlap = mean BM25 score of the k best documents
+    k1: float = 1.5                  # BM25 term-frequency saturation
+    b: float = 0.75                  # BM25 length normalization
+
+    def __post_init__(self) -> None:
+        check(self.k >= 1, f"metric.overlap.k={self.k}: must be >= 1")
+        check(self.k1 > 0, f"metric.overlap.k1={self.k1}: must be > 0")
+        check(0 <= self.b <= 1, f"metric.overlap.b={self.b}: must lie in [0, 1]")
+
+
+def _compute(inputs) -> Output:
+    """Each prompt's BM25 overlap with the corpus and, per layer, how it tracks prompt entropy
+    (correlations; mean overlap per entropy mode where the dip test says bimodal)."""
+    from lw.data import corpus_texts
+    from lw.metrics.dip import dip_test
+    from lw.metrics.prompt_entropy import headline
+
+    o = inputs.knobs
+    corpus = corpus_texts(o.corpus, o.text_field)
+    overlap = bm25_overlap(inputs.texts, corpus, k=o.k, k1=o.k1, b=o.b)
+    entropy = inputs.values[headline(inputs.job)]
+    _, pvalue = dip_test(entropy)
+    per_layer = overlap_by_layer(overlap, entropy, torch.from_numpy(pvalue))
+    return Output(per_layer={f"overlap/{k}": v for k, v in per_layer.items()},
+                  columns={"overlap/bm25": overlap},
+                  summary={"overlap/mean": float(overlap.mean()),
+                           "overlap/median": float(overlap.median()),
+                           "overlap/corpus_documents": float(len(corpus))})
+
+
+METRIC = Metric(
+    name="overlap", compute=_compute, needs=("tokens", "corpus"), knobs=OverlapKnobs,
+    uses=("prompt_entropy",), logs={"overlap/": None},
+    description="BM25 overlap of each prompt with a corpus, against prompt entropy")
