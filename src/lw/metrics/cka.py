@@ -1,0 +1,101 @@
+"""cka: linear CKA between every pair of layers on the pooled vectors (Kornblith et al. 2019).
+
+For layers l, m with pooled vectors X_l (N, D), centered (X - mean over prompts), and Gram
+matrices K_l = X_l X_l^T:
+
+    CKA(l, m) = HSIC(K_l, K_m) / sqrt(HSIC(K_l, K_l) HSIC(K_m, K_m))
+
+with the biased HSIC(K, L) = tr(K L) / (N-1)^2 (here tr(K_l K_m) = ||X_m^T X_l||_F^2), or, with
+``metric.cka.debiased=true``, the unbiased estimator of Song et al. (2012), for small N: with
+K~ = K with its diagonal set to 0,
+
+    HSIC_u(K, L) = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((N-1)(N-2)) - 2/(N-2) 1^T K~ L~ 1]
+                   / (N (N-3))
+
+CKA is 1 for a layer with itself and invariant to orthogonal transforms and isotropic scaling
+of either layer's vectors. Logged: the (L+1) x (L+1) matrix (results/cka_matrix.csv and a heat
+map), and the curves ``cka/to_last`` (each layer against the last) and ``cka/to_next`` (layer l
+against l+1; NaN for the last).
+
+Memory: the (L+1) N x N Gram matrices in float64, (L+1) N^2 8 B (31 x 512^2 x 8 B = 65 MB).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from lw.metrics.registry import Metric, Output
+
+
+@dataclass
+class CKAKnobs:
+    debiased: bool = False           # the unbiased HSIC estimator (N >= 4)
+
+
+def cka_matrix(pooled: Tensor, debiased: bool = False) -> Tensor:
+    """Linear CKA between every pair of layers.
+
+    Args:
+        pooled: ``(N, L+1, D)`` one vector per prompt and layer.
+        debiased: unbiased HSIC (needs N >= 4; NaN otherwise).
+
+    Returns:
+        ``(L+1, L+1)`` float64, symmetric; NaN where a layer's vectors are all equal.
+    """
+    x = pooled.transpose(0, 1).double()                                     # (L+1, N, D)
+    x = x - x.mean(dim=1, keepdim=True)
+    n = x.shape[1]
+    gram = x @ x.transpose(1, 2)                                            # (L+1, N, N)
+    if not debiased:
+        flat = gram.flatten(1)
+        hsic = flat @ flat.T                                                # tr(K_l K_m)
+    else:
+        if n < 4:
+            return torch.full((x.shape[0], x.shape[0]), math.nan, dtype=torch.float64)
+        gram = gram - torch.diag_embed(torch.diagonal(gram, dim1=1, dim2=2))
+        flat = gram.flatten(1)
+        total = gram.sum(dim=(1, 2))                                        # 1^T K~ 1
+        rows = gram.sum(dim=2)                                              # K~ 1
+        hsic = (flat @ flat.T + torch.outer(total, total) / ((n - 1) * (n - 2))
+                - 2.0 / (n - 2) * rows @ rows.T) / (n * (n - 3))
+    scale = torch.diagonal(hsic).clamp(min=0).sqrt()
+    out = hsic / torch.outer(scale, scale)
+    return torch.where(torch.outer(scale, scale) > 0, out, math.nan)
+
+
+def _heat_map(matrix: np.ndarray, title: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    image = ax.imshow(matrix, origin="lower", vmin=0, vmax=1, cmap="viridis")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title}\nlinear CKA between layers", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def _compute(inputs) -> Output:
+    matrix = cka_matrix(inputs.pooled, debiased=inputs.knobs.debiased)
+    last = matrix.shape[0] - 1
+    to_next = torch.full((last + 1,), math.nan, dtype=torch.float64)
+    to_next[:-1] = torch.diagonal(matrix, offset=1)
+    table = pd.DataFrame(matrix.numpy(), columns=[str(m) for m in range(last + 1)])
+    table.insert(0, "layer", np.arange(last + 1))
+    values = matrix.numpy()
+    return Output(per_layer={"cka/to_last": matrix[:, last], "cka/to_next": to_next},
+                  tables={"cka_matrix": table},
+                  figures={"cka": lambda result, title: {"cka_matrix": _heat_map(values, title)}})
+
+
+METRIC = Metric(
+    name="cka", compute=_compute, needs=("pooled",), knobs=CKAKnobs,
+    logs={"cka/to_last": None, "cka/to_next": None},
+    description="linear CKA between every pair of layers (matrix, to_last, to_next)")
