@@ -1,0 +1,116 @@
+"""logit_lens (lw.metrics.logit_lens) against a float64 numpy reference on random states, and
+on a real offline model (smollm2) against the causal-LM model's own logits and loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import log_softmax
+
+from conftest import compose_job
+from lw.metrics.logit_lens import lens_products, token_ids
+
+
+def rms(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + 1e-6) * weight
+
+
+def reference(hidden, kept, ids, weight, head, last_normed):
+    """Token by token: (L+1, B) mean CE, KL(p_L || p_l), top-1 agreement, count."""
+    states, batch, width, _ = hidden.shape
+    out = {k: np.full((states, batch), np.nan) for k in ("ce", "kl", "top1")}
+    count = np.zeros(batch)
+    for b in range(batch):
+        ce, kl, top1 = [[] for _ in range(states)], [[] for _ in range(states)], \
+            [[] for _ in range(states)]
+        for t in range(width - 1):
+            if not (kept[b, t] and kept[b, t + 1]):
+                continue
+            count[b] += 1
+            logps = []
+            for layer in range(states):
+                x = hidden[layer, b, t]
+                if not (last_normed and layer == states - 1):
+                    x = rms(x, weight)
+                logps.append(log_softmax(head @ x))
+            final = logps[-1]
+            for layer, logp in enumerate(logps):
+                ce[layer].append(-logp[ids[b, t + 1]])
+                kl[layer].append(float(np.sum(np.exp(final) * (final - logp))))
+                top1[layer].append(float(np.argmax(logp) == np.argmax(final)))
+        for layer in range(states):
+            if count[b]:
+                out["ce"][layer, b] = np.mean(ce[layer])
+                out["kl"][layer, b] = np.mean(kl[layer])
+                out["top1"][layer, b] = np.mean(top1[layer])
+    return out, count
+
+
+@pytest.mark.parametrize("last_normed", [True, False])
+def test_lens_products_match_numpy_reference(last_normed):
+    rng = np.random.default_rng(3)
+    hidden = rng.normal(size=(4, 3, 6, 5))
+    kept = np.ones((3, 6), dtype=bool)
+    kept[0, 0] = False          # skip_first
+    kept[1, 4:] = False         # padding
+    kept[2, :] = False
+    kept[2, 0] = True           # one real token: nothing predicted
+    ids = rng.integers(0, 9, size=(3, 6))
+    head = rng.normal(size=(9, 5))
+    weight = rng.uniform(0.5, 1.5, size=5)
+    wt = torch.tensor(weight, dtype=torch.float32)
+
+    def norm(x):
+        return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + 1e-6) * wt
+
+    f32 = torch.float32
+    got = lens_products(torch.tensor(hidden, dtype=f32), torch.tensor(kept), torch.tensor(ids),
+                        norm, torch.tensor(head, dtype=f32), last_normed, chunk_elements=40)
+    expected, count = reference(hidden, kept, ids, weight, head, last_normed)
+    for name, values in expected.items():
+        np.testing.assert_allclose(got[f"logit_lens/{name}"].numpy(), values, rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got["logit_lens/n"][0].numpy(), count)
+    if last_normed:
+        np.testing.assert_allclose(got["logit_lens/kl"][-1, :2].numpy(), 0.0, atol=1e-12)
+
+
+def test_token_ids_read_back_from_the_input_embedding():
+    embedding = torch.randn(11, 4)
+    ids = torch.tensor([[3, 7, 0], [10, 10, 2]])
+    assert torch.equal(token_ids(embedding[ids], embedding, "toy"), ids)
+    from lw.config import LwError
+
+    with pytest.raises(LwError, match="layer 0 is not its input embedding"):
+        token_ids(embedding[ids] + 0.5, embedding, "toy")
+
+
+def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
+    from transformers import AutoModelForCausalLM
+
+    from lw.job import compute, plan_job
+    from lw.models import _weights_folder, load_tokenizer
+
+    job = compose_job(["model=smollm2", "data.n_prompts=4", "data.max_tokens=24",
+                       "data.min_tokens=8", "metrics=[logit_lens]"])
+    result = compute(job)
+    table = result.table
+    last = table.iloc[-1]
+    assert last["logit_lens/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert last["logit_lens/top1"] == 1.0
+    assert (table["logit_lens/kl"].iloc[:-1] > 0).all()
+    # the causal LM, loaded independently, on the same prompts: its own mean next-token loss
+    plan = plan_job(job, load_tokenizer(job.model))
+    lm = AutoModelForCausalLM.from_pretrained(_weights_folder(job.model)[0]).eval()
+    losses, tokens = 0.0, 0
+    with torch.inference_mode():
+        for prompt in plan.ids:
+            ids = torch.tensor([prompt])
+            losses += float(lm(input_ids=ids, labels=ids).loss) * (len(prompt) - 1)
+            tokens += len(prompt) - 1
+    assert result.summary["logit_lens/predicted_tokens"] == tokens
+    assert last["logit_lens/ce"] == pytest.approx(losses / tokens, rel=1e-4)
+    assert result.summary["logit_lens/model_loss"] == pytest.approx(losses / tokens, rel=1e-4)
+    # an early layer is far from the final prediction
+    assert table["logit_lens/ce"].iloc[1] > last["logit_lens/ce"]
