@@ -8,7 +8,9 @@ case's own):
            empty, so the job also writes its entry);
 - warm:    the same job again with that cache entry: no model, no forward pass;
 - 1 proc / 2 procs: the job from the command line (`python -m lw.run`, tracking to a temporary
-           store) in one process, and under `torchrun --nproc_per_node 2`.
+           store) in one process, and under `torchrun --nproc_per_node 2`;
+- +<metric> (cka, layer_distance, logit_lens): the job case with that metric added, on an empty
+           cache of its own; "+ / floor" is its cost over the job case, in floors.
 
     .venv/bin/python bench/bench.py                      # the default table (README)
     .venv/bin/python bench/bench.py --models minilm --n 64 --cases floor job warm
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 CASES = ("floor", "job", "warm", "1proc", "2procs")
+ADDED = ("+cka", "+layer_distance", "+logit_lens")  # the job with one more metric
 METRICS = "[prompt_entropy,curvature,dataset_entropy,dip]"
 
 
@@ -69,13 +72,14 @@ def case_floor(model: str, n: int) -> dict:
     return {"seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}
 
 
-def case_job(model: str, n: int) -> dict:
+def case_job(model: str, n: int, added: str = "") -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_job
     from lw.job import compute
 
+    extra = [f"metrics={METRICS[:-1]},{added}]"] if added else []
     started = time.perf_counter()
-    result = compute(compose_job([*overrides(model, n), "extraction.cache=true"]))
+    result = compute(compose_job([*overrides(model, n), *extra, "extraction.cache=true"]))
     return {"seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib(),
             "cache_hit": result.summary["activation_cache_hit"]}
 
@@ -114,16 +118,18 @@ def link_model_cache(cache_dir: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | N | case | seconds | / floor | prompts/s | peak RSS MiB |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| model | N | case | seconds | / floor | + / floor | prompts/s | peak RSS MiB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['model']} | {row['n']} | {row['case']} | error: "
-                         f"{row['error']} | | | |")
+                         f"{row['error']} | | | | |")
             continue
         ratio = f"{row['ratio']:.2f}" if row.get("ratio") else ""
+        added = f"{row['added']:.3f}" if row.get("added") is not None else ""
         lines.append(f"| {row['model']} | {row['n']} | {row['case']} | {row['seconds']:.2f} | "
-                     f"{ratio} | {row['n'] / row['seconds']:.1f} | {row['peak_rss_mib']:.0f} |")
+                     f"{ratio} | {added} | {row['n'] / row['seconds']:.1f} | "
+                     f"{row['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -131,14 +137,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
     parser.add_argument("--n", nargs="+", type=int, default=[64, 512])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES + ADDED)
     parser.add_argument("--one", nargs=3, metavar=("CASE", "MODEL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         case, model, n = args.one[0], args.one[1], int(args.one[2])
         measure = {"floor": case_floor, "job": case_job, "warm": case_job,
                    "1proc": lambda m, k: case_cli(m, k, 1),
-                   "2procs": lambda m, k: case_cli(m, k, 2)}[case]
+                   "2procs": lambda m, k: case_cli(m, k, 2),
+                   **{a: lambda m, k, a=a: case_job(m, k, a[1:]) for a in ADDED}}[case]
         print(json.dumps(measure(model, n)))
         return
     rows = []
@@ -146,14 +153,24 @@ def main() -> None:
         for n in args.n:
             with tempfile.TemporaryDirectory() as cache_dir:
                 link_model_cache(Path(cache_dir))
-                floor = None
+                floor = job = None
                 for case in args.cases:  # warm follows job: same cache folder
-                    row = {"model": model, "n": n, "case": case,
-                           **run_case(case, model, n, cache_dir)}
+                    if case in ADDED:  # an empty activation cache of its own
+                        with tempfile.TemporaryDirectory() as own:
+                            link_model_cache(Path(own))
+                            row = {"model": model, "n": n, "case": case,
+                                   **run_case(case, model, n, own)}
+                    else:
+                        row = {"model": model, "n": n, "case": case,
+                               **run_case(case, model, n, cache_dir)}
                     if case == "floor" and "error" not in row:
                         floor = row["seconds"]
+                    if case == "job" and "error" not in row:
+                        job = row["seconds"]
                     if floor and "error" not in row:
                         row["ratio"] = row["seconds"] / floor
+                        if case in ADDED and job:
+                            row["added"] = (row["seconds"] - job) / floor
                     rows.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
     text = table(rows)
