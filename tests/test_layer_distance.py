@@ -71,3 +71,21 @@ def test_layer_distance_job_matches_plain_forward_pass():
     start = int(result.summary["summary/layer_distance/n2/min_layer"])
     assert result.tags["lw.layer_distance.prunable"].startswith(
         f"blocks {start + 1}-{start + 2} ")
+
+
+def test_layer_distance_products_are_cached_and_a_larger_max_n_runs_the_pass(tmp_path,
+                                                                             monkeypatch):
+    from lw.job import compute
+
+    monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
+    job = ["model=tiny-pythia", "data.n_prompts=6", "data.max_tokens=32",
+           "metrics=[layer_distance]", "extraction.cache=true"]
+    first = compute(compose_job([*job, "metric.layer_distance.max_n=2"]))
+    again = compute(compose_job([*job, "metric.layer_distance.max_n=1"]))
+    assert first.summary["activation_cache_hit"] == 0 and again.summary["activation_cache_hit"]
+    np.testing.assert_array_equal(again.table["layer_distance/n1"],
+                                  first.table["layer_distance/n1"])
+    more = compute(compose_job([*job, "metric.layer_distance.max_n=3"]))
+    assert more.summary["activation_cache_hit"] == 0  # n=3 was not in the entry
+    np.testing.assert_allclose(more.table["layer_distance/n2"], first.table["layer_distance/n2"],
+                               rtol=1e-12)
