@@ -297,6 +297,9 @@ class ParentRunCallback(Callback):
             client.set_tag(parent, "lw.jobs", str(len(children)))
             client.set_tag(parent, "lw.failed_jobs", str(len(failed)))
             client.set_tag(parent, "lw.skipped_jobs", str(len(skipped)))
+            from lw.crossmodel import log_to_parent  # pairs of models that ran cka
+
+            log_to_parent(client, parent, children)
             client.set_terminated(parent, "FAILED" if failed and len(failed) == len(children)
                                   else "FINISHED")
         except Exception:  # noqa: BLE001 - tracking is what failed: say what the jobs reported

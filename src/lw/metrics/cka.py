@@ -38,6 +38,43 @@ class CKAKnobs:
     debiased: bool = False           # the unbiased HSIC estimator (N >= 4)
 
 
+def grams(pooled: Tensor, debiased: bool = False) -> Tensor:
+    """``(L+1, N, N)`` float64 Gram matrices of each layer's centered pooled vectors ``(N, L+1,
+    D)``; with ``debiased``, their diagonals set to 0 (K~)."""
+    x = pooled.transpose(0, 1).double()                                     # (L+1, N, D)
+    x = x - x.mean(dim=1, keepdim=True)
+    gram = x @ x.transpose(1, 2)
+    if debiased:
+        gram = gram - torch.diag_embed(torch.diagonal(gram, dim1=1, dim2=2))
+    return gram
+
+
+def hsic(a: Tensor, b: Tensor, debiased: bool = False) -> Tensor:
+    """``(La, Lb)`` HSIC between every Gram matrix of ``a`` ``(La, N, N)`` and of ``b``
+    (as :func:`grams` gives them), up to the factor common to all pairs of a biased estimate."""
+    n = a.shape[1]
+    cross = a.flatten(1) @ b.flatten(1).T                                   # tr(K L)
+    if not debiased:
+        return cross
+    if n < 4:
+        return torch.full((a.shape[0], b.shape[0]), math.nan, dtype=torch.float64)
+    total_a, total_b = a.sum(dim=(1, 2)), b.sum(dim=(1, 2))                 # 1^T K~ 1
+    rows_a, rows_b = a.sum(dim=2), b.sum(dim=2)                             # K~ 1
+    return (cross + torch.outer(total_a, total_b) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * rows_a @ rows_b.T) / (n * (n - 3))
+
+
+def cka_between(a: Tensor, b: Tensor, debiased: bool = False) -> Tensor:
+    """``(La+1, Lb+1)`` linear CKA between every layer of pooled vectors ``a`` ``(N, La+1, Da)``
+    and every layer of ``b`` ``(N, Lb+1, Db)`` (the same N prompts, in the same order; the
+    widths may differ: two models). NaN where a layer's vectors are all equal."""
+    ga, gb = grams(a, debiased), grams(b, debiased)
+    scale_a = torch.diagonal(hsic(ga, ga, debiased)).clamp(min=0).sqrt()
+    scale_b = torch.diagonal(hsic(gb, gb, debiased)).clamp(min=0).sqrt()
+    scale = torch.outer(scale_a, scale_b)
+    return torch.where(scale > 0, hsic(ga, gb, debiased) / scale, math.nan)
+
+
 def cka_matrix(pooled: Tensor, debiased: bool = False) -> Tensor:
     """Linear CKA between every pair of layers.
 
@@ -48,25 +85,11 @@ def cka_matrix(pooled: Tensor, debiased: bool = False) -> Tensor:
     Returns:
         ``(L+1, L+1)`` float64, symmetric; NaN where a layer's vectors are all equal.
     """
-    x = pooled.transpose(0, 1).double()                                     # (L+1, N, D)
-    x = x - x.mean(dim=1, keepdim=True)
-    n = x.shape[1]
-    gram = x @ x.transpose(1, 2)                                            # (L+1, N, N)
-    if not debiased:
-        flat = gram.flatten(1)
-        hsic = flat @ flat.T                                                # tr(K_l K_m)
-    else:
-        if n < 4:
-            return torch.full((x.shape[0], x.shape[0]), math.nan, dtype=torch.float64)
-        gram = gram - torch.diag_embed(torch.diagonal(gram, dim1=1, dim2=2))
-        flat = gram.flatten(1)
-        total = gram.sum(dim=(1, 2))                                        # 1^T K~ 1
-        rows = gram.sum(dim=2)                                              # K~ 1
-        hsic = (flat @ flat.T + torch.outer(total, total) / ((n - 1) * (n - 2))
-                - 2.0 / (n - 2) * rows @ rows.T) / (n * (n - 3))
-    scale = torch.diagonal(hsic).clamp(min=0).sqrt()
-    out = hsic / torch.outer(scale, scale)
-    return torch.where(torch.outer(scale, scale) > 0, out, math.nan)
+    gram = grams(pooled, debiased)
+    values = hsic(gram, gram, debiased)
+    scale = torch.diagonal(values).clamp(min=0).sqrt()
+    scale = torch.outer(scale, scale)
+    return torch.where(scale > 0, values / scale, math.nan)
 
 
 def _heat_map(matrix: np.ndarray, title: str):

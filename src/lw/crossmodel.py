@@ -1,0 +1,173 @@
+"""Cross-model CKA: for models measured on the same prompts, a layer x layer linear CKA matrix
+for each pair, with both axes in relative depth (0 % embeddings, 100 % last layer).
+
+Read from what the sweep left, never from a new forward pass: each job's composed config (the
+run's ``config/config.yaml``) gives its forward hash, whose activation-cache entry holds its
+pooled vectors (so the jobs need ``extraction.cache=true``); jobs are paired when everything
+but the model is the same (data and its knobs, perturbation, extraction, seed) and their
+prompt texts are identical (re-planned from the data: tokenizers differ, and so may which
+prompts ``data.min_tokens`` keeps).
+
+Logged to the sweep's parent run: ``cross_cka/<a>__<b>.csv`` (rows: a's layers, columns: b's
+layers, each labelled with its depth %), a heat map ``figures/cross_cka_<a>__<b>.png`` and the
+metric ``cross_cka/<a>__<b>/depth_diagonal`` (mean CKA of each of a's layers with b's layer at
+the nearest relative depth). At the end of a sweep this runs for the jobs that ran ``cka``
+(lw.tracking's parent callback); ``python -m lw.crossmodel <parent run id>`` runs it on any
+finished sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from lw.config import LwConfig, LwError, TrackingConfig
+from lw.metrics.cka import cka_between
+
+
+def job_of_run(client, run) -> LwConfig:
+    """The run's composed config (its ``config/config.yaml`` artifact), validated."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run.info.run_id, "config/config.yaml", tmp)
+        loaded = OmegaConf.load(path)
+    loaded.pop("hydra", None)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LwConfig), loaded))
+
+
+def pooled_of(job: LwConfig) -> torch.Tensor | None:
+    """``(N, L+1, D)`` the job's pooled vectors from the activation cache, or None."""
+    from lw import cache
+    from lw.identity import forward_hash
+
+    found = cache.load(forward_hash(job))
+    return None if found is None else found.prompts.pooled
+
+
+def prompts_key(job: LwConfig) -> str:
+    """What must agree for two jobs to have measured the same prompts: all but the model."""
+    from lw.identity import forward_identity, stable_hash
+
+    return stable_hash({k: v for k, v in forward_identity(job).items() if k != "model"})
+
+
+def prompt_texts(job: LwConfig) -> list[str]:
+    from lw.job import plan_job
+    from lw.models import load_tokenizer
+
+    return plan_job(job, load_tokenizer(job.model)).texts
+
+
+def depth_table(matrix: torch.Tensor) -> pd.DataFrame:
+    rows, cols = matrix.shape
+    depth_a = 100.0 * np.arange(rows) / (rows - 1)
+    depth_b = 100.0 * np.arange(cols) / (cols - 1)
+    table = pd.DataFrame(matrix.numpy(), columns=[f"{d:.1f}" for d in depth_b])
+    table.insert(0, "depth_pct", depth_a)
+    return table
+
+
+def depth_diagonal(matrix: torch.Tensor) -> float:
+    """Mean CKA of each row layer with the column layer at the nearest relative depth."""
+    rows, cols = matrix.shape
+    nearest = np.rint(np.arange(rows) / (rows - 1) * (cols - 1)).astype(int)
+    return float(np.nanmean(matrix.numpy()[np.arange(rows), nearest]))
+
+
+def heat_map(matrix: torch.Tensor, a: str, b: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    image = ax.imshow(matrix.numpy(), origin="lower", extent=(0, 100, 0, 100), aspect="auto",
+                      vmin=0, vmax=1, cmap="viridis")
+    ax.set_xlabel(f"{b}: depth %")
+    ax.set_ylabel(f"{a}: depth %")
+    ax.set_title(f"linear CKA, {a} x {b}", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def cross_model_cka(client, parent: str, runs: list | None = None, debiased: bool = False,
+                    only_cka: bool = True) -> dict[tuple[str, str], torch.Tensor]:
+    """Every pair of the parent's finished child runs on the same prompts: their CKA matrix,
+    logged to the parent run. ``only_cka``: only jobs that ran the ``cka`` metric."""
+    if runs is None:
+        runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    groups: dict[str, list[tuple[str, LwConfig]]] = {}
+    for run in runs:
+        if run.info.status != "FINISHED" or (
+                only_cka and "'cka'" not in run.data.params.get("metrics", "")):
+            continue
+        job = job_of_run(client, run)
+        if only_cka and "cka" not in job.metrics:
+            continue
+        groups.setdefault(prompts_key(job), []).append((run.info.run_name or job.model.name, job))
+    found = {}
+    for members in groups.values():
+        for (name_a, job_a), (name_b, job_b) in itertools.combinations(members, 2):
+            if job_a.model == job_b.model:
+                continue
+            pooled_a, pooled_b = pooled_of(job_a), pooled_of(job_b)
+            if pooled_a is None or pooled_b is None:
+                print(f"[lw] cross-model CKA {name_a} x {name_b}: no activation-cache entry "
+                      "(run the jobs with extraction.cache=true)", file=sys.stderr)
+                continue
+            if prompt_texts(job_a) != prompt_texts(job_b):
+                print(f"[lw] cross-model CKA {name_a} x {name_b}: the models kept different "
+                      "prompts (data.min_tokens / max_tokens per tokenizer): skipped",
+                      file=sys.stderr)
+                continue
+            matrix = cka_between(pooled_a, pooled_b, debiased=debiased)
+            a, b = job_a.model.name, job_b.model.name
+            key = f"{a}__{b}"
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{key}.csv"
+                depth_table(matrix).to_csv(path, index=False)
+                client.log_artifact(parent, str(path), artifact_path="cross_cka")
+            client.log_figure(parent, heat_map(matrix, a, b), f"figures/cross_cka_{key}.png")
+            client.log_metric(parent, f"cross_cka/{key}/depth_diagonal", depth_diagonal(matrix))
+            found[(a, b)] = matrix
+    return found
+
+
+def log_to_parent(client, parent: str, runs: list) -> None:
+    """The sweep's end (lw.tracking): cross-model CKA of the jobs that ran cka; a failure
+    here is said, never fails the sweep."""
+    try:
+        cross_model_cka(client, parent, runs)
+    except Exception as error:  # noqa: BLE001 - an extra on top of finished jobs
+        print(f"[lw] cross-model CKA not logged: {type(error).__name__}: {error}",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("parent", help="the sweep's parent run id")
+    parser.add_argument("--uri", default=None, help="tracking URI (default: the local store)")
+    parser.add_argument("--debiased", action="store_true", help="unbiased HSIC")
+    parser.add_argument("--all", action="store_true",
+                        help="every job with a cache entry, not only those that ran cka")
+    args = parser.parse_args(argv)
+    from lw.tracking import client_for
+
+    try:
+        client = client_for(TrackingConfig(uri=args.uri))
+        found = cross_model_cka(client, args.parent, debiased=args.debiased,
+                                only_cka=not args.all)
+    except LwError as error:
+        raise SystemExit(f"[lw] error: {error}") from None
+    for (a, b), matrix in found.items():
+        print(f"{a} x {b}: {tuple(matrix.shape)}, depth diagonal {depth_diagonal(matrix):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Cross-model CKA (lw.crossmodel): against the float64 numpy reference on vectors of
+different widths, and a real sweep of two models whose parent run gets the matrix."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import PYTHON, cli_env, compose_job
+from lw.metrics.cka import cka_between
+from test_cka import hsic_biased, hsic_unbiased
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_between_models_of_different_widths_matches_reference(debiased):
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(10, 3, 4)), rng.normal(size=(10, 2, 7))
+    b[:, 1, :4] = a[:, 2] @ np.linalg.qr(rng.normal(size=(4, 4)))[0] * 2.5
+    b[:, 1, 4:] = 0.0
+    hsic = hsic_unbiased if debiased else hsic_biased
+    expected = np.array([[hsic(a[:, i], b[:, j]) / np.sqrt(hsic(a[:, i], a[:, i])
+                                                           * hsic(b[:, j], b[:, j]))
+                          for j in range(2)] for i in range(3)])
+    got = cka_between(torch.tensor(a), torch.tensor(b), debiased=debiased).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    assert got[2, 1] == pytest.approx(1.0)  # orthogonal transform + scaling, zero-padded
+
+
+def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, monkeypatch):
+    from lw.crossmodel import pooled_of
+
+    monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
+    job = ["data.n_prompts=8", "data.max_tokens=32", "metrics=[cka]", "extraction.cache=true"]
+    done = subprocess.run(
+        [str(PYTHON), "-m", "lw.run", "-m", "model=tiny-pythia,tiny-mamba", *job,
+         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+         f"tracking.artifact_location={tmp_path}/art", f"hydra.sweep.dir={tmp_path}/multirun"],
+        cwd=tmp_path, env=cli_env(LW_CACHE_DIR=str(tmp_path / "cache")), capture_output=True,
+        text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("lw").experiment_id
+    parent = next(r for r in client.search_runs([experiment])
+                  if "mlflow.parentRunId" not in r.data.tags)
+    names = [a.path for a in client.list_artifacts(parent.info.run_id, "cross_cka")]
+    assert len(names) == 1, names
+    a, b = names[0].split("/")[-1][:-len(".csv")].split("__")
+    assert {a, b} == {"tiny-pythia", "tiny-mamba"}
+    table = np.genfromtxt(client.download_artifacts(parent.info.run_id, names[0], str(tmp_path)),
+                          delimiter=",", skip_header=1)
+    pooled = {m: pooled_of(compose_job([f"model={m}", *job])) for m in (a, b)}
+    expected = cka_between(pooled[a], pooled[b]).numpy()
+    np.testing.assert_allclose(table[:, 1:], expected, rtol=1e-6)
+    np.testing.assert_allclose(table[:, 0], 100 * np.arange(len(expected)) / (len(expected) - 1))
+    assert f"cross_cka/{a}__{b}/depth_diagonal" in client.get_run(parent.info.run_id).data.metrics
+    figures = [f.path for f in client.list_artifacts(parent.info.run_id, "figures")]
+    assert f"figures/cross_cka_{a}__{b}.png" in figures
