@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lw.errors import ConfigError, LwError, check, one_of
+from lw.metrics.entropy import COMPAT_MODES, NORMALIZATIONS
 
 # What a metric can need beside the job's config. "tokens": per-prompt products computed from
 # the token states inside the forward pass (its ``products``); "pooled": one vector per prompt
@@ -33,8 +34,6 @@ from lw.errors import ConfigError, LwError, check, one_of
 # answers; "model": the loaded model itself (MTEB runs its own passes).
 NEEDS = ("tokens", "pooled", "views", "labels", "output_embedding", "corpus", "answers", "model")
 SHARED_KNOBS = ("compat", "normalizations")  # metric.compat, metric.normalizations
-COMPAT_MODES = ("paper", "official")
-NORMALIZATIONS = ("raw", "max", "logN", "logD")
 ENTRY_POINT_GROUP = "lw.metrics"
 
 
