@@ -23,7 +23,7 @@ from lw.config import LwConfig, LwError
 from lw.data import Question, corpus_texts, load_prompts, tokenize
 from lw.distributed import Ranks, from_main, gather_extraction, shard, together
 from lw.extract import Extraction, extract
-from lw.identity import forward_hash
+from lw.identity import embedding_hash, forward_hash
 from lw.metrics import (
     downstream_metrics,
     mc_metrics,
@@ -260,7 +260,8 @@ def mteb_scores(job: LwConfig, loaded: LoadedModel, device: torch.device):
 
     encoder = LayerwiseEncoder(loaded, batch_size=job.extraction.batch_size,
                                max_tokens=job.data.max_tokens,
-                               skip_first=job.extraction.skip_first, device=device)
+                               skip_first=job.extraction.skip_first, device=device,
+                               pooling=job.extraction.pooling, identity=embedding_hash(job))
     folder = job.metric.mteb.output_folder or PROJECT_ROOT / "mteb-results"
     frame = run_mteb(encoder, list(job.metric.mteb.tasks), output_folder=folder)
     curves = frame.pivot(index="layer", columns="task", values="main_score").sort_index()
