@@ -272,6 +272,7 @@ def test_many_processes_storing_and_evicting_at_once(cache_home, job_args, tmp_p
     from conftest import PYTHON, ROOT, cli_env
 
     plans = [[0, 0]] * 4 + [[1 + i, 1 + i] for i in range(4)]
+    job_args = [*job_args, "metrics=[prompt_entropy,curvature,dataset_entropy]"]  # light
     workers = []
     for n, seeds in enumerate(plans):
         out = tmp_path / "workers" / str(n)
