@@ -96,17 +96,26 @@ def _dequantized_gguf(cfg: ModelConfig) -> tuple[Path, str]:
     if not (folder / "config.json").exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # Saving a model that still carries the GGUF quantizer would write a config that
-        # asks for GGUF again; the weights are plain float tensors by now.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        try:  # said before the ~30 s of dequantizing
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
+        except OSError as error:
+            raise LwError(f"LW_CACHE_DIR={cache_dir()}: model {cfg.name} is dequantized once "
+                          f"into it, and it cannot be written ({error.strerror or error}); "
+                          "set LW_CACHE_DIR to a writable folder") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # Saving a model that still carries the GGUF quantizer would write a config that
+            # asks for GGUF again; the weights are plain float tensors by now.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             tmp.rename(folder)  # atomic: a half-written cache is never picked up
         except OSError:
