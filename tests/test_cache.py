@@ -6,6 +6,7 @@ model loads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,179 @@ def test_more_prompts_than_records_says_so_at_once(monkeypatch):
     with pytest.warns(UserWarning, match=r"n_prompts=1000000: data 'wiki-vital' holds \d+"):
         with pytest.raises(AssertionError, match="the model was loaded"):
             compute(compose_job(["model=minilm", "data.n_prompts=1000000"]))
+
+
+# --- corrupt entries, bad settings, many processes ------------------------------------------
+
+def corrupt_bytes(entry):
+    products = entry / "products.pt"
+    data = bytearray(products.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(4096)  # 4 KB inside, same size: as in the issue
+    products.write_bytes(bytes(data))
+
+
+def drop_meta_field(entry):
+    meta = json.loads((entry / "meta.json").read_text())
+    del meta["n_views"]
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, said", [(corrupt_bytes, "does not match its sha256"),
+                                          (drop_meta_field, "meta.json lacks n_views")])
+def test_a_corrupt_entry_is_a_miss_that_says_so_and_is_rewritten(cache_home, job_args, capfd,
+                                                                  damage, said):
+    job = compose_job([*job_args, "extraction.cache=true"])
+    first = compute(job)
+    damage(cache_home / forward_hash(job))
+    capfd.readouterr()
+    again = compute(job)
+    err = capfd.readouterr().err
+    assert f"entry {forward_hash(job)} is unusable: " in err and said in err, err
+    assert again.summary["activation_cache_hit"] == 0.0  # never a hit
+    assert_same_table(again.table, first.table)
+    hit = compute(job)  # rewritten: whole again
+    assert hit.summary["activation_cache_hit"] == 1.0
+    assert_same_table(hit.table, first.table)
+
+
+def test_bad_cache_settings_fail_before_the_model_loads(tmp_path, job_args, monkeypatch):
+    monkeypatch.setattr(lw.job, "load_model", no_model)
+    monkeypatch.setattr(lw.job, "load_tokenizer", no_model)
+    (tmp_path / "a-file").write_text("")
+    cases = {("LW_CACHE_MAX_GB", "20GB"): "LW_CACHE_MAX_GB='20GB': .* positive number of GiB",
+             ("LW_CACHE_MAX_GB", "-1"): "LW_CACHE_MAX_GB='-1'",
+             ("LW_CACHE_DIR", str(tmp_path / "a-file" / "lw")): "cannot be written"}
+    for (name, value), message in cases.items():
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            with pytest.raises(LwError, match=message):
+                compute(compose_job([*job_args, "extraction.cache=true"]))
+
+
+def test_a_read_only_cache_folder_is_one_error_line(tmp_path):
+    """As an unprivileged user (root writes anywhere): a folder it may not write."""
+    import os
+    import subprocess
+    import tempfile
+
+    from conftest import PYTHON, cli_env
+
+    if os.geteuid() == 0:
+        folder = Path(tempfile.mkdtemp(prefix="lw-ro-cache-"))  # root's, mode 755
+        folder.chmod(0o755)
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir(mode=0o555)
+        command = []
+    code = ("from lw import cache, config\n"
+            "try:\n    cache.check()\n"
+            "except config.LwError as error:\n    print(f'[lw] error: {error}')\n")
+    done = subprocess.run([*command, str(PYTHON), "-c", code], capture_output=True, text=True,
+                          env=cli_env(LW_CACHE_DIR=str(folder)), timeout=300, cwd="/")
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"[lw] error: LW_CACHE_DIR={folder}: "), lines
+    assert "cannot be written" in lines[0] and "extraction.cache=false" in lines[0]
+
+
+def test_the_cli_says_a_bad_cache_size_in_one_line_before_the_model_loads(tmp_path, job_args):
+    import subprocess
+
+    from conftest import PYTHON, cli_env
+
+    done = subprocess.run(
+        [str(PYTHON), "-m", "lw.run", *job_args, "extraction.cache=true",
+         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/a",
+         f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path, env=cli_env(LW_CACHE_MAX_GB="20GB", LW_CACHE_DIR=str(tmp_path / "c")),
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("[lw] error")]
+    assert errors == ["[lw] error: LW_CACHE_MAX_GB='20GB': the activation cache's size limit "
+                      "must be a positive number of GiB, without a unit (e.g. "
+                      "LW_CACHE_MAX_GB=20 or 0.5)"], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "results").exists()  # no pass ran
+
+
+def test_stale_temporary_folders_go_and_young_ones_count(cache_home, monkeypatch):
+    import os
+    import time
+
+    def folder_of(name, size, age_s=0.0):
+        path = cache_home / name
+        path.mkdir(parents=True)
+        (path / "products.pt").write_bytes(bytes(size))
+        then = time.time() - age_s
+        for where in (path / "products.pt", path):
+            os.utime(where, (then, then))
+        return path
+
+    entry = folder_of("entry", 1000, age_s=10)
+    (entry / "meta.json").write_text("{}")
+    folder_of(".other.abc", 2000)                                  # being written now
+    folder_of(".killed.def", 5000, age_s=cache.STALE_TMP_S + 60)   # its writer was killed
+    monkeypatch.setenv("LW_CACHE_MAX_GB", str(10_000 / 2**30))
+    assert cache.evict() == [".killed.def"]  # 3002 bytes left: within the limit
+    monkeypatch.setenv("LW_CACHE_MAX_GB", str(2500 / 2**30))
+    assert cache.evict() == ["entry"]  # the young temporary counts, and is not removed
+    assert [p.name for p in cache_home.iterdir()] == [".other.abc"]
+
+
+WORKER = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from conftest import compose_job
+from lw.job import compute
+args, seeds, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
+jobs = [compose_job([*args, "extraction.cache=true", f"seed={{s}}"]) for s in seeds]
+(out / "ready").write_text("")
+while not (out.parent / "go").exists():  # every worker starts its first job at once
+    time.sleep(0.01)
+tables = [compute(job).table.to_dict(orient="list") for job in jobs]
+(out / "tables.json").write_text(json.dumps(tables))
+"""
+
+
+def test_many_processes_storing_and_evicting_at_once(cache_home, job_args, tmp_path):
+    """4 processes on the same job and 4 on different jobs, each job twice, with a limit so
+    small that every store evicts every other entry: all exit 0 with an uncached run's values."""
+    import subprocess
+    import time
+
+    from conftest import PYTHON, ROOT, cli_env
+
+    plans = [[0, 0]] * 4 + [[1 + i, 1 + i] for i in range(4)]
+    job_args = [*job_args, "metrics=[prompt_entropy,curvature,dataset_entropy]"]  # light
+    workers = []
+    for n, seeds in enumerate(plans):
+        out = tmp_path / "workers" / str(n)
+        out.mkdir(parents=True)
+        workers.append((subprocess.Popen(
+            [str(PYTHON), "-c", WORKER.format(tests=str(ROOT / "tests")), json.dumps(job_args),
+             json.dumps(seeds), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=cli_env(LW_CACHE_DIR=str(cache_home.parent), OMP_NUM_THREADS="1",
+                                   LW_CACHE_MAX_GB="1e-9")), out, seeds))
+    deadline = time.monotonic() + 600
+    while not all((out / "ready").exists() for _, out, _ in workers):
+        assert all(p.poll() is None for p, _, _ in workers), [p.communicate() for p, _, _
+                                                              in workers if p.poll()]
+        assert time.monotonic() < deadline, "workers never got ready"
+        time.sleep(0.05)
+    (tmp_path / "workers" / "go").write_text("")
+    expected = {}
+    for process, out, seeds in workers:
+        _, err = process.communicate(timeout=900)
+        assert process.returncode == 0, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        for seed, table in zip(seeds, json.loads((out / "tables.json").read_text()),
+                               strict=True):
+            if seed not in expected:  # an uncached run of the same job, in this process
+                expected[seed] = compute(compose_job([*job_args, f"seed={seed}"])).table
+            got = expected[seed].__class__(table)
+            assert_same_table(got, expected[seed])
+    left = list(cache_home.iterdir())
+    assert len(left) <= 1 and not [p for p in left if p.name.startswith(".")], left

@@ -21,3 +21,20 @@ def package_folder(module: str, package: str) -> Path:
     if spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
     return Path(spec.origin).parent
+
+
+def package_file_identity(module: str, package: str, relative: str) -> dict:
+    """What names a file shipped in an asset package: the package's name and installed
+    version, the file's path inside it and the sha256 of its bytes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lw.models import file_sha256
+
+    name = package.split("==")[0]
+    path = package_folder(module, package) / relative
+    try:
+        installed = version(name)
+    except PackageNotFoundError:
+        installed = "unknown"
+    return {"package": name, "version": installed, "file": relative,
+            "sha256": file_sha256(path) if path.is_file() else "missing"}

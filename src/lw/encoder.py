@@ -73,6 +73,10 @@ class LayerwiseEncoder:
         max_tokens: tokens kept per sentence (special tokens included), as ``data.max_tokens``.
         skip_first: leading real tokens left out of the mean, as for the metrics.
         device: where the forward pass runs (default: where the model is).
+        pooling: mean | last | first, as ``extraction.pooling``.
+        identity: what the embeddings depend on (``lw.identity.embedding_hash``: weights,
+            dtype, adapters, bidirectional, pooling...), part of the MTEB result cache's key,
+            so that results of another model state are never read back.
 
     Attributes:
         passes: calls of :func:`lw.extract.extract` (one per batch of new sentences).
@@ -81,8 +85,11 @@ class LayerwiseEncoder:
     """
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 8, max_tokens: int = 512,
-                 skip_first: int = 0, device: torch.device | str | None = None) -> None:
+                 skip_first: int = 0, device: torch.device | str | None = None,
+                 pooling: str = "mean", identity: str = "") -> None:
         self.loaded = loaded
+        self.pooling = pooling
+        self.identity = identity
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.skip_first = skip_first
@@ -117,7 +124,7 @@ class LayerwiseEncoder:
                                    tokenizer.pad_token_id) if t is not None), 0)
         ids = [p if p else [int(filler)] for p in ids]
         out = extract(self.loaded, ids, batch_size=self.batch_size, skip_first=self.skip_first,
-                      device=self.device, desc="sentences")
+                      device=self.device, pooling=self.pooling, desc="sentences")
         self.passes += 1
         self.forward_batches += len(length_batches(
             [len(p) for p in ids], self.batch_size,
@@ -196,7 +203,10 @@ class LayerEncoder:
             "framework": ["PyTorch"],
             "reference": f"https://huggingface.co/{info.id}" if info.id else None,
             "experiment_kwargs": {"max_tokens": parent.max_tokens,
-                                  "skip_first": parent.skip_first},
+                                  "skip_first": parent.skip_first,
+                                  **({"pooling": parent.pooling}
+                                     if parent.pooling != "mean" else {}),
+                                  **({"lw": parent.identity} if parent.identity else {})},
         })
 
 
@@ -234,7 +244,8 @@ def run_mteb(encoder: LayerwiseEncoder, tasks: Sequence[Any],
     Tasks run one after the other; for each, every layer in ``layers`` is evaluated through
     :meth:`LayerwiseEncoder.for_layer` (the first layer computes all layers, the others read the
     cache), then the cache is cleared. Results go to the mteb ResultCache in ``output_folder``
-    (``results/lw__<model>-layer<k>/<revision>/experiments/max_tokens_<n>__skip_first_<k>/``,
+    (``results/lw__<model>-layer<k>/<revision>/experiments/max_tokens_<n>__skip_first_<k>
+    [__pooling_<p>]__lw_<embedding hash>/``,
     one JSON per task); with ``overwrite=False`` a (task, layer)
     already there is read back, not recomputed.
 

@@ -227,6 +227,8 @@ def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
     """The whole job, no tracking: plan -> forward (or cache) -> measure. On rank 0 the
     result; on other ranks None (they only run their share of the forward pass)."""
     with together("planning the prompts", ranks):
+        if job.extraction.cache and ranks.is_main:
+            cache.check()  # a bad LW_CACHE_DIR / LW_CACHE_MAX_GB: said before the model loads
         plan = plan_job(job, load_tokenizer(job.model))
     products = None
     key = forward_hash(job) if job.extraction.cache else None

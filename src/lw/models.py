@@ -25,9 +25,9 @@ from lw.architectures import (
     config_class,
     make_bidirectional,
 )
-from lw.assets import package_folder
+from lw.assets import package_file_identity, package_folder
 from lw.config import LwError, ModelConfig
-from lw.hub import hub_reachable
+from lw.hub import hub_reachable, resolve_revision
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,17 +96,26 @@ def _dequantized_gguf(cfg: ModelConfig) -> tuple[Path, str]:
     if not (folder / "config.json").exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # Saving a model that still carries the GGUF quantizer would write a config that
-        # asks for GGUF again; the weights are plain float tensors by now.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        try:  # said before the ~30 s of dequantizing
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
+        except OSError as error:
+            raise LwError(f"LW_CACHE_DIR={cache_dir()}: model {cfg.name} is dequantized once "
+                          f"into it, and it cannot be written ({error.strerror or error}); "
+                          "set LW_CACHE_DIR to a writable folder") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # Saving a model that still carries the GGUF quantizer would write a config that
+            # asks for GGUF again; the weights are plain float tensors by now.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             tmp.rename(folder)  # atomic: a half-written cache is never picked up
         except OSError:
@@ -162,7 +171,7 @@ def _hub_unreachable(cfg: ModelConfig) -> LwError:
 def _hub_model(cfg: ModelConfig):
     from transformers import AutoModel
 
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+    kwargs = dict(revision=hub_commit(cfg), trust_remote_code=cfg.trust_remote_code,
                   **placement(cfg))
     # Offline is fine when the exact revision (and every adapter) is already in the local cache.
     offline = not hub_reachable()
@@ -221,7 +230,7 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.source == "random":
         return load_tokenizer_of(cfg.tokenizer)
     if cfg.source == "hub":
-        kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        kwargs = dict(revision=hub_commit(cfg), trust_remote_code=cfg.trust_remote_code)
         if not hub_reachable():
             try:
                 return AutoTokenizer.from_pretrained(cfg.id, local_files_only=True, **kwargs)
@@ -231,17 +240,53 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(_weights_folder(cfg)[0])
 
 
-def weights_identity(cfg: ModelConfig) -> str:
-    """What names the weights without loading them: the packaged file's sha256, the hub id
-    and revision, or the random-init architecture (its seed is the job's)."""
+def weights_identity(cfg: ModelConfig) -> dict:
+    """What names the weights without loading them: a packaged file's package, version and
+    sha256; a hub model's id, revision and the commit it resolves to (and its adapters'); the
+    random-init architecture (its seed is the job's) and the tokenizer it borrows."""
     if cfg.source == "gguf-package":
-        return file_sha256(package_folder(cfg.module, cfg.package) / cfg.file)
+        return package_file_identity(cfg.module, cfg.package, cfg.file)
     if cfg.source == "package":
-        weights = package_folder(cfg.module, cfg.package) / cfg.file / "model.safetensors"
-        return file_sha256(weights) if weights.exists() else cfg.revision
+        weights = f"{cfg.file}/model.safetensors"
+        return package_file_identity(cfg.module, cfg.package, weights)
     if cfg.source == "random":
-        return f"random:{cfg.arch}:{sorted(cfg.arch_config.items())}:{cfg.tokenizer}"
-    return f"{cfg.id}@{cfg.revision}"
+        return {"random": cfg.arch, "arch_config": dict(sorted(cfg.arch_config.items())),
+                "tokenizer": cfg.tokenizer}
+    base = ({"id": cfg.id, "revision": cfg.revision, "commit": hub_commit(cfg)}
+            if not Path(cfg.id).expanduser().is_dir() else _folder_identity(cfg.id))
+    return {**base, "adapters": [_adapter_identity(adapter) for adapter in cfg.adapters]}
+
+
+def hub_commit(cfg: ModelConfig) -> str:
+    """The commit ``model.revision`` resolves to (lw.hub.resolve_revision): what a hub model
+    is loaded at, its tag ``lw.model.commit`` and what its job's identity holds. Offline and
+    not cached: the clear error. A model folder (``model.id`` a path) keeps its revision."""
+    if Path(cfg.id).expanduser().is_dir():
+        return cfg.revision
+    commit = resolve_revision(cfg.id, cfg.revision)
+    if commit is None:
+        raise _hub_unreachable(cfg)
+    return commit
+
+
+def _folder_identity(folder: str) -> dict:
+    """A model or adapter folder: every file's sha256."""
+    path = Path(folder).expanduser().resolve()
+    return {"folder": str(path),
+            "sha256": {str(p.relative_to(path)): file_sha256(p)
+                       for p in sorted(path.rglob("*")) if p.is_file()}}
+
+
+def _adapter_identity(adapter: str) -> dict:
+    """A PEFT adapter: a folder's files by content, or a hub id at the commit of ``main``."""
+    if Path(adapter).expanduser().is_dir():
+        return _folder_identity(adapter)
+    commit = resolve_revision(adapter, "main")
+    if commit is None:
+        raise LwError(f"model adapter {adapter} comes from the Hugging Face hub, which is "
+                      "unreachable from this machine, and it is not in the local cache. "
+                      f"Offline models: {', '.join(offline_models())}")
+    return {"id": adapter, "commit": commit}
 
 
 def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedModel:
@@ -252,8 +297,8 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedM
     revision = cfg.revision
     if cfg.source == "hub":
         model, tokenizer = _hub_model(cfg)
-        revision = getattr(model.config, "_commit_hash", None) or cfg.revision
-        revision = cfg.revision if revision == cfg.revision else f"{cfg.revision}@{revision}"
+        commit = hub_commit(cfg)  # what it was loaded at (tag lw.model.commit)
+        revision = cfg.revision if commit == cfg.revision else f"{cfg.revision}@{commit}"
     elif cfg.source == "random":
         model, tokenizer = _random_model(cfg, seed)
         revision = f"random-init-seed{seed}"
@@ -294,7 +339,7 @@ def embedding_rows(cfg: ModelConfig, tokenizer) -> int:
     from transformers import AutoConfig
 
     if cfg.source == "hub":
-        config = AutoConfig.from_pretrained(cfg.id, revision=cfg.revision,
+        config = AutoConfig.from_pretrained(cfg.id, revision=hub_commit(cfg),
                                             trust_remote_code=cfg.trust_remote_code,
                                             local_files_only=not hub_reachable())
     else:

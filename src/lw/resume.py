@@ -28,6 +28,7 @@ import threading
 import time
 
 HASH_TAG = "lw.job_hash"
+KEY_TAG = "lw.job_key"    # the job as configured (lw.identity.job_key)
 HEARTBEAT_TAG = "lw.heartbeat"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0   # 10 missed heartbeats: dead, wherever it ran
@@ -101,6 +102,33 @@ def finished_run(client, experiment: str, job_hash: str, who: str):
     done = client.search_runs([experiment], filter_string="attributes.status = 'FINISHED'"
                               + same, order_by=["attributes.start_time DESC"], max_results=1)
     return done[0] if done else None
+
+
+def changed_identity(client, experiment: str, job_key: str, job_hash: str,
+                     identity: dict) -> tuple[str, list[str]] | None:
+    """The latest FINISHED run of the same job as configured (tag ``lw.job_key``) whose hash
+    differs, and the identity fields that changed since (from its ``config/identity.json``);
+    None when there is none."""
+    import json
+    import tempfile
+
+    from lw.identity import identity_diff
+
+    runs = client.search_runs([experiment], filter_string="attributes.status = 'FINISHED' and "
+                              f"tags.`{KEY_TAG}` = '{job_key}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or runs[0].data.tags.get(HASH_TAG) == job_hash:
+        return None
+    run = runs[0]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run.info.run_id, "config/identity.json", tmp)
+            with open(path) as f:
+                old = json.load(f)
+    except Exception:  # noqa: BLE001 - an older run without it: the hashes still differ
+        return run.info.run_id, [f"{HASH_TAG}: {run.data.tags.get(HASH_TAG)} -> {job_hash} "
+                                 "(that run has no config/identity.json)"]
+    return run.info.run_id, identity_diff(old, identity)
 
 
 class Heartbeat:

@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lw.config import LwConfig, LwError, register_configs, validate
 from lw.distributed import current_ranks, from_main, shared_now, together
-from lw.identity import job_hash
+from lw.identity import job_identity, job_key, stable_hash
 from lw.job import compute
 from lw.plots import depth_curves, entropy_histograms
 from lw.results import JobResult
-from lw.resume import Heartbeat, finished_run
+from lw.resume import Heartbeat, changed_identity, finished_run
 from lw.tracking import (
     SKIPPED_FILE,
     client_for,
@@ -76,7 +76,8 @@ def run_job(cfg: DictConfig) -> JobResult | None:
     with together("opening the MLflow run", ranks):
         if ranks.is_main:
             client = client_for(job.tracking)
-            digest = job_hash(job)
+            identity, key = job_identity(job), job_key(job)
+            digest = stable_hash(identity)  # = lw.identity.job_hash(job)
             label = (f"job #{hydra_cfg.job.num} ({name})"
                      if hydra_cfg.mode == RunMode.MULTIRUN else f"job ({name})")
             # Resume: a job with a FINISHED run of the same hash is done (lw.resume).
@@ -89,7 +90,12 @@ def run_job(cfg: DictConfig) -> JobResult | None:
                 if hydra_cfg.mode == RunMode.MULTIRUN:
                     (output_dir / SKIPPED_FILE).write_text(f"{label}: run {done}\n")
             else:
-                run_id = start_job_run(client, cfg, name, overrides, digest)
+                before = changed_identity(client, experiment_id(client, job.tracking), key,
+                                          digest, identity)
+                if before is not None:  # the same job, with other inputs or code: say what
+                    print(f"[lw] {label}: running again, its identity changed since FINISHED "
+                          f"run {before[0]}: {'; '.join(before[1])}", file=sys.stderr)
+                run_id = start_job_run(client, cfg, name, overrides, digest, identity, key)
     if from_main(done, ranks) is not None:
         return None
     try:

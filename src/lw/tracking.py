@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lw.config import LwError, TrackingConfig
 from lw.models import PROJECT_ROOT
 from lw.perturb import perturbation_tags
-from lw.resume import HASH_TAG, Heartbeat, owner_tags, reap
+from lw.resume import HASH_TAG, KEY_TAG, Heartbeat, owner_tags, reap
 
 PARENT_ENV = "LW_PARENT_RUN_ID"
 PARAM_LIMIT = 6000  # MLflow's longest param value
@@ -148,9 +148,10 @@ def lw_version() -> str:
 
 
 def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
-                  job_hash: str) -> str:
+                  job_hash: str, identity: dict | None = None, job_key: str = "") -> str:
     """Create the job's run (a child when a sweep's parent exists) with params and tags,
-    its ``lw.job_hash`` and its owner (lw.resume: host, pid, heartbeat)."""
+    its ``lw.job_hash`` and its owner (lw.resume: host, pid, heartbeat); the identity the
+    hash was taken of goes to ``config/identity.json``, its resolved commits to tags."""
     container = OmegaConf.to_container(cfg, resolve=True)
     exp = experiment_id(client, _tracking(cfg))
     tags = {
@@ -161,6 +162,7 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
         "lw.skip_first": str(cfg.extraction.skip_first), "lw.seed": str(cfg.seed),
         "lw.version": lw_version(), "lw.git_commit": git_commit(),
         "lw.overrides": " ".join(overrides)[:PARAM_LIMIT],
+        **identity_tags(identity or {}, job_key),
     }
     parent = os.environ.get(PARENT_ENV)
     if parent:
@@ -174,8 +176,23 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (Path(tmp) / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides) + "\n")
+        if identity is not None:
+            (Path(tmp) / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, default=str))
         client.log_artifacts(run.info.run_id, tmp, artifact_path="config")
     return run.info.run_id
+
+
+IDENTITY_FILE = "identity.json"  # artifact config/identity.json: what lw.job_hash was taken of
+
+
+def identity_tags(identity: dict, job_key: str) -> dict[str, str]:
+    """``lw.job_key``, and the commits a hub model's / data set's revision resolved to."""
+    tags = {KEY_TAG: job_key} if job_key else {}
+    if commit := identity.get("model", {}).get("weights", {}).get("commit"):
+        tags["lw.model.commit"] = commit
+    if commit := identity.get("data", {}).get("commit"):
+        tags["lw.data.commit"] = commit
+    return tags
 
 
 def log_result(client, run_id: str, result, figures: dict[str, Any],
