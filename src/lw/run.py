@@ -35,7 +35,10 @@ from lw.tracking import (
 
 register_configs()
 # Hydra's ${now:} is per process: ranks of one launch must agree on their sweep folder.
-OmegaConf.register_new_resolver("lw_now", shared_now, replace=True)
+# use_cache: Hydra copies the sweep config's resolver cache into every job's config
+# (load_sweep_config), so joblib workers and SLURM tasks read the parent's value instead of
+# their own clock (which would put their job folders outside the sweep folder it checks).
+OmegaConf.register_new_resolver("lw_now", shared_now, use_cache=True, replace=True)
 # conf/hydra/launcher/submitit_slurm.yaml replaces the plugin's node of that name on purpose
 # (same fields, values from the environment); Hydra 1.3 warns that it checks it against it.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated")
