@@ -170,9 +170,10 @@ def forward_stage(job: LwConfig, loaded: LoadedModel, plan: JobPlan, device: tor
             mine = extract(loaded, [prompts[i] for i in shares[ranks.rank]],
                            token_metrics=token_fns,
                            desc=f"{job.model.name} {job.data.name} {what}", **batching)
-        whole = gather_extraction(mine, shares, len(prompts), ranks)
-        if whole is not None:
-            whole.n_tokens = torch.tensor([len(p) for p in prompts])
+        with together(f"gathering the products of the forward pass over {what}", ranks):
+            whole = gather_extraction(mine, shares, len(prompts), ranks)
+            if whole is not None:
+                whole.n_tokens = torch.tensor([len(p) for p in prompts])
         gathered.append(whole)
     if not ranks.is_main:
         return None
@@ -311,8 +312,14 @@ def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
             views = view_prompts(plan.texts, n_views, plan.views_seed, loaded.tokenizer,
                                  job.data.max_tokens)
         products = forward_stage(job, loaded, plan, device, ranks, needed, n_views, views)
-        if key is not None and ranks.is_main:
-            cache.store(key, products)
-    if not ranks.is_main:
-        return None
-    return measure(job, products, plan, loaded, device)
+        if key is not None:
+            with together("storing the activation cache entry", ranks):
+                if ranks.is_main:
+                    cache.store(key, products)
+    # Rank 0 measures alone; the other ranks wait in the agreement (no collective timeout:
+    # lw.distributed), so a failure here ends the job on every rank, in step.
+    result = None
+    with together("measuring the metrics", ranks):
+        if ranks.is_main:
+            result = measure(job, products, plan, loaded, device)
+    return result
