@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from lw.metrics import (
     view_metrics,
     views_needed,
 )
+from lw.metrics.downstream import check_labels
 from lw.models import (
     PROJECT_ROOT,
     LoadedModel,
@@ -109,6 +111,7 @@ def plan_job(job: LwConfig, tokenizer) -> JobPlan:
                                                 embedding_rows(job.model, tokenizer))
     if "mc_accuracy" in job.metrics:  # fails here, before the model loads, if it cannot work
         letter_ids(tokenizer, max(q.n_choices for q in questions))
+    check_prompt_set(job, ids, labels)
     if job.extraction.skip_first >= min(map(len, ids)):
         raise LwError(f"extraction.skip_first={job.extraction.skip_first} leaves no token of "
                       f"the shortest prompt ({min(map(len, ids))} tokens); raise "
@@ -126,6 +129,34 @@ def plan_job(job: LwConfig, tokenizer) -> JobPlan:
             say(f"views: nlpaug copies of {plan.views_of} text; only "
                 f"{plan.views_roundtrip:.0%} of the prompts re-tokenize to the ids measured")
     return plan
+
+
+# Metrics over the set of prompts: NaN (with a warning) when the set has no spread.
+SET_METRICS = ("dataset_entropy", "dip", "intrinsic_dimension")
+# The fewest prompts a metric can run on: TwoNN needs a second neighbour; DiME and LiDAR
+# compare prompts with each other.
+MIN_PROMPTS = {"intrinsic_dimension": 3, "dime": 2, "lidar": 2}
+
+
+def check_prompt_set(job: LwConfig, ids: list[list[int]], labels: list[str] | None) -> None:
+    """What the prompts allow, known before the model loads: too few prompts for a metric, or
+    labels a probe cannot be cross-validated on, fail (LwError); a set without spread (one
+    prompt, or all identical) warns that the set metrics will be NaN."""
+    for name, fewest in MIN_PROMPTS.items():
+        if name in job.metrics and len(ids) < fewest:
+            raise LwError(f"metrics {name} needs at least {fewest} prompts; data "
+                          f"{job.data.name!r} gives {len(ids)} (data.n_prompts="
+                          f"{job.data.n_prompts}): raise data.n_prompts or drop {name}")
+    if labels is not None and ("probe" in job.metrics or "cluster" in job.metrics):
+        check_labels(labels, job.metric.probe.folds if "probe" in job.metrics else None,
+                     "cluster" in job.metrics)
+    blind = [name for name in SET_METRICS if name in job.metrics]
+    if blind and (len(ids) < 2 or all(prompt == ids[0] for prompt in ids)):
+        why = ("only 1 prompt" if len(ids) < 2
+               else f"all {len(ids)} prompts are the same tokens")
+        warnings.warn(f"data {job.data.name!r}: {why}, so {', '.join(blind)} will be NaN "
+                      "(they measure how prompts differ); use more, distinct prompts",
+                      stacklevel=2)
 
 
 def view_prompts(texts: list[str], n_views: int, seed: int, tokenizer,
