@@ -316,8 +316,8 @@ def read_records(cfg: DataConfig) -> list[dict]:
         else:
             text = _format(template, row, columns) if template else row.get(cfg.text_field)
             if not (template or text is None or isinstance(text, str)):
-                raise LwError(f"data.text_field={cfg.text_field!r}: record {number} holds a "
-                              f"{type(text).__name__} ({str(text)[:60]!r}), not a string; "
+                raise LwError(f"data.text_field={cfg.text_field!r}: record {number} holds "
+                              f"{type(text).__name__} {str(text)[:60]!r}, not a string; "
                               "name a text field, or format fields with data.template")
         if text is None or _is_blank(str(text)):
             blank += text is not None

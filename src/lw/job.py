@@ -107,8 +107,13 @@ def plan_job(job: LwConfig, tokenizer) -> JobPlan:
     """Prompts, perturbation and augmented views, from the job's seed (no model needed)."""
     torch.manual_seed(job.seed)
     generator = torch.Generator().manual_seed(job.seed)
-    ids, texts, labels, questions = job_prompts(job, tokenizer, generator,
-                                                embedding_rows(job.model, tokenizer))
+    rows = embedding_rows(job.model, tokenizer)
+    ids, texts, labels, questions = job_prompts(job, tokenizer, generator, rows)
+    highest = max(max(prompt) for prompt in ids)
+    if highest >= rows:  # the embedding lookup would fail deep in the forward pass
+        raise LwError(f"model {job.model.name} embeds token ids below {rows} (its vocab_size) "
+                      f"but tokenizer {job.model.tokenizer or job.model.id!r} gives id "
+                      f"{highest}; set model.arch_config.vocab_size >= {highest + 1}")
     if "mc_accuracy" in job.metrics:  # fails here, before the model loads, if it cannot work
         letter_ids(tokenizer, max(q.n_choices for q in questions))
     check_prompt_set(job, ids, labels)
