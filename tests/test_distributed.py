@@ -35,10 +35,11 @@ def store_args(tmp: Path) -> list[str]:
             f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/multirun"]
 
 
-def launch(launcher: list[str], tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+def launch(launcher: list[str], tmp: Path, *overrides: str,
+           **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, "-m", "lw.run", *overrides, *store_args(tmp)], cwd=tmp,
-                          env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)
+                          env=cli_env(OMP_NUM_THREADS="1", **env), capture_output=True,
+                          text=True, timeout=600)
 
 
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
@@ -82,33 +83,45 @@ def tiny_job(path: Path) -> list[str]:
             "extraction.batch_size=4"]
 
 
+# Rank 0's measuring (a rank-0-only step) fails in the sweep's first job only.
+MEASURE_FAULT = "0:measuring the metrics:1"
+MEASURE_FAILED = "rank 0 of 2 failed in measuring the metrics: RuntimeError"
+
+
 @pytest.fixture(scope="module")
 def torchrun_sweep(tmp_path_factory):
-    """`torchrun --nproc_per_node 2 -m lw.run -m ... seed=0,1`: one launch, two jobs."""
+    """`torchrun --nproc_per_node 2 -m lw.run -m ... seed=0,1`: one launch, two jobs, the
+    first failing on rank 0 while rank 1 waits (LW_TEST_FAULT)."""
     tmp = tmp_path_factory.mktemp("torchrun")
     path = data_file(tmp)
-    done = launch(TORCHRUN, tmp, "-m", *tiny_job(path), "seed=0,1")
+    done = launch(TORCHRUN, tmp, "-m", *tiny_job(path), "seed=0,1",
+                  LW_TEST_FAULT=MEASURE_FAULT)
     return {"done": done, "tmp": tmp, "path": path}
 
 
 def test_two_process_sweep_is_one_parent_with_two_children(torchrun_sweep):
-    tmp = torchrun_sweep["tmp"]
-    assert torchrun_sweep["done"].returncode == 0, torchrun_sweep["done"].stderr[-3000:]
+    tmp, done = torchrun_sweep["tmp"], torchrun_sweep["done"]
+    assert done.returncode == 1, done.stderr[-3000:]  # a job failed
     found = runs(tmp)  # one run per job, not one per rank
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert sorted(r.data.params["seed"] for r in children) == ["0", "1"]
-    assert all(r.info.status == "FINISHED" for r in children)
+    status = {r.data.params["seed"]: r.info.status for r in children}
+    assert status == {"0": "FAILED", "1": "FINISHED"}
+    (failed,) = [r for r in children if r.info.status == "FAILED"]
+    assert MEASURE_FAILED in failed.data.tags["lw.error"]
+    # both ranks ended job #0 with the same line, then ran job #1 in step
+    lines = [line for line in done.stderr.splitlines() if MEASURE_FAILED in line]
+    assert len(lines) == 2 and all(line.startswith("[lw] error in job #0: ") for line in lines)
     # the ranks agreed on one sweep folder: job folders 0 and 1, and rank 0 wrote results
     assert sorted(p.name for p in (tmp / "multirun").iterdir() if p.is_dir()) == ["0", "1"]
     assert (tmp / "multirun" / "1" / "results" / "table.csv").exists()
 
 
-@pytest.mark.parametrize("seed", ["0", "1"])
-def test_two_processes_log_what_one_process_logs(torchrun_sweep, seed):
-    tmp = torchrun_sweep["tmp"]
+def test_two_processes_log_what_one_process_logs(torchrun_sweep):
+    """Job #1 ran after job #0 failed on rank 0 alone: its values are the 1-process values."""
+    tmp, seed = torchrun_sweep["tmp"], "1"
     (run,) = [r for r in runs(tmp) if r.data.params.get("seed") == seed]
     assert run.data.metrics["n_prompts"] == 12
     assert_logged_as_one_process(curves(tmp, run), [*tiny_job(torchrun_sweep["path"]),

@@ -45,6 +45,21 @@ def test_twonn_finds_the_dimension_of_a_linear_manifold(dimension):
     assert twonn(torch.tensor(embedded)).item() == pytest.approx(dimension, rel=0.12)
 
 
+def test_twonn_over_several_blocks_of_rows_matches_the_reference():
+    """4,500 points: the distances are taken in 2 blocks of rows (2**24 // N rows each)."""
+    points = np.random.default_rng(5).normal(size=(4500, 3))
+    assert twonn(torch.tensor(points)).item() == pytest.approx(twonn_reference(points),
+                                                               rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_twonn_needs_three_points(n):
+    from lw.config import LwError
+
+    with pytest.raises(LwError, match=f"at least 3 points, got {n}"):
+        twonn(torch.zeros(2, n, 4))
+
+
 def test_duplicates_are_left_out():
     generator = np.random.default_rng(3)
     points = generator.normal(size=(200, 4))

@@ -90,6 +90,30 @@ def test_joblib_workers_report_failures_when_tracking_itself_fails(tmp_path):
     assert len(failed) == 2 and all("unreachable" in line for line in failed), done.stdout
 
 
+def test_joblib_sweep_in_the_default_folder_counts_a_job_that_failed_before_its_run(tmp_path):
+    """The default sweep folder is multirun/${lw_now:...}: workers started seconds later must
+    write their job folders (and failure files) into the parent's, not one of their own clock;
+    data.n_prompts=-5 fails before any run is opened, so only its failure file tells."""
+    good = tmp_path / "good.txt"
+    good.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:6]))
+    done = subprocess.run(
+        [str(PYTHON), "-m", "lw.run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         "model=tiny-pythia", "data=local", f"data.path={good}", "data.n_prompts=6,-5",
+         "data.max_tokens=32", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+         f"tracking.artifact_location={tmp_path}/art"],
+        cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "1 of 2 jobs finished" in done.stdout, done.stdout
+    (listed,) = [line for line in done.stdout.splitlines() if line.startswith("[lw] FAILED")]
+    assert "#1" in listed and "data.n_prompts=-5: must be >= 1" in listed
+    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")  # one sweep folder, both jobs in it
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
+    assert (sweep_dir / "1" / "lw_failed.txt").exists()
+    _, (parent,), _ = store(tmp_path)
+    assert parent.data.tags["lw.sweep_dir"] == str(sweep_dir.relative_to(tmp_path))
+
+
 def test_submitit_local_runs_the_sweep_through_submitit(tmp_path):
     done = sweep(tmp_path, "seed=0", "hydra/launcher=submitit_local",
                  "hydra.launcher.timeout_min=20")

@@ -9,10 +9,11 @@ import re
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, cli_env, load_option, model_option
+from conftest import PYTHON, cli_env, compose_job, load_option, model_option
 from lw.config import LwError
 from lw.extract import all_layers
 from lw.models import load_model, load_tokenizer_of, offline_models
@@ -135,6 +136,22 @@ def test_random_models_are_seeded(name):
     assert first.info.weights_sha256 == ""
     assert first.info.n_layers == model_option(name).arch_config["num_hidden_layers"]
     assert len(first.tokenizer) == first.model.get_input_embeddings().num_embeddings
+
+
+def test_random_init_takes_its_vocab_size_from_arch_config():
+    """model.arch_config.vocab_size wins over the tokenizer's size (it was passed twice);
+    one smaller than the tokenizer's ids is refused before the model loads."""
+    from lw.job import compute
+
+    job = compose_job(["model=tiny-pythia", "+model.arch_config.vocab_size=50000",
+                       "data.n_prompts=4", "data.max_tokens=16", "metrics=[curvature]"])
+    loaded = load_model(job.model, torch.device("cpu"))
+    assert loaded.model.get_input_embeddings().num_embeddings == 50000
+    assert np.isfinite(compute(job).table["curvature"].to_numpy()[1:]).all()
+    small = compose_job(["model=tiny-pythia", "+model.arch_config.vocab_size=100",
+                         "data.n_prompts=4", "data.max_tokens=16"])
+    with pytest.raises(LwError, match=r"model.arch_config.vocab_size >= \d+"):
+        compute(small)
 
 
 def test_unknown_tokenizer_or_arch_lists_the_options():

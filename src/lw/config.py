@@ -7,6 +7,7 @@ turns the composed config into these dataclasses, whose ``__post_init__`` checks
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,15 @@ POOLINGS = ("mean", "last", "first")
 # The metrics and their knobs are declared one module each (lw.metrics.registry); the
 # schema's metric node (MetricConfig) is built from those declarations, installed ones included.
 METRIC_NAMES = registry.names()
+
+
+# torch.device strings lw places models and states on (extraction.device, model.device_map)
+_DEVICE = re.compile(r"(cpu|mps|cuda(:\d+)?)")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # Accelerate's strategies
+# MLflow tracking stores: a server, a database (SQLAlchemy) or a local folder
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
+                    "databricks")
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 
 
 @dataclass
@@ -60,6 +70,10 @@ class ModelConfig:
         _one_of("model.source", self.source, MODEL_SOURCES)
         _one_of("model.family", self.family, MODEL_FAMILIES)
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check(self.device_map is None or self.device_map in DEVICE_MAPS
+               or bool(_DEVICE.fullmatch(str(self.device_map))),
+               f"model.device_map={self.device_map!r} is not one of {', '.join(DEVICE_MAPS)}, "
+               "cpu, mps, cuda, cuda:<index>")
         _check(not self.max_memory or self.device_map is not None,
                "model.max_memory needs model.device_map (e.g. model.device_map=auto)")
         _check(not self.adapters or self.source == "hub",
@@ -144,6 +158,9 @@ class ExtractionConfig:
         _one_of("extraction.pooling", self.pooling, POOLINGS)
         _check(self.batch_size >= 1, f"extraction.batch_size={self.batch_size}: must be >= 1")
         _check(self.skip_first >= 0, f"extraction.skip_first={self.skip_first}: must be >= 0")
+        _check(self.device == "auto" or bool(_DEVICE.fullmatch(self.device)),
+               f"extraction.device={self.device!r} is not one of auto, cpu, mps, cuda, "
+               "cuda:<index>")
 
 
 @dataclass
@@ -153,6 +170,14 @@ class TrackingConfig:
     artifact_location: str | None = None  # None: <project>/mlruns/artifacts
     experiment: str = "lw"
     rerun: bool = False           # run a job even if a FINISHED run with its lw.job_hash exists
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment and self.experiment.strip()),
+               f"tracking.experiment={self.experiment!r}: name an MLflow experiment (e.g. lw)")
+        scheme = (self.uri or "").partition("://")[0].partition("+")[0]
+        _check(not self.uri or "://" not in self.uri or scheme in TRACKING_SCHEMES,
+               f"tracking.uri={self.uri.split('@')[-1] if self.uri else ''!r}: scheme "
+               f"{scheme!r} is not one of {', '.join(TRACKING_SCHEMES)} (or a folder path)")
 
 
 @dataclass
@@ -168,6 +193,10 @@ class LwConfig:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
+        twice = sorted({name for name in self.metrics if self.metrics.count(name) > 1})
+        _check(not twice, f"metrics={list(self.metrics)} names {', '.join(twice)} more than "
+               "once; name each metric once")
+        _check(0 <= self.seed <= SEED_MAX, f"seed={self.seed}: must lie in [0, 2**63 - 1]")
         registry.check_job(self)
 
 

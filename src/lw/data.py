@@ -210,14 +210,41 @@ def _local_rows(cfg: DataConfig) -> _Table:
         raise LwError(f"data.path={cfg.path!r}: no such file ({path.absolute()})")
     if path.stat().st_size == 0:
         raise LwError(f"data.path={cfg.path!r}: the file is empty")
+    if builder != "parquet":
+        _check_text_file(path, cfg.path, jsonl=path.suffix.lower() == ".jsonl")
     import datasets
 
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        rows = dataset.to_list()
     except Exception as error:  # parse errors come as many types (arrow, pandas)
         raise LwError(f"data.path={cfg.path!r}: could not read it as {builder}: "
                       f"{_root_message(error)}") from None
-    return _Table(dataset.to_list(), list(dataset.column_names))
+    return _Table(rows, list(dataset.column_names))
+
+
+def _check_text_file(path: Path, shown: str | None, jsonl: bool) -> None:
+    """A text file is UTF-8 and, for .jsonl, one JSON object a line: else an LwError naming
+    the first bad line, counted from 1 as editors do (the readers' errors say "row 20" for
+    line 21, or "Invalid encoding" for a JSON error)."""
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise LwError(f"data.path={shown!r}: line {number} is not UTF-8 (byte "
+                              f"{raw[error.start]:#04x} at column {error.start + 1}); save the "
+                              "file as UTF-8") from None
+            if jsonl and line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    raise LwError(f"data.path={shown!r}: line {number} is not a JSON object "
+                                  f"({error}); a .jsonl file holds one object a line") from None
+                if not isinstance(record, dict):
+                    raise LwError(f"data.path={shown!r}: line {number} holds a JSON "
+                                  f"{type(record).__name__}, not an object; a .jsonl file "
+                                  "holds one object a line")
 
 
 def _root_message(error: BaseException) -> str:
@@ -305,8 +332,8 @@ def read_records(cfg: DataConfig) -> list[dict]:
     if cfg.label_field is not None and cfg.label_field not in columns:
         raise LwError(f"data.label_field={cfg.label_field!r} is not a field of data "
                       f"{cfg.name!r}; fields: {', '.join(columns)}")
-    records = []
-    for row in rows:
+    records, blank = [], 0
+    for number, row in enumerate(rows, start=1):
         label = row.get(cfg.label_field) if cfg.label_field else None
         if cfg.label_field and (label is None or str(label).strip() == ""):
             continue
@@ -316,7 +343,12 @@ def read_records(cfg: DataConfig) -> list[dict]:
             fields = {**row, **extra}
         else:
             text = _format(template, row, columns) if template else row.get(cfg.text_field)
-        if text is None or not str(text).strip():
+            if not (template or text is None or isinstance(text, str)):
+                raise LwError(f"data.text_field={cfg.text_field!r}: record {number} holds "
+                              f"{type(text).__name__} {str(text)[:60]!r}, not a string; "
+                              "name a text field, or format fields with data.template")
+        if text is None or _is_blank(str(text)):
+            blank += text is not None
             continue
         if suffix is not None:
             text = str(text) + _format(suffix, fields, list(fields),
@@ -327,8 +359,19 @@ def read_records(cfg: DataConfig) -> list[dict]:
         records.append(record)
     if not records:
         raise LwError(f"data {cfg.name!r} has {len(rows)} rows but none with a non-blank text"
-                      + (f" and a {cfg.label_field!r} label" if cfg.label_field else ""))
+                      + (f" and a {cfg.label_field!r} label" if cfg.label_field else "")
+                      + " (blank: only spaces and invisible characters such as U+200B)")
+    if blank:
+        warnings.warn(f"data {cfg.name!r}: {blank} of {len(rows)} records have a blank text "
+                      "(only spaces and invisible characters); left out", stacklevel=2)
     return records
+
+
+def _is_blank(text: str) -> bool:
+    """Nothing to read: whitespace and format characters only (zero-width spaces, BOMs)."""
+    import unicodedata
+
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int | None = None) -> list[list[int]]:

@@ -4,9 +4,16 @@
 Accelerate's PartialState forms the process group from the launcher's environment (nccl on
 GPUs, one device per rank; gloo on CPUs). Every rank plans the same prompts from the job's
 seed, takes its share (balanced by tokens), runs the forward pass on it, and the products are
-gathered on rank 0, which alone measures and logs (nanoGPT's ``master_process``). A failure on
-any rank is agreed on at the next step, so every rank stops with the failing rank named
-instead of waiting on a collective that will never come.
+gathered on rank 0, which alone measures and logs (nanoGPT's ``master_process``). Every step,
+rank-0-only ones included, ends in an agreement (:func:`together`), so a failure on any rank
+stops every rank with the failing rank named instead of waiting on a collective that will
+never come, and the next job of a sweep starts in step on every rank.
+
+Waiting policy: agreements (and the small objects of :func:`all_objects`) go over a gloo group
+of their own whose timeout is ``LW_RANK_WAIT_HOURS`` (default 72 h), so idle ranks wait out
+rank 0's measuring (MTEB, probes on a large N) and logging; the tensors of the gather keep the
+30-minute ``TIMEOUT``, since by then every rank is ready. A rank that dies is seen at once
+(gloo's sockets close, and torchrun / accelerate stop the other ranks).
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from lw.extract import Extraction
 
 # A collective that waits this long means a rank is gone without a word (killed): fail.
 TIMEOUT = timedelta(minutes=30)
+# An agreement waits this long for the slowest rank (rank 0 measuring alone): see the docstring.
+WAIT_ENV = "LW_RANK_WAIT_HOURS"
+# Test-only fault injection: "<rank>:<step>:<n>" raises on that rank in the n-th (1-based)
+# agreement on <step> of this process (under -m: the n-th job that reaches it).
+FAULT_ENV = "LW_TEST_FAULT"
 
 
 @dataclass(frozen=True)
@@ -55,8 +67,24 @@ def current_ranks() -> Ranks:
     # cpu=True is how Accelerate forms a gloo group when there is no GPU
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
     atexit.register(_leave)
+    _agreement_group()  # every rank creates it here, at the same point (a collective)
     device = state.device if state.device.type == "cuda" else None
     return Ranks(state.process_index, state.num_processes, device)
+
+
+@lru_cache(maxsize=1)
+def _agreement_group():
+    """The gloo group agreements go over, with the long wait (module docstring)."""
+    import torch.distributed as dist
+
+    try:
+        hours = float(os.environ.get(WAIT_ENV, "72"))
+    except ValueError:
+        raise LwError(f"{WAIT_ENV}={os.environ[WAIT_ENV]!r}: must be a number of hours "
+                      "(e.g. 72)") from None
+    if not hours > 0:
+        raise LwError(f"{WAIT_ENV}={hours}: must be > 0 hours")
+    return dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
 
 
 def _leave() -> None:
@@ -79,7 +107,7 @@ def all_objects(value, ranks: Ranks) -> list:
     import torch.distributed as dist
 
     out = [None] * ranks.world
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=_agreement_group())
     return out
 
 
@@ -96,6 +124,8 @@ def agree(step: str, error: BaseException | None, ranks: Ranks) -> None:
         if error is not None:
             raise error
         return
+    if isinstance(error, RankFailure):  # an inner step's agreement: every rank holds it
+        raise error
     if error is not None and not isinstance(error, LwError):
         traceback.print_exc(file=sys.stderr)  # the failing rank keeps its own traceback
     said = None if error is None else f"{type(error).__name__}: {error}"
@@ -110,10 +140,22 @@ def together(step: str, ranks: Ranks) -> Iterator[None]:
     """Run the block on every rank, then :func:`agree` on how it went."""
     error = None
     try:
+        _injected_fault(step, ranks)
         yield
     except Exception as caught:  # noqa: BLE001 - carried to every rank by agree
         error = caught
     agree(step, error, ranks)
+
+
+_STEPS_SEEN: dict[str, int] = {}
+
+
+def _injected_fault(step: str, ranks: Ranks) -> None:
+    """Raise here if ``LW_TEST_FAULT`` names this rank, step and occurrence (tests only)."""
+    _STEPS_SEEN[step] = _STEPS_SEEN.get(step, 0) + 1
+    fault = os.environ.get(FAULT_ENV)
+    if fault and fault == f"{ranks.rank}:{step}:{_STEPS_SEEN[step]}":
+        raise RuntimeError(f"{FAULT_ENV}={fault}: injected failure")
 
 
 def shard(lengths: list[int], world: int) -> list[list[int]]:
@@ -143,22 +185,26 @@ def gather_extraction(local: Extraction, shares: list[list[int]], n: int,
                           for name, value in local.per_prompt.items()}, ranks)
     names = sorted(set().union(*shapes))  # a rank with no prompt has no product at all
     device = _comm_device(ranks)
+    with together("making room for the gathered products", ranks):  # before any rank sends
+        if ranks.is_main:
+            pooled = torch.empty((n, *local.pooled.shape[1:]), dtype=local.pooled.dtype)
+            per_prompt = {}
+            for name in names:
+                width = [max(dims) for dims in zip(*(shape[name] for shape in shapes
+                                                       if name in shape), strict=True)]
+                fill = float("nan") if len(width) == 1 else 0.0  # (L+1,) values; (L+1, m) spectra
+                per_prompt[name] = torch.full((n, *width), fill, dtype=torch.float64)
     if not ranks.is_main:
         if shares[ranks.rank]:
             mine = [local.per_prompt[name] for name in sorted(shapes[ranks.rank])]
             for tensor in [local.pooled, *mine]:
                 dist.send(tensor.contiguous().to(device), dst=0)
         return None
-    pooled = torch.empty((n, *local.pooled.shape[1:]), dtype=local.pooled.dtype)
     pooled[shares[0]] = local.pooled
-    per_prompt = {}
     for name in names:
-        width = [max(dims) for dims in zip(*(shape[name] for shape in shapes
-                                               if name in shape), strict=True)]
-        fill = float("nan") if len(width) == 1 else 0.0  # (L+1,) values; (L+1, m) spectra
-        per_prompt[name] = torch.full((n, *width), fill, dtype=torch.float64)
         if name in local.per_prompt:
-            per_prompt[name][shares[0]] = _widen(local.per_prompt[name], width)
+            per_prompt[name][shares[0]] = _widen(local.per_prompt[name],
+                                                 list(per_prompt[name].shape[1:]))
     for rank in range(1, ranks.world):
         if not shares[rank]:
             continue

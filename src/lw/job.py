@@ -94,8 +94,13 @@ def plan_job(job: LwConfig, tokenizer) -> JobPlan:
     """Prompts, perturbation and augmented views, from the job's seed (no model needed)."""
     torch.manual_seed(job.seed)
     generator = torch.Generator().manual_seed(job.seed)
-    ids, texts, labels, questions = job_prompts(job, tokenizer, generator,
-                                                embedding_rows(job.model, tokenizer))
+    rows = embedding_rows(job.model, tokenizer)
+    ids, texts, labels, questions = job_prompts(job, tokenizer, generator, rows)
+    highest = max(max(prompt) for prompt in ids)
+    if highest >= rows:  # the embedding lookup would fail deep in the forward pass
+        raise LwError(f"model {job.model.name} embeds token ids below {rows} (its vocab_size) "
+                      f"but tokenizer {job.model.tokenizer or job.model.id!r} gives id "
+                      f"{highest}; set model.arch_config.vocab_size >= {highest + 1}")
     if job.extraction.skip_first >= min(map(len, ids)):
         raise LwError(f"extraction.skip_first={job.extraction.skip_first} leaves no token of "
                       f"the shortest prompt ({min(map(len, ids))} tokens); raise "
@@ -158,9 +163,10 @@ def forward_stage(job: LwConfig, loaded: LoadedModel, plan: JobPlan, device: tor
             mine = extract(loaded, [prompts[i] for i in shares[ranks.rank]],
                            token_metrics=token_fns,
                            desc=f"{job.model.name} {job.data.name} {what}", **batching)
-        whole = gather_extraction(mine, shares, len(prompts), ranks)
-        if whole is not None:
-            whole.n_tokens = torch.tensor([len(p) for p in prompts])
+        with together(f"gathering the products of the forward pass over {what}", ranks):
+            whole = gather_extraction(mine, shares, len(prompts), ranks)
+            if whole is not None:
+                whole.n_tokens = torch.tensor([len(p) for p in prompts])
         gathered.append(whole)
     if not ranks.is_main:
         return None
@@ -262,8 +268,14 @@ def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
             views = view_prompts(plan.texts, n_views, plan.views_seed, loaded.tokenizer,
                                  job.data.max_tokens)
         products = forward_stage(job, loaded, plan, device, ranks, needed, n_views, views)
-        if key is not None and ranks.is_main:
-            cache.store(key, products)
-    if not ranks.is_main:
-        return None
-    return measure(job, products, plan, loaded, device)
+        if key is not None:
+            with together("storing the activation cache entry", ranks):
+                if ranks.is_main:
+                    cache.store(key, products)
+    # Rank 0 measures alone; the other ranks wait in the agreement (no collective timeout:
+    # lw.distributed), so a failure here ends the job on every rank, in step.
+    result = None
+    with together("measuring the metrics", ranks):
+        if ranks.is_main:
+            result = measure(job, products, plan, loaded, device)
+    return result

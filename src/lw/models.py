@@ -132,7 +132,8 @@ def _random_model(cfg: ModelConfig, seed: int):
     if cfg.arch not in ARCHITECTURES:
         raise LwError(f"model.arch={cfg.arch!r} is not one of {', '.join(ARCHITECTURES)}")
     tokenizer = load_tokenizer_of(cfg.tokenizer)
-    config = config_class(cfg.arch)(vocab_size=len(tokenizer), **cfg.arch_config)
+    # the tokenizer's size unless model.arch_config sets vocab_size (then it wins)
+    config = config_class(cfg.arch)(**{"vocab_size": len(tokenizer), **cfg.arch_config})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModel.from_config(config)

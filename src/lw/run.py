@@ -6,13 +6,18 @@
 
 from __future__ import annotations
 
+import errno
+import re
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,7 +40,10 @@ from lw.tracking import (
 
 register_configs()
 # Hydra's ${now:} is per process: ranks of one launch must agree on their sweep folder.
-OmegaConf.register_new_resolver("lw_now", shared_now, replace=True)
+# use_cache: Hydra copies the sweep config's resolver cache into every job's config
+# (load_sweep_config), so joblib workers and SLURM tasks read the parent's value instead of
+# their own clock (which would put their job folders outside the sweep folder it checks).
+OmegaConf.register_new_resolver("lw_now", shared_now, use_cache=True, replace=True)
 # conf/hydra/launcher/submitit_slurm.yaml replaces the plugin's node of that name on purpose
 # (same fields, values from the environment); Hydra 1.3 warns that it checks it against it.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated")
@@ -117,12 +125,80 @@ def run_job(cfg: DictConfig) -> JobResult | None:
         raise
 
 
+# user:password@ (or a token as user@) in a URI anywhere in the command line or config
+_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s@,]+@", re.IGNORECASE)
+# What a folder lw or Hydra must write to can fail with: the user's to fix.
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+               errno.ENOTDIR, errno.EEXIST)
+
+
+def _refuse(message: str) -> None:
+    print(f"[lw] error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _writable(folder: str, knob: str) -> None:
+    """``folder`` can be made and written to, or one error line naming ``knob``."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        _refuse(f"{knob}={folder}: cannot write there ({error.strerror or error}); choose a "
+                "writable folder")
+
+
+class StartChecks(Callback):
+    """Checks made before Hydra writes anything (the job's folder, ``.hydra/``, the sweep's
+    multirun.yaml): no credential in a URI, and a folder Hydra can write to."""
+
+    @staticmethod
+    def _no_credentials(config: DictConfig) -> None:
+        said = [str(config.tracking.get("uri") or ""), *config.hydra.overrides.task]
+        if any(_CREDENTIALS.search(text) for text in said):
+            _refuse("tracking.uri holds credentials (user:password@); they would be written to "
+                    "Hydra's files and MLflow: set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._no_credentials(config)
+        _writable(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._no_credentials(config)
+        _writable(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _knob_of(path: str, cfg: DictConfig) -> str:
+    """The setting that chose where ``path`` is (for the error line), or ""."""
+    tracking = cfg.get("tracking", {})
+    places = {"tracking.artifact_location": tracking.get("artifact_location"),
+              "tracking.uri": tracking.get("uri"),
+              "hydra.runtime.output_dir": HydraConfig.get().runtime.output_dir}
+    for knob, given in places.items():
+        place = str(given or "").removeprefix("sqlite:///").removeprefix("file://")
+        if place and (path == place or path.startswith(place.rstrip("/") + "/")
+                      or Path(place).parent == Path(path).parent):
+            return f" ({knob}={given})"
+    return ""
+
+
+def user_error(error: Exception, cfg: DictConfig) -> Exception:
+    """A folder or disk that refuses a write, as an LwError naming the path (else ``error``)."""
+    if isinstance(error, OSError) and error.errno in _UNWRITABLE and error.filename:
+        path = str(error.filename)
+        return LwError(f"cannot write {path}{_knob_of(path, cfg)}: {error.strerror}; choose "
+                       "a writable folder with free space")
+    return error
+
+
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run_job(cfg)
-    except Exception as error:
+    except Exception as caught:
+        error = user_error(caught, cfg)
         if isinstance(error, LwError):  # the user's to fix: the message says what and how
             job = f" in job #{HydraConfig.get().job.num}" if multirun else ""
             print(f"[lw] error{job}: {error}", file=sys.stderr)

@@ -11,6 +11,15 @@ def _compute(inputs) -> Output:
     return Output(per_layer={f"cluster/{name}": v for name, v in values.items()})
 
 
+def _check_plan(job, tokenizer, plan) -> None:
+    """The classes the labels give, checked before the model loads."""
+    from lw.metrics.downstream import check_labels
+
+    if plan.labels is not None:
+        check_labels(plan.labels, None, True)
+
+
 METRIC = Metric(
     name="cluster", compute=_compute, needs=("pooled", "labels"), logs={"cluster/": True},
-    scores=("cluster/v_measure",), description="k-means V-measure (and ARI, NMI) on the labels")
+    scores=("cluster/v_measure",), check_plan=_check_plan,
+    description="k-means V-measure (and ARI, NMI) on the labels")

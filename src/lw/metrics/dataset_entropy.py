@@ -30,4 +30,5 @@ METRIC = Metric(
     name="dataset_entropy", compute=_compute, default=True, knobs=DatasetEntropyKnobs,
     logs={"dataset_entropy/": None}, summaries={"dataset_entropy/max": "min"},
     agreement=("dataset_entropy/",), shared_knobs=("compat", "normalizations"),
+    spread=True,
     description="matrix entropy of the pooled vectors' Gram matrix")

@@ -53,6 +53,16 @@ def _labels(labels: Sequence[str] | np.ndarray, n: int, what: str, min_count: in
     return y, classes, counts
 
 
+def check_labels(labels: Sequence[str], probe_folds: int | None, clusters: bool) -> None:
+    """The label checks of :func:`probe` (``probe_folds`` given) and :func:`cluster`, run on
+    the plan's labels before any model loads (LwError naming the class and its count)."""
+    if probe_folds is not None:
+        _labels(labels, len(labels), "the linear probe", probe_folds,
+                f"metric.probe.folds={probe_folds} needs every class in every fold")
+    if clusters:
+        _labels(labels, len(labels), "clustering", 1, "")
+
+
 def _by_layer(pooled: Tensor, what: str) -> np.ndarray:
     if pooled.ndim != 3:
         raise LwError(f"{what}: pooled vectors must be (L+1, N, D), got shape "

@@ -26,4 +26,6 @@ def _compute(inputs) -> Output:
 
 METRIC = Metric(
     name="intrinsic_dimension", compute=_compute, knobs=IntrinsicDimensionKnobs,
-    logs={"intrinsic_dimension": None}, description="TwoNN intrinsic dimension")
+    logs={"intrinsic_dimension": None},
+    min_prompts=3, spread=True,  # TwoNN needs a second neighbour
+    description="TwoNN intrinsic dimension")

@@ -30,4 +30,5 @@ METRIC = Metric(
     name="lidar", compute=_compute, needs=("views",), knobs=LiDARKnobs,
     logs={"lidar/": True}, agreement=("lidar/effective_rank",),
     shared_knobs=("normalizations",), n_views=lambda job: job.metric.lidar.J,
+    min_prompts=2,  # between-prompt scatter
     description="LiDAR over the first J views of every prompt")

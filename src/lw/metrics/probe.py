@@ -27,7 +27,16 @@ def _compute(inputs) -> Output:
     return Output(per_layer={f"probe/{name}": v for name, v in values.items()})
 
 
+def _check_plan(job, tokenizer, plan) -> None:
+    """The classes the labels give, checked before the model loads."""
+    from lw.metrics.downstream import check_labels
+
+    if plan.labels is not None:
+        check_labels(plan.labels, job.metric.probe.folds, False)
+
+
 METRIC = Metric(
     name="probe", compute=_compute, needs=("pooled", "labels"), knobs=ProbeKnobs,
     logs={"probe/": True}, scores=("probe/accuracy",),
+    check_plan=_check_plan,
     description="logistic-regression probe accuracy (stratified k-fold) on the labels")

@@ -17,6 +17,7 @@ import importlib
 import inspect
 import pkgutil
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -112,6 +113,8 @@ class Metric:
     n_views: Callable[[Any], int] | None = None
     check: Callable[[Any], None] | None = None           # the job's config, before any load
     check_plan: Callable[[Any, Any, Any], None] | None = None  # (job, tokenizer, plan)
+    min_prompts: int = 1              # the fewest prompts it can be computed on
+    spread: bool = False              # measures how prompts differ: NaN on identical prompts
     description: str = ""
     default: bool = False             # in the metrics a job runs when none are named
     source: str = "built-in"          # or the installed distribution that declared it
@@ -243,6 +246,8 @@ def metric_config_class() -> type:
 
     def __post_init__(self) -> None:  # noqa: N807
         one_of("metric.compat", self.compat, COMPAT_MODES)
+        check(len(self.normalizations) > 0,
+              "metric.normalizations=[]: choose at least one of " + ", ".join(NORMALIZATIONS))
         for norm in self.normalizations:
             one_of("metric.normalizations", norm, NORMALIZATIONS)
 
@@ -267,9 +272,24 @@ def check_job(job) -> None:
 
 
 def check_plan(job, tokenizer, plan) -> None:
-    for metric in running(job):
+    """What the prompts allow, known before the model loads: too few prompts for a metric
+    fail, each metric's own plan checks run (labels a probe cannot be cross-validated on...),
+    and a set without spread (one prompt, or all identical) warns that some will be NaN."""
+    metrics = running(job)
+    for metric in metrics:
+        check(len(plan.ids) >= metric.min_prompts,
+              f"metrics {metric.name} needs at least {metric.min_prompts} prompts; data "
+              f"{job.data.name!r} gives {len(plan.ids)} (data.n_prompts={job.data.n_prompts}):"
+              f" raise data.n_prompts or drop {metric.name}")
         if metric.check_plan is not None:
             metric.check_plan(job, tokenizer, plan)
+    blind = [metric.name for metric in metrics if metric.spread]
+    if blind and (len(plan.ids) < 2 or all(prompt == plan.ids[0] for prompt in plan.ids)):
+        why = ("only 1 prompt" if len(plan.ids) < 2
+               else f"all {len(plan.ids)} prompts are the same tokens")
+        warnings.warn(f"data {job.data.name!r}: {why}, so {', '.join(blind)} will be NaN "
+                      "(they measure how prompts differ); use more, distinct prompts",
+                      stacklevel=2)
 
 
 def token_products_needed(job) -> list[str]:

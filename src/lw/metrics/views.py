@@ -61,8 +61,9 @@ def dime(
     ``Ka = A A^T``, ``Kb = B B^T`` (``N x N``, A, B prepped) and
     ``DiME = mean_pi [S_alpha(Ka o Pi Kb Pi^T) - S_alpha(Ka o Kb)]`` over r permutations,
     ``o`` the element-wise product, ``S_alpha`` the entropy of the trace-normalized spectrum
-    (alpha = 2 via ``||K||_F^2 / tr(K)^2``). The same permutations serve every leading index;
-    all ``r + 1`` matrices go through one batched eigvalsh (memory ``(..., r+1, N, N)``).
+    (alpha = 2 via ``||K||_F^2 / tr(K)^2``). The same permutations serve every leading index.
+    Memory: one leading index at a time, one matrix at a time (3 N x N float64 and
+    eigvalsh's workspace), whatever the leading dims and r.
 
     ``compat="official"``: repitl's ``doe`` applied no clamp and no trace normalization, and its
     alpha = 2 shortcut is ``||K||_F^2 / N^2`` on ``K`` as given (equal to the paper value when
@@ -78,19 +79,26 @@ def dime(
         ``(...)`` float64; NaN when N < 2.
     """
     check_compat(compat)
-    pa, pb = prep(a), prep(b)
-    ka, kb = pa @ pa.mT, pb @ pb.mT
-    n = ka.shape[-1]
+    *lead, n, _ = a.shape
     if perms is None:
         perms = random_permutations(n, r, generator)
-    perms = perms.to(ka.device)
-    permuted = kb[..., perms[:, :, None], perms[:, None, :]]     # (..., r, N, N)
-    joint = torch.cat([(ka * kb).unsqueeze(-3), ka.unsqueeze(-3) * permuted], dim=-3)
+    perms = perms.to(a.device)
     frobenius_n = None
     if compat == "official" and alpha == 2.0:
-        frobenius_n = torch.full(joint.shape[:-2], float(n), dtype=joint.dtype, device=joint.device)
-    s = psd_entropy(joint, alpha, frobenius_n)
-    out = s[..., 1:].mean(-1) - s[..., 0]
+        frobenius_n = torch.tensor(float(n), dtype=torch.float64, device=a.device)
+    # One leading index (layer) and one matrix at a time: the peak is Ka, Kb and one joint
+    # matrix (3 N x N float64) plus eigvalsh's workspace, not (..., r+1, N, N).
+    flat_a, flat_b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.empty(flat_a.shape[0], dtype=torch.float64, device=a.device)
+    for index in range(flat_a.shape[0]):
+        pa, pb = prep(flat_a[index]), prep(flat_b[index])
+        ka, kb = pa @ pa.mT, pb @ pb.mT
+        del pa, pb
+        joint = psd_entropy(ka * kb, alpha, frobenius_n)
+        permuted = torch.stack([psd_entropy(ka * kb[perm[:, None], perm[None, :]], alpha,
+                                            frobenius_n) for perm in perms])
+        out[index] = permuted.mean() - joint
+    out = out.reshape(lead)
     return out if n >= 2 else torch.full_like(out, math.nan)
 
 
@@ -111,7 +119,8 @@ def lidar(
     rank <= min(N - 1, D); logN = S / ln N; logD = S / ln D.
 
     Args:
-        x: ``(..., N, J, D)`` pooled vectors: N prompts x J views.
+        x: ``(..., N, J, D)`` pooled vectors: N prompts x J views. Memory: one leading index's
+            N J x D rows in float64 and a few D x D matrices at a time.
         delta: ridge on Sw.
         normalizations: subset of ``("raw", "max", "logN", "logD")``.
 
@@ -120,21 +129,28 @@ def lidar(
         LiDAR paper calls LiDAR); NaN where Sb = 0 (e.g. N = 1) or x is not finite.
     """
     *lead, n, j, d = x.shape
-    # eigh raises on NaN/inf: compute on zeros there and report NaN.
-    finite = torch.isfinite(x).flatten(-3).all(-1)
-    x = torch.where(torch.isfinite(x), x, 0.0)
-    z = prep(x.reshape(*lead, n * j, d)).reshape(*lead, n, j, d)
-    class_means = z.mean(-2)                                     # (..., N, D)
-    between = class_means - class_means.mean(-2, keepdim=True)
-    within = (z - class_means.unsqueeze(-2)).reshape(*lead, n * j, d)
-    sb = between.mT @ between / n
     eye = torch.eye(d, dtype=torch.float64, device=x.device)
-    sw = within.mT @ within / (n * j) + delta * eye
-    w_eigs, w_vecs = torch.linalg.eigh(sw)
-    inv_sqrt = (w_vecs * w_eigs.rsqrt().unsqueeze(-2)) @ w_vecs.mT
-    lda = inv_sqrt @ sb @ inv_sqrt
-    s = psd_entropy((lda + lda.mT) / 2, alpha=1.0)               # symmetrize rounding
-    s = torch.where(finite, s, math.nan)
+    # One leading index (layer) at a time: the peak is one layer's N J x D rows in float64
+    # and a few D x D matrices, not (..., N, J, D).
+    flat = x.reshape(-1, n, j, d)
+    s = torch.empty(flat.shape[0], dtype=torch.float64, device=x.device)
+    for index in range(flat.shape[0]):
+        layer = flat[index]
+        # eigh raises on NaN/inf: compute on zeros there and report NaN.
+        finite = bool(torch.isfinite(layer).all())
+        z = prep(torch.where(torch.isfinite(layer), layer, 0.0).reshape(n * j, d))
+        z = z.reshape(n, j, d)
+        class_means = z.mean(-2)                                 # (N, D)
+        between = class_means - class_means.mean(-2, keepdim=True)
+        within = z.sub_(class_means.unsqueeze(-2)).reshape(n * j, d)
+        sb = between.mT @ between / n
+        sw = within.mT @ within / (n * j) + delta * eye
+        del z, within
+        w_eigs, w_vecs = torch.linalg.eigh(sw)
+        inv_sqrt = (w_vecs * w_eigs.rsqrt().unsqueeze(-2)) @ w_vecs.mT
+        lda = inv_sqrt @ sb @ inv_sqrt
+        s[index] = psd_entropy((lda + lda.mT) / 2, alpha=1.0) if finite else math.nan
+    s = s.reshape(lead)                                          # symmetrized: rounding
     rows = torch.full(s.shape, float(n), dtype=torch.float64, device=x.device)
     out = normalize_entropy(s, rows, d, normalizations)
     out["effective_rank"] = torch.exp(s)

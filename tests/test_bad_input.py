@@ -1,0 +1,168 @@
+"""Bad input, as a user types it: every case ends in exactly one `[lw] error` line naming the
+value and what is accepted (exit 1, no traceback), before the forward pass where the input is
+known by then; inputs that can be measured but give NaN set metrics warn why (exit 0).
+
+Each case is a real `python -m lw.run` on a tiny model; the cases run two at a time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import PYTHON, cli_env
+
+TEXTS = [f"The quick brown fox jumps over the lazy dog number {i} in the forest."
+         for i in range(40)]
+
+
+def write_files(tmp: Path) -> None:
+    def jsonl(name: str, rows: list[dict]) -> None:
+        (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    jsonl("good.jsonl", [{"text": t, "label": "ab"[i % 2]} for i, t in enumerate(TEXTS)])
+    (tmp / "latin1.jsonl").write_bytes("".join(
+        json.dumps({"text": f"café {i} in Paris"}, ensure_ascii=False) + "\n"
+        for i in range(8)).encode("latin-1"))
+    jsonl("dict.jsonl", [{"text": {"a": t}} for t in TEXTS[:8]])
+    jsonl("zero_width.jsonl", [{"text": "\u200b\u200b\u200b"}] * 8)
+    jsonl("one.jsonl", [{"text": TEXTS[0]}])
+    jsonl("same.jsonl", [{"text": TEXTS[0]}] * 32)
+    jsonl("one_label.jsonl", [{"text": t, "label": "a"} for t in TEXTS])
+    jsonl("label_once.jsonl", [{"text": t, "label": "a" if i else "b"}
+                               for i, t in enumerate(TEXTS)])
+    lines = [json.dumps({"text": t}) + "\n" for t in TEXTS[:25]]
+    lines[20] = '{"text": "broken\n'                 # line 21 (0-based row 20)
+    (tmp / "bad_line.jsonl").write_text("".join(lines))
+    pd.DataFrame({"text": list(range(8))}).to_parquet(tmp / "ints.parquet")
+
+
+# name: (overrides, what the error line says (None: no error, exit 0), known before the
+# forward pass). {tmp}: the case's folder; {ro}: a folder nobody may write to.
+CASES = {
+    "latin-1 jsonl": (["data.path={tmp}/latin1.jsonl"],
+                      "line 1 is not UTF-8 (byte 0xe9", True),
+    "jsonl bad line, 1-based": (["data.path={tmp}/bad_line.jsonl"],
+                                "line 21 is not a JSON object", True),
+    "text field holding a dict": (["data.path={tmp}/dict.jsonl"],
+                                  "data.text_field='text': record 1 holds dict", True),
+    "parquet text of ints": (["data.path={tmp}/ints.parquet"],
+                             "data.text_field='text': record 1 holds int", True),
+    "zero-width prompts": (["data.path={tmp}/zero_width.jsonl", "data.min_tokens=0"],
+                           "none with a non-blank text", True),
+    "1 prompt, intrinsic dimension": (["data.n_prompts=1", "metrics=[intrinsic_dimension]"],
+                                      "intrinsic_dimension needs at least 3 prompts", True),
+    "seed 2**70": (["seed=1180591620717411303424"],
+                   "seed=1180591620717411303424: must lie in [0, 2**63 - 1]", True),
+    "seed -1": (["seed=-1"], "seed=-1: must lie in", True),
+    "device_map": (["model.device_map=bogus"], "model.device_map='bogus' is not one of", True),
+    "extraction device": (["extraction.device=tpu"], "extraction.device='tpu' is not one of",
+                          True),
+    "tracking uri scheme": (["tracking.uri=bogus://x"], "scheme 'bogus' is not one of", True),
+    "empty experiment": (["tracking.experiment=''"], "tracking.experiment=''", True),
+    "duplicated metric": (["metrics=[curvature,curvature]"],
+                          "names curvature more than once", True),
+    "no normalization": (["metric.normalizations=[]"], "metric.normalizations=[]: choose",
+                         True),
+    "probe: 2 prompts, 5 folds": (["data.n_prompts=2", "data.label_field=label",
+                                   "metrics=[probe]"], "fewer than 5 (metric.probe.folds=5",
+                                  True),
+    "probe: one label": (["data.path={tmp}/one_label.jsonl", "data.label_field=label",
+                          "metrics=[probe]"], "needs at least 2 classes", True),
+    "probe: a label seen once": (["data.path={tmp}/label_once.jsonl", "data.n_prompts=40",
+                                  "data.label_field=label", "metrics=[probe]"],
+                                 "class 'b' of data.label_field has 1 prompts", True),
+    "probe: 1000 folds": (["data.label_field=label", "metrics=[probe]",
+                           "metric.probe.folds=1000"], "metric.probe.folds=1000", True),
+    "credentials in the uri": (["tracking.uri=http://alice:s3cret@127.0.0.1:9"],
+                               "tracking.uri holds credentials", True),
+    "read-only run dir": (["hydra.run.dir={ro}/run"], "hydra.run.dir={ro}/run: cannot write",
+                          True),
+    "read-only store": (["tracking.uri=sqlite:///{ro}/mlflow.db"],
+                        "(tracking.uri=sqlite:///{ro}/mlflow.db)", True),
+    "read-only artifact location": (["tracking.artifact_location={ro}/art"],
+                                    "(tracking.artifact_location={ro}/art)", True),
+    "read-only sweep dir": (["-m", "hydra.sweep.dir={ro}/sweep"],
+                            "hydra.sweep.dir={ro}/sweep: cannot write", True),
+    "1-prompt file": (["data.path={tmp}/one.jsonl"], None, False),
+    "32 identical prompts": (["data.path={tmp}/same.jsonl", "data.n_prompts=32"], None, False),
+}
+WARNINGS = {"1-prompt file": "only 1 prompt, so dataset_entropy, dip will be NaN",
+            "32 identical prompts": "all 32 prompts are the same tokens, so dataset_entropy, dip"}
+
+
+def read_only_folder(tmp: Path) -> Path | None:
+    """A folder even root cannot write to (immutable), or None where chattr cannot do it."""
+    folder = tmp / "read-only"
+    folder.mkdir()
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    return folder if done.returncode == 0 else None
+
+
+def run_case(tmp: Path, ro: Path | None, name: str) -> subprocess.CompletedProcess | None:
+    overrides, _, _ = CASES[name]
+    if any("{ro}" in o for o in overrides) and ro is None:
+        return None
+    folder = tmp / name.replace(" ", "_").replace(",", "").replace(":", "")
+    folder.mkdir()
+    values = {"tmp": tmp, "ro": ro}
+    given = [o.format(**values) for o in overrides]
+    mode = [o for o in given if o == "-m"]
+    base = ["model=tiny-pythia", "data=local", f"data.path={tmp}/good.jsonl", "data.n_prompts=8",
+            "data.max_tokens=32", f"tracking.uri=sqlite:///{folder}/mlflow.db",
+            f"tracking.artifact_location={folder}/art", f"hydra.run.dir={folder}/run",
+            f"hydra.sweep.dir={folder}/sweep"]
+    return subprocess.run([str(PYTHON), "-m", "lw.run", *mode, *base,
+                           *[o for o in given if o != "-m"]],
+                          cwd=folder, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad-input")
+    write_files(tmp)
+    ro = read_only_folder(tmp)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            done = dict(zip(CASES, pool.map(lambda name: run_case(tmp, ro, name), CASES),
+                            strict=True))
+    finally:
+        if ro is not None:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
+    return {"tmp": tmp, "ro": ro, "done": done}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_ends_in_one_line(outcomes, name):
+    done = outcomes["done"][name]
+    if done is None:
+        pytest.skip("needs `chattr +i` (root on a file system with immutable files) to make a "
+                    "folder root cannot write to")
+    _, said, early = CASES[name]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("[lw] error")]
+    if said is None:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert not errors
+        assert WARNINGS[name] in done.stderr
+        return
+    said = said.format(tmp=outcomes["tmp"], ro=outcomes["ro"])
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert len(errors) == 1 and said in errors[0], errors or done.stderr[-3000:]
+    if early:  # refused before the forward pass (its progress bar says "prompts")
+        assert "prompts:" not in done.stderr
+
+
+def test_credentials_reach_no_file(outcomes):
+    """The refused URI's password is in no file of the case's folder: Hydra wrote nothing."""
+    folder = outcomes["tmp"] / "credentials_in_the_uri"
+    assert outcomes["done"]["credentials in the uri"].returncode == 1
+    assert not (folder / "run").exists()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert b"s3cret" not in path.read_bytes(), path
