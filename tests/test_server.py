@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -70,6 +71,17 @@ def postgres():
         pg("createdb", "-h", str(folder), "-p", str(port), "-U", "postgres", name)
         return f"postgresql+psycopg://postgres@/{name}?host={folder}&port={port}"
 
+    def with_password(role: str, password: str, name: str) -> str:
+        """A role that must log in with ``password`` (scram) owning a new database."""
+        pg("psql", "-h", str(folder), "-p", str(port), "-U", "postgres", "-c",
+           f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        pg("createdb", "-h", str(folder), "-p", str(port), "-U", "postgres", "-O", role, name)
+        hba = folder / "data" / "pg_hba.conf"
+        hba.write_text(f"local all {role} scram-sha-256\n" + hba.read_text())
+        pg("pg_ctl", "-D", str(folder / "data"), "reload")
+        return f"postgresql+psycopg://{role}:{password}@/{name}?host={folder}&port={port}"
+
+    database.with_password = with_password
     yield database
     subprocess.run(as_unprivileged([str(bin_dir / "pg_ctl"), "-D", str(folder / "data"),
                                     "-m", "immediate", "stop"]), capture_output=True)
@@ -79,13 +91,17 @@ def postgres():
 class Server:
     """`python -m lw.server` in its own process group, its output in a log file."""
 
-    def __init__(self, db: str, folder: Path, *args: str, port: int | None = None):
+    def __init__(self, db: str, folder: Path, *args: str, port: int | None = None,
+                 tls: tuple[Path, Path] | None = None, **extra_env: str):
         self.port = port or free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.uri = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify = str(tls[0]) if tls else True  # the self-signed certificate: its own CA
+        if tls:
+            args = (*args, "--tls-cert", str(tls[0]), "--tls-key", str(tls[1]))
         self.folder = folder
         self.log = folder / "server.log"
         env = cli_env(LW_SERVER_DB=db, LW_SERVER_ARTIFACTS=str(folder / "artifacts"),
-                      LW_SERVER_ADMIN_PASSWORD=ADMIN_PW)
+                      LW_SERVER_ADMIN_PASSWORD=ADMIN_PW, **extra_env)
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [str(PYTHON), "-m", "lw.server", "--port", str(self.port), "--workers", "1",
@@ -94,7 +110,8 @@ class Server:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()[-3000:]
             try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                context = ssl.create_default_context(cafile=tls[0]) if tls else None
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2, context=context)
                 return
             except OSError:
                 time.sleep(0.5)
@@ -108,7 +125,7 @@ class Server:
 
     def api(self, method: str, path: str, auth=None, **kwargs) -> requests.Response:
         return requests.request(method, f"{self.uri}/api/{path}", auth=auth, timeout=30,
-                                **kwargs)
+                                verify=self.verify, **kwargs)
 
     def add_user(self, name: str, password: str) -> None:
         reply = self.api("POST", "2.0/mlflow/users/create", auth=("admin", ADMIN_PW),
@@ -214,6 +231,85 @@ def test_the_server_refuses_to_start_without_a_safe_admin_password(tmp_path):
                               env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 1 and says in done.stderr, done.stderr[-2000:]
         assert "Traceback" not in done.stderr
+
+
+def test_the_server_says_nothing_but_why_when_its_port_is_taken(tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    env = cli_env(LW_SERVER_DB=f"sqlite:///{tmp_path}/m.db", LW_SERVER_ADMIN_PASSWORD=ADMIN_PW,
+                  LW_SERVER_ARTIFACTS=str(tmp_path / "a"))
+    done = subprocess.run([str(PYTHON), "-m", "lw.server", "--port", str(port)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    taken.close()
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert f"port {port} on 127.0.0.1 is not free" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+DB_PW = "db-Secret-9876-tuv"
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), as a team would make for a test."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_the_database_password_is_on_no_command_line_in_no_file_or_log_and_tmp_is_left_clean(
+        postgres):
+    """A PostgreSQL role that logs in with a password: the server works (a user is added and
+    logs in), the password is on no process's command line, in no file of the server's
+    folders or its temp folder, in no line it prints; it says when it is ready, once; once
+    stopped its temp folder is empty."""
+    db = postgres.with_password("lwteam", DB_PW, "secrets")
+    folder, tmp = private_folder("lw-server-"), private_folder("lw-tmp-")
+    cert, key = self_signed(folder)
+    server = Server(db, folder, "--create-experiment", tls=(cert, key), TMPDIR=str(tmp),
+                    TMP=str(tmp), TEMP=str(tmp))
+    try:
+        server.add_user("alice", ALICE_PW)  # the users' tables: the password got through
+        # https: MLflow's client trusts the server's certificate from its own variable
+        client = subprocess.run(
+            [str(PYTHON), "-c", "import sys; from mlflow.tracking import MlflowClient; "
+             "print(MlflowClient(sys.argv[1]).get_experiment_by_name('lw').experiment_id)",
+             server.uri], capture_output=True, text=True, timeout=120,
+            env=cli_env(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW,
+                        MLFLOW_TRACKING_SERVER_CERT_PATH=str(cert)))
+        assert client.returncode == 0, client.stderr[-2000:]
+        made = client.stdout.strip()
+        plain = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"http://127.0.0.1:{server.port}/health"], capture_output=True,
+                               text=True, timeout=30)
+        assert plain.stdout != "200"  # no clear-text http beside it
+        command_lines = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                command_lines.append(cmdline.read_bytes())
+            except OSError:  # a process that ended meanwhile
+                pass
+        assert any(b"lw.server" in c for c in command_lines)
+        for secret in (DB_PW, ADMIN_PW):
+            assert not [c for c in command_lines if secret.encode() in c]
+            files = [p for p in [*folder.rglob("*"), *tmp.rglob("*")] if p.is_file()]
+            assert not [p for p in files if secret.encode() in p.read_bytes()]
+        deadline = time.monotonic() + 60  # the ready line follows /health
+        while "[lw] ready:" not in server.log.read_text():
+            assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    ready = [line for line in log.splitlines() if line.startswith("[lw] ready:")]
+    assert len(ready) == 1 and server.uri in ready[0], log[-3000:]
+    assert f"experiment lw has id {made}" in ready[0]
+    assert f"{server.uri}/#/experiments/{made}?workflowType=machine_learning" in ready[0]
+    assert DB_PW not in log and ADMIN_PW not in log
+    assert list(tmp.iterdir()) == [], list(tmp.iterdir())
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_teammate_reads_every_run_point_and_artifact_over_http(teammate_view):
