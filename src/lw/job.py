@@ -274,6 +274,19 @@ def say(message: str, ranks: Ranks = SINGLE) -> None:
         print(f"[lw] {message}", file=sys.stderr)
 
 
+# The last model this process loaded: a launcher's worker (joblib) running jobs of one model
+# one after another loads it once. Loading touches no global RNG (models.py forks it).
+_LAST_MODEL: dict = {}
+
+
+def load_model_once(cfg, device: torch.device, seed: int) -> LoadedModel:
+    key = (repr(cfg), str(device), seed)
+    if key not in _LAST_MODEL:
+        _LAST_MODEL.clear()  # one model at a time: the previous one is freed first
+        _LAST_MODEL[key] = load_model(cfg, device, seed=seed)
+    return _LAST_MODEL[key]
+
+
 def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
     """The whole job, no tracking: plan -> forward (or cache) -> measure. On rank 0 the
     result; on other ranks None (they only run their share of the forward pass)."""
@@ -303,7 +316,7 @@ def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
     loaded, device = None, ranks.device or pick_device(job.extraction.device)
     if products is None or "mteb" in job.metrics:
         with together("loading the model", ranks):
-            loaded = load_model(job.model, device, seed=job.seed)
+            loaded = load_model_once(job.model, device, job.seed)
             check_context(job, loaded, plan)
     if products is None:
         views = plan.view_ids

@@ -206,6 +206,8 @@ def is_connection_failure(error: BaseException) -> bool:
 def tracking_lost(error: BaseException, uri: str, folder: Path) -> LwError | None:
     """The one-line error for a job whose tracking server went away (None for other errors):
     the URI, and where the job's results are kept (lw.sync puts them in the store)."""
+    if isinstance(error, LwError) and not isinstance(error, TrackingLost):
+        return None  # already says what to do (client_for's unreachable server included)
     if not is_connection_failure(error) or server_refuses(uri) is None and \
             not isinstance(error, TrackingLost):
         return None
