@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -118,9 +119,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report-timeout", type=int, default=1200)
+    parser.add_argument("--deadline-min", type=float, default=240,
+                        help="stop the sweep after this long and measure what it did")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lw-bench-sweep-"))
-    pg = Postgres(work / "pg")
+    pg = Postgres(Path(tempfile.mkdtemp(prefix="lw-bench-pg-")))
     admin, password = secrets.token_hex(12), secrets.token_hex(12)
     server, uri = start_server(pg.uri, work, admin)
     out: dict = {"jobs": args.jobs, "workers": args.workers,
@@ -137,13 +140,29 @@ def main() -> None:
                    f"data.path={prompts}", "data.n_prompts=4", "data.max_tokens=24",
                    "metrics=[prompt_entropy,dataset_entropy,dip]", "tracking=server",
                    f"data.seed=range(0,{args.jobs})", f"hydra.sweep.dir={work}/multirun"]
+        out["load_before"] = os.getloadavg()
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
-        sweep = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+        with open(work / "sweep.out", "w") as stdout, open(work / "sweep.err", "w") as stderr:
+            sweep = subprocess.Popen(command, cwd=work, env=env, stdout=stdout, stderr=stderr,
+                                     start_new_session=True)
+            try:
+                sweep.wait(timeout=args.deadline_min * 60)
+            except subprocess.TimeoutExpired:  # stop the sweep, workers included; count
+                out["stopped_at_deadline_min"] = args.deadline_min
+                os.killpg(sweep.pid, signal.SIGTERM)
+                time.sleep(10)
+                os.killpg(sweep.pid, signal.SIGKILL)
+                sweep.wait()
         out["sweep_s"] = time.monotonic() - started
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out["sweep_cpu_s"] = (cpu.ru_utime + cpu.ru_stime
+                              - cpu_before.ru_utime - cpu_before.ru_stime)
+        out["load_after"] = os.getloadavg()
         out["sweep_exit"] = sweep.returncode
-        out["sweep_last_lines"] = sweep.stdout.strip().splitlines()[-3:]
+        out["sweep_last_lines"] = (work / "sweep.out").read_text().strip().splitlines()[-3:]
         if sweep.returncode:
-            print(sweep.stderr[-5000:], file=sys.stderr)
+            print((work / "sweep.err").read_text()[-5000:], file=sys.stderr)
         out.update(store_check(uri, env, pg, args))
         out["db_rows"] = {t: int(pg.sql(f"select count(*) from {t}"))
                           for t in ("runs", "params", "tags", "metrics", "latest_metrics")}
@@ -167,6 +186,7 @@ def main() -> None:
         server.wait(timeout=60)
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(pg.folder, ignore_errors=True)
     write(out)
 
 
@@ -207,8 +227,10 @@ def store_check(uri: str, env: dict, pg: Postgres, args) -> dict:
 
 
 def write(out: dict) -> None:
-    jobs_per_min = out["jobs"] / out["sweep_s"] * 60
-    share = out["sweep_s"] * out["workers"] / out["jobs"]
+    done = out.get("jobs_with_one_finished_run") or out["jobs"]
+    jobs_per_min = done / out["sweep_s"] * 60
+    share = out["sweep_s"] * out["workers"] / done
+    out["cpu_per_job_s"] = out["sweep_cpu_s"] / done
     out["jobs_per_min"] = jobs_per_min
     out["job_share_s"] = share
     out["beyond_run_s"] = share - out.get("run_s_median", float("nan"))
@@ -217,9 +239,15 @@ def write(out: dict) -> None:
         f"{out['jobs']} jobs (tiny-pythia, 4 prompts, hydra/launcher=joblib, "
         f"{out['workers']} workers) into lw.server on PostgreSQL 15", "",
         "| measure | value |", "|---|---:|",
-        f"| sweep wall time | {out['sweep_s']:.0f} s (exit {out['sweep_exit']}) |",
+        f"| sweep wall time | {out['sweep_s']:.0f} s (exit {out['sweep_exit']}"
+        + (f"; stopped at the {out['stopped_at_deadline_min']} min deadline"
+           if "stopped_at_deadline_min" in out else "") + ") |",
         f"| jobs per minute | {jobs_per_min:.1f} |",
         f"| wall time per job and worker | {share:.2f} s |",
+        f"| CPU time per job (all of the sweep's processes / jobs) | "
+        f"{out['cpu_per_job_s']:.2f} s |",
+        f"| load average before / after (2 cores, shared) | "
+        f"{out['load_before'][0]:.1f} / {out['load_after'][0]:.1f} |",
         f"| run in the store, create to FINISHED (median) | {out.get('run_s_median', 0):.2f} s |",
         f"| of which the forward pass (median) | {out.get('forward_s_median', 0):.3f} s |",
         f"| per job outside its run (dispatch, Hydra, resume lookup) | "

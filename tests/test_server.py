@@ -597,7 +597,8 @@ def test_a_server_killed_mid_job_ends_it_within_30_s_and_lw_sync_logs_it_once(
         record = json.loads((job0 / "lw_run.json").read_text())
         assert finished_as_alice(server.uri, record["job_hash"]) == created
         # an uninterrupted run of job #0 logs what lw.sync logged
-        reference = sweep(tmp_path, server.uri, "seed=0", *knobs, "tracking.rerun=true")
+        reference = sweep(tmp_path, server.uri, "seed=0", *knobs, "tracking.rerun=true",
+                          "run_name=reference")
         assert reference.returncode == 0, reference.stderr[-3000:]
         store = run_as_alice(server.uri, tmp_path)
     finally:

@@ -311,6 +311,12 @@ def main(argv: list[str] | None = None) -> None:
                MLFLOW_FLASK_SERVER_SECRET_KEY=env.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
                or secrets.token_hex(32))
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's workers leave lock files in the temp folder (db_init_lock-<hash>): theirs is
+    # one of lw.server's own, removed when the server stops
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="lw-server-")
+    env.update(TMPDIR=scratch, TEMP=scratch, TMP=scratch)
     process = subprocess.Popen(server_command(args, stores), env=env, pass_fds=(fd,))
     for each in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the server stops with us
         signal.signal(each, lambda signum, _: pass_on(signum, process))
@@ -326,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
         print(instructions(uri, stores).replace("{link}", link), flush=True)
         made = f", experiment {args.experiment} has id {experiment}" if experiment else ""
         print(f"[lw] ready: {uri}{made}; runs: {link}", flush=True)
-    sys.exit(process.wait())
+    code = process.wait()
+    shutil.rmtree(scratch, ignore_errors=True)
+    sys.exit(code)
 
 if __name__ == "__main__":
     main()

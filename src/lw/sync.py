@@ -95,7 +95,7 @@ def sync_job(folder: Path, uri: str | None = None) -> str:
     for start in range(0, len(params), 100):  # the same values again are accepted
         client.log_batch(run_id, params=params[start:start + 100])
     write_record(folder, {**record, "run_id": run_id, "tracking_uri": tracking.uri})
-    upload_job(client, run_id, folder)
+    upload_job(client, run_id, folder, ("config", "results", "figures"))
     client.set_tag(run_id, SYNCED_TAG, str(folder.resolve()))
     client.set_terminated(run_id, "FINISHED")
     return f"{folder}: logged as run {run_id} (FINISHED) in {tracking.uri}"

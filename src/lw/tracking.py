@@ -412,10 +412,11 @@ def result_metrics(folder: Path, timestamp: int) -> list:
     return metrics
 
 
-def upload_job(client, run_id: str, folder: Path) -> None:
+def upload_job(client, run_id: str, folder: Path,
+               subfolders: tuple[str, ...] = ("results", "figures")) -> None:
     """Put a job folder's results into its run: metric points and result tags in batches
     (points carry the folder's timestamp, so logging them again adds no point), then the
-    files of config/, results/ and figures/ (several uploads at once)."""
+    files of ``subfolders`` (several uploads at once; config/ went up with the run's start)."""
     from mlflow.entities import RunTag
 
     folder = Path(folder)
@@ -428,7 +429,7 @@ def upload_job(client, run_id: str, folder: Path) -> None:
     for i in range(max(len(metric_batches), len(tag_batches))):
         client.log_batch(run_id, metrics=metric_batches[i] if i < len(metric_batches) else [],
                          tags=tag_batches[i] if i < len(tag_batches) else [])
-    upload_files(client, run_id, folder, ["config", "results", "figures"])
+    upload_files(client, run_id, folder, list(subfolders))
 
 
 def upload_files(client, run_id: str, folder: Path, subfolders: list[str]) -> None:
