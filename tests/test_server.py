@@ -609,8 +609,9 @@ def test_a_server_killed_mid_job_ends_it_within_30_s_and_lw_sync_logs_it_once(
     fresh, = [r for r in store.values() if r["params"].get("tracking.rerun") == "True"]
     assert len([r for r in store.values() if r["tags"].get("lw.seed") == "0"]) == 2
     assert len(store) == 3  # the sweep's parent, job #0 once, its uninterrupted twin
-    assert {k: v for k, v in synced_run["params"].items() if k != "tracking.rerun"} == \
-        {k: v for k, v in fresh["params"].items() if k != "tracking.rerun"}
+    own_params = ("tracking.rerun", "tracking.uri", "run_name")  # the reference's own knobs
+    assert {k: v for k, v in synced_run["params"].items() if k not in own_params} == \
+        {k: v for k, v in fresh["params"].items() if k not in own_params}
     assert synced_run["histories"].keys() == fresh["histories"].keys()
     timing = ("forward_seconds", "prompts_per_second")
     for key, points in fresh["histories"].items():
