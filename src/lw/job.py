@@ -287,11 +287,24 @@ def load_model_once(cfg, device: torch.device, seed: int) -> LoadedModel:
     return _LAST_MODEL[key]
 
 
+_LAST_TOKENIZER: dict = {}
+
+
+def load_tokenizer_once(cfg):
+    """The model's tokenizer, read once per process for consecutive jobs of the model (lw
+    never changes a tokenizer after loading it)."""
+    key = repr(cfg)
+    if key not in _LAST_TOKENIZER:
+        _LAST_TOKENIZER.clear()
+        _LAST_TOKENIZER[key] = load_tokenizer(cfg)
+    return _LAST_TOKENIZER[key]
+
+
 def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
     """The whole job, no tracking: plan -> forward (or cache) -> measure. On rank 0 the
     result; on other ranks None (they only run their share of the forward pass)."""
     with together("planning the prompts", ranks):
-        plan = plan_job(job, load_tokenizer(job.model))
+        plan = plan_job(job, load_tokenizer_once(job.model))
     products = None
     key = forward_hash(job) if job.extraction.cache else None
     needed, n_views = token_products_needed(job), plan.n_views
