@@ -106,7 +106,7 @@ class Server:
             self.process = subprocess.Popen(
                 [str(PYTHON), "-m", "lw.server", "--port", str(self.port), "--workers", "1",
                  *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # MLflow's start takes minutes on a loaded machine
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()[-3000:]
             try:
@@ -116,7 +116,7 @@ class Server:
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        pytest.fail(f"lw.server did not answer in 120 s: {self.log.read_text()[-3000:]}")
+        pytest.fail(f"lw.server did not answer in 600 s: {self.log.read_text()[-3000:]}")
 
     def stop(self, how: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
