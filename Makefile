@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The default sweep: real offline weights x real offline text.
 SWEEP  ?= model=smollm2,minilm data=wiki-vital,medical-hpo
 
-.PHONY: install run test ui server lint bench clean
+.PHONY: install run test ui server lint bench bench-sweep clean
 
 $(STAMP): pyproject.toml offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: $(STAMP)
 # Speed and memory side by side (bench/bench.py); the README shows the latest table.
 bench: $(STAMP)
 	$(PY) bench/bench.py
+
+# A soak: 500 small jobs (joblib) into lw.server on a throwaway PostgreSQL (bench/bench_sweep.py)
+bench-sweep: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[server]'
+	$(PY) bench/bench_sweep.py
 
 # The team's tracking server: LW_SERVER_ADMIN_PASSWORD (required), LW_SERVER_DB,
 # LW_SERVER_ARTIFACTS from the environment; e.g. make server SERVER_ARGS='--host 0.0.0.0'

@@ -9,8 +9,11 @@ import math
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +71,17 @@ def postgres():
         pg("createdb", "-h", str(folder), "-p", str(port), "-U", "postgres", name)
         return f"postgresql+psycopg://postgres@/{name}?host={folder}&port={port}"
 
+    def with_password(role: str, password: str, name: str) -> str:
+        """A role that must log in with ``password`` (scram) owning a new database."""
+        pg("psql", "-h", str(folder), "-p", str(port), "-U", "postgres", "-c",
+           f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        pg("createdb", "-h", str(folder), "-p", str(port), "-U", "postgres", "-O", role, name)
+        hba = folder / "data" / "pg_hba.conf"
+        hba.write_text(f"local all {role} scram-sha-256\n" + hba.read_text())
+        pg("pg_ctl", "-D", str(folder / "data"), "reload")
+        return f"postgresql+psycopg://{role}:{password}@/{name}?host={folder}&port={port}"
+
+    database.with_password = with_password
     yield database
     subprocess.run(as_unprivileged([str(bin_dir / "pg_ctl"), "-D", str(folder / "data"),
                                     "-m", "immediate", "stop"]), capture_output=True)
@@ -77,36 +91,41 @@ def postgres():
 class Server:
     """`python -m lw.server` in its own process group, its output in a log file."""
 
-    def __init__(self, db: str, folder: Path, *args: str):
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+    def __init__(self, db: str, folder: Path, *args: str, port: int | None = None,
+                 tls: tuple[Path, Path] | None = None, **extra_env: str):
+        self.port = port or free_port()
+        self.uri = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify = str(tls[0]) if tls else True  # the self-signed certificate: its own CA
+        if tls:
+            args = (*args, "--tls-cert", str(tls[0]), "--tls-key", str(tls[1]))
         self.folder = folder
         self.log = folder / "server.log"
         env = cli_env(LW_SERVER_DB=db, LW_SERVER_ARTIFACTS=str(folder / "artifacts"),
-                      LW_SERVER_ADMIN_PASSWORD=ADMIN_PW)
+                      LW_SERVER_ADMIN_PASSWORD=ADMIN_PW, **extra_env)
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [str(PYTHON), "-m", "lw.server", "--port", str(self.port), "--workers", "1",
                  *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # MLflow's start takes minutes on a loaded machine
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()[-3000:]
             try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                context = ssl.create_default_context(cafile=tls[0]) if tls else None
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2, context=context)
                 return
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        pytest.fail(f"lw.server did not answer in 120 s: {self.log.read_text()[-3000:]}")
+        pytest.fail(f"lw.server did not answer in 600 s: {self.log.read_text()[-3000:]}")
 
-    def stop(self) -> None:
+    def stop(self, how: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, how)
             self.process.wait(timeout=60)
 
     def api(self, method: str, path: str, auth=None, **kwargs) -> requests.Response:
         return requests.request(method, f"{self.uri}/api/{path}", auth=auth, timeout=30,
-                                **kwargs)
+                                verify=self.verify, **kwargs)
 
     def add_user(self, name: str, password: str) -> None:
         reply = self.api("POST", "2.0/mlflow/users/create", auth=("admin", ADMIN_PW),
@@ -214,6 +233,85 @@ def test_the_server_refuses_to_start_without_a_safe_admin_password(tmp_path):
         assert "Traceback" not in done.stderr
 
 
+def test_the_server_says_nothing_but_why_when_its_port_is_taken(tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    env = cli_env(LW_SERVER_DB=f"sqlite:///{tmp_path}/m.db", LW_SERVER_ADMIN_PASSWORD=ADMIN_PW,
+                  LW_SERVER_ARTIFACTS=str(tmp_path / "a"))
+    done = subprocess.run([str(PYTHON), "-m", "lw.server", "--port", str(port)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    taken.close()
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert f"port {port} on 127.0.0.1 is not free" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+DB_PW = "db-Secret-9876-tuv"
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), as a team would make for a test."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_the_database_password_is_on_no_command_line_in_no_file_or_log_and_tmp_is_left_clean(
+        postgres):
+    """A PostgreSQL role that logs in with a password: the server works (a user is added and
+    logs in), the password is on no process's command line, in no file of the server's
+    folders or its temp folder, in no line it prints; it says when it is ready, once; once
+    stopped its temp folder is empty."""
+    db = postgres.with_password("lwteam", DB_PW, "secrets")
+    folder, tmp = private_folder("lw-server-"), private_folder("lw-tmp-")
+    cert, key = self_signed(folder)
+    server = Server(db, folder, "--create-experiment", tls=(cert, key), TMPDIR=str(tmp),
+                    TMP=str(tmp), TEMP=str(tmp))
+    try:
+        server.add_user("alice", ALICE_PW)  # the users' tables: the password got through
+        # https: MLflow's client trusts the server's certificate from its own variable
+        client = subprocess.run(
+            [str(PYTHON), "-c", "import sys; from mlflow.tracking import MlflowClient; "
+             "print(MlflowClient(sys.argv[1]).get_experiment_by_name('lw').experiment_id)",
+             server.uri], capture_output=True, text=True, timeout=120,
+            env=cli_env(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW,
+                        MLFLOW_TRACKING_SERVER_CERT_PATH=str(cert)))
+        assert client.returncode == 0, client.stderr[-2000:]
+        made = client.stdout.strip()
+        plain = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"http://127.0.0.1:{server.port}/health"], capture_output=True,
+                               text=True, timeout=30)
+        assert plain.stdout != "200"  # no clear-text http beside it
+        command_lines = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                command_lines.append(cmdline.read_bytes())
+            except OSError:  # a process that ended meanwhile
+                pass
+        assert any(b"lw.server" in c for c in command_lines)
+        for secret in (DB_PW, ADMIN_PW):
+            assert not [c for c in command_lines if secret.encode() in c]
+            files = [p for p in [*folder.rglob("*"), *tmp.rglob("*")] if p.is_file()]
+            assert not [p for p in files if secret.encode() in p.read_bytes()]
+        deadline = time.monotonic() + 60  # the ready line follows /health
+        while "[lw] ready:" not in server.log.read_text():
+            assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    ready = [line for line in log.splitlines() if line.startswith("[lw] ready:")]
+    assert len(ready) == 1 and server.uri in ready[0], log[-3000:]
+    assert f"experiment lw has id {made}" in ready[0]
+    assert f"{server.uri}/#/experiments/{made}?workflowType=machine_learning" in ready[0]
+    assert DB_PW not in log and ADMIN_PW not in log
+    assert list(tmp.iterdir()) == [], list(tmp.iterdir())
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_a_teammate_reads_every_run_point_and_artifact_over_http(teammate_view):
     read = teammate_view
     assert read["experiment"]["mlflow.experimentKind"] == "custom_model_development"
@@ -284,25 +382,83 @@ def test_requests_without_credentials_get_401_and_a_reader_cannot_write(team):
                json={"run_id": create.json()["run"]["info"]["run_id"]})
 
 
-def test_four_jobs_logging_at_once_lose_no_metric_point(team, tmp_path):
+class SlowProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server that holds every HTTP response ``delay``
+    seconds before passing it on: a busy server, as its clients see it."""
+
+    def __init__(self, target_port: int, delay: float):
+        self.target, self.delay, self.delayed = target_port, delay, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the server is gone: so is this connection
+                client.close()
+                continue
+            asked = threading.Event()  # a request went up since the last response came down
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink, asked, sink is client),
+                                 daemon=True).start()
+
+    def _pump(self, source, sink, asked: threading.Event, down: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if not down:
+                    asked.set()
+                elif asked.is_set():
+                    asked.clear()
+                    self.delayed += 1
+                    time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_four_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_point(
+        team, tmp_path):
+    """Every response of the server held 20 s (a proxy in front of it): the jobs wait, none
+    fails, every point is stored."""
     server = team["server"]
+    proxy = SlowProxy(server.port, delay=20)
     folders = [tmp_path / f"job{i}" for i in range(4)]
 
     def job(i: int):
         folders[i].mkdir()
-        return sweep(folders[i], server.uri, "model=tiny-pythia" if i % 2 else "model=tiny-mamba",
+        return sweep(folders[i], proxy.uri, "model=tiny-pythia" if i % 2 else "model=tiny-mamba",
                      f"seed={i}", "tracking.experiment=lw-concurrent",
                      f"run_name=concurrent {i}")
 
-    with ThreadPoolExecutor(4) as pool:
-        done = list(pool.map(job, range(4)))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            done = list(pool.map(job, range(4)))
+    finally:
+        proxy.close()
     assert all(d.returncode == 0 for d in done), [d.stderr[-2000:] for d in done]
+    assert proxy.delayed >= 4 * 8  # every job's requests were held
     client_auth = ("alice", ALICE_PW)
     experiment = server.api("GET", "2.0/mlflow/experiments/get-by-name", auth=client_auth,
                             params={"experiment_name": "lw-concurrent"}).json()["experiment"]
     runs = server.api("POST", "2.0/mlflow/runs/search", auth=client_auth,
                       json={"experiment_ids": [experiment["experiment_id"]]}).json()["runs"]
     assert sorted(r["info"]["run_name"] for r in runs) == [f"concurrent {i}" for i in range(4)]
+    assert {r["info"]["status"] for r in runs} == {"FINISHED"}
     for run in runs:
         i = int(run["info"]["run_name"].split()[-1])
         table = pd.read_csv(folders[i] / "out" / "results" / "table.csv")
@@ -317,33 +473,156 @@ def test_four_jobs_logging_at_once_lose_no_metric_point(team, tmp_path):
                                                                    strict=True))
 
 
-def test_a_server_stopped_mid_sweep_fails_the_running_job_and_keeps_its_results(
-        postgres, tmp_path):
-    folder = private_folder("lw-server-")
-    server = Server(postgres("stopped"), folder)
-    server.add_user("alice", ALICE_PW)
-    (tmp_path / "prompts.txt").write_text(
-        "".join(r["extract"] + "\n" for r in wiki_records()[:64]))
-    running = sweep(tmp_path, server.uri, "-m", "model=tiny-pythia", "seed=0,1",
-                    "data.n_prompts=64", "data.max_tokens=96",
-                    "metrics=[prompt_entropy,curvature,dataset_entropy,dip]", wait=False)
-    # (no MLflow retry knobs here: lw's own defaults, tracking.SERVER_RETRIES, must end it)
+def run_as_alice(uri: str, artifacts: Path | None = None) -> dict:
+    """Every run of experiment `lw` in the store at ``uri``: status, tags, params, metric
+    histories and the artifact files (read with alice's login)."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.update(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW)
     try:
-        # stop it once the first job's run is set up (its config is uploaded) and computing
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("lw")
+        runs = {}
+        for run in client.search_runs([experiment.experiment_id]):
+            folder = Path(tempfile.mkdtemp(dir=artifacts))
+            local = Path(client.download_artifacts(run.info.run_id, "", str(folder)))
+            runs[run.info.run_id] = {
+                "status": run.info.status, "name": run.info.run_name, "tags": run.data.tags,
+                "params": run.data.params,
+                "histories": {k: sorted((m.step, m.value, m.timestamp)
+                                        for m in client.get_metric_history(run.info.run_id, k))
+                              for k in run.data.metrics},
+                "files": {str(p.relative_to(local)): p.read_bytes()
+                          for p in local.rglob("*") if p.is_file()}}
+        return runs
+    finally:
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(name, None)
+
+
+def finished_as_alice(uri: str, job_hash: str) -> str | None:
+    """The run id resume (lw.resume.finished_run) finds for ``job_hash`` in experiment lw."""
+    from mlflow.tracking import MlflowClient
+
+    from lw.resume import finished_run
+
+    os.environ.update(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW)
+    try:
+        client = MlflowClient(uri)
+        found = finished_run(client, client.get_experiment_by_name("lw").experiment_id,
+                             job_hash, "test")
+        return found.info.run_id if found else None
+    finally:
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(name, None)
+
+
+def test_a_dead_server_ends_a_computing_job_within_the_watch_window():
+    """A server that refuses connections interrupts the job's main thread, wherever it is (here
+    a Python loop standing for a long computation); a server that accepts does not."""
+    from lw.tracking import ServerWatch, TrackingLost
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with ServerWatch(uri, every=0.2, dead_after=1.0):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # alive: never interrupted
+            sum(range(1000))
+    listener.close()
+    started = time.monotonic()
+    with pytest.raises(TrackingLost, match=uri), ServerWatch(uri, every=0.2, dead_after=1.0):
+        while time.monotonic() < started + 60:
+            sum(range(1000))
+    assert time.monotonic() - started < 30
+
+
+def test_a_server_killed_mid_job_ends_it_within_30_s_and_lw_sync_logs_it_once(
+        postgres, tmp_path):
+    """kill -9 of the server while job #0 logs (a proxy holds each response 2 s, so the kill
+    lands in the middle of it): the job ends within 30 s with one [lw] line and no traceback,
+    its folder holds every file; after a restart `lw.sync` logs it once, as a FINISHED run
+    equal to an uninterrupted one, and a re-run skips it."""
+    db = postgres("killed")
+    folder = private_folder("lw-server-")
+    server = Server(db, folder)
+    server.add_user("alice", ALICE_PW)
+    proxy = SlowProxy(server.port, delay=2)
+    (tmp_path / "prompts.txt").write_text(
+        "".join(r["extract"] + "\n" for r in wiki_records()[:32]))
+    knobs = ("model=tiny-pythia", "data.n_prompts=32", "data.max_tokens=64",
+             "metrics=[prompt_entropy,curvature,dataset_entropy,dip]")
+    running = sweep(tmp_path, proxy.uri, "-m", "seed=0,1", *knobs, wait=False)
+    # (no MLflow retry knobs here: lw's own defaults, tracking.SERVER_RETRIES, must end it)
+    job0 = tmp_path / "multirun" / "0"
+    try:
         deadline = time.monotonic() + 300
-        while not list((folder / "artifacts").rglob("config/config.yaml")):
+        while not (job0 / "results" / "table.csv").exists():  # computed, now logging
             assert running.poll() is None and time.monotonic() < deadline, running.stderr.read()
             time.sleep(0.05)
-        server.stop()
+        server.stop(signal.SIGKILL)
+        proxy.close()
+        killed = time.monotonic()
+        while not (job0 / "lw_failed.txt").exists():
+            assert running.poll() is None and time.monotonic() < killed + 120
+            time.sleep(0.1)
+        ended_after = time.monotonic() - killed
         stdout, stderr = running.communicate(timeout=300)
     finally:
         running.kill()
+        server.stop(signal.SIGKILL)
+    assert ended_after < 30, ended_after
+    assert running.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-5000:]
+    said = [line for line in stderr.splitlines() if line.startswith("[lw] error in job #0")]
+    assert len(said) == 1 and proxy.uri in said[0] and str(job0) in said[0], stderr[-3000:]
+    assert stdout.splitlines()[-1].endswith(
+        f"`python -m lw.sync {tmp_path / 'multirun'}` logs those once the server is back")
+    for name in ("results/table.csv", "results/table.json", "results/per_prompt.parquet",
+                 "results/summary.json", "results/model.json", "figures/metrics_vs_depth.png",
+                 "figures/prompt_entropy_histograms.png", "config/config.yaml", "lw_run.json"):
+        assert (job0 / name).stat().st_size > 0, name
+    created = json.loads((job0 / "lw_run.json").read_text())["run_id"]
+
+    # The server back (same database and artifacts): sync the sweep folder, twice.
+    server = Server(db, folder)
+    try:
+        env = cli_env(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW)
+        synced = [subprocess.run([str(PYTHON), "-m", "lw.sync", str(tmp_path / "multirun"),
+                                  "--uri", server.uri], env=env, capture_output=True,
+                                 text=True, timeout=300) for _ in range(2)]
+        assert [s.returncode for s in synced] == [0, 0], [s.stderr[-2000:] for s in synced]
+        assert f"logged as run {created} (FINISHED)" in synced[0].stdout, synced[0].stdout
+        assert "already FINISHED" in synced[1].stdout, synced[1].stdout
+        # a re-run sees job #0 as done: resume finds its FINISHED run by its hash
+        record = json.loads((job0 / "lw_run.json").read_text())
+        assert finished_as_alice(server.uri, record["job_hash"]) == created
+        # an uninterrupted run of job #0 logs what lw.sync logged
+        reference = sweep(tmp_path, server.uri, "seed=0", *knobs, "tracking.rerun=true",
+                          "run_name=reference")
+        assert reference.returncode == 0, reference.stderr[-3000:]
+        store = run_as_alice(server.uri, tmp_path)
+    finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    assert running.returncode == 1, stderr[-3000:]
-    failed = [line for line in stdout.splitlines() if line.startswith("[lw] FAILED job #0")]
-    assert failed and server.uri in failed[0], stdout[-3000:] + stderr[-3000:]
-    # the job's results were computed and written to its Hydra folder before logging failed
-    results = tmp_path / "multirun" / "0" / "results"
-    assert pd.read_csv(results / "table.csv")["layer"].tolist() == list(range(7))
-    assert (results / "per_prompt.parquet").stat().st_size > 0
+    synced_run = store[created]
+    assert synced_run["status"] == "FINISHED" and "lw.error" not in synced_run["tags"]
+    fresh, = [r for r in store.values() if r["params"].get("tracking.rerun") == "True"]
+    assert len([r for r in store.values() if r["tags"].get("lw.seed") == "0"]) == 2
+    assert len(store) == 3  # the sweep's parent, job #0 once, its uninterrupted twin
+    own_params = ("tracking.rerun", "tracking.uri", "run_name")  # the reference's own knobs
+    assert {k: v for k, v in synced_run["params"].items() if k not in own_params} == \
+        {k: v for k, v in fresh["params"].items() if k not in own_params}
+    assert synced_run["histories"].keys() == fresh["histories"].keys()
+    timing = ("forward_seconds", "prompts_per_second")
+    for key, points in fresh["histories"].items():
+        if key not in timing:
+            assert [(s, v) for s, v, _ in synced_run["histories"][key]] == \
+                [(s, v) for s, v, _ in points], key
+    assert synced_run["files"].keys() == fresh["files"].keys()
+    for name in ("results/table.csv", "results/table.json", "results/model.json"):
+        assert synced_run["files"][name] == fresh["files"][name], name
+    own = ("lw.synced_from", "lw.host", "lw.pid", "lw.pid_started", "lw.heartbeat",
+           "lw.output_dir", "lw.overrides", "mlflow.runName", "mlflow.parentRunId",
+           "mlflow.user", "lw.git_commit")
+    assert {k: v for k, v in synced_run["tags"].items() if k not in own} == \
+        {k: v for k, v in fresh["tags"].items() if k not in own}

@@ -101,3 +101,39 @@ def test_a_sweep_without_its_server_exits_1_and_says_which_jobs_failed(tmp_path)
     assert done.returncode == 1
     failed = [line for line in done.stdout.splitlines() if line.startswith("[lw] FAILED job #")]
     assert len(failed) == 2 and all("unreachable" in line for line in failed)
+
+
+def local_store(tmp: Path) -> list[str]:
+    data = tmp / "prompts.txt"
+    data.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:3]))
+    return ["model=tiny-pythia", "data=local", f"data.path={data}", "data.n_prompts=3",
+            "data.max_tokens=24", "metrics=[prompt_entropy]",
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
+
+
+def test_a_run_whose_config_upload_and_error_file_fail_is_failed_not_running(tmp_path):
+    """The artifact store cannot be written (its folder is under a file: fails even as root):
+    start_job_run's config upload fails after the run exists, and so does error.txt's; the
+    run is still FAILED with lw.error."""
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    done = run_lw(tmp_path, *local_store(tmp_path),
+                  f"tracking.artifact_location=file://{tmp_path}/blocker/art")
+    assert done.returncode == 1
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"], done.stderr[-3000:]
+    assert "NotADirectoryError" in runs[0].data.tags["lw.error"]
+    assert "NotADirectoryError" in (tmp_path / "out" / "error.txt").read_text()
+
+
+def test_a_sweep_stopped_before_its_end_leaves_its_parent_failed(tmp_path):
+    """Hydra cannot make job #0's folder (a file has its name): the sweep stops before
+    on_multirun_end; its parent run is FAILED, not RUNNING."""
+    (tmp_path / "multirun").mkdir()
+    (tmp_path / "multirun" / "0").write_text("in the way")
+    done = run_lw(tmp_path, "-m", *local_store(tmp_path))
+    assert done.returncode == 1
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"], done.stderr[-3000:]
+    assert "stopped before" in runs[0].data.tags["lw.error"]

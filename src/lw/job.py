@@ -189,8 +189,8 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
     def model() -> LoadedModel:  # an activation-cache hit loaded none: load it when asked
         nonlocal loaded
         if loaded is None:
-            loaded = load_model(job.model, device or pick_device(job.extraction.device),
-                                seed=job.seed)
+            loaded = load_model_once(job.model, device or pick_device(job.extraction.device),
+                                     job.seed)
         return loaded
 
     inputs = registry.Inputs(
@@ -229,13 +229,39 @@ def say(message: str, ranks: Ranks = SINGLE) -> None:
         print(f"[lw] {message}", file=sys.stderr)
 
 
+# The last model this process loaded: a launcher's worker (joblib) running jobs of one model
+# one after another loads it once. Loading touches no global RNG (models.py forks it).
+_LAST_MODEL: dict = {}
+
+
+def load_model_once(cfg, device: torch.device, seed: int) -> LoadedModel:
+    key = (repr(cfg), str(device), seed)
+    if key not in _LAST_MODEL:
+        _LAST_MODEL.clear()  # one model at a time: the previous one is freed first
+        _LAST_MODEL[key] = load_model(cfg, device, seed=seed)
+    return _LAST_MODEL[key]
+
+
+_LAST_TOKENIZER: dict = {}
+
+
+def load_tokenizer_once(cfg):
+    """The model's tokenizer, read once per process for consecutive jobs of the model (lw
+    never changes a tokenizer after loading it)."""
+    key = repr(cfg)
+    if key not in _LAST_TOKENIZER:
+        _LAST_TOKENIZER.clear()
+        _LAST_TOKENIZER[key] = load_tokenizer(cfg)
+    return _LAST_TOKENIZER[key]
+
+
 def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
     """The whole job, no tracking: plan -> forward (or cache) -> measure. On rank 0 the
     result; on other ranks None (they only run their share of the forward pass)."""
     with together("planning the prompts", ranks):
         if job.extraction.cache and ranks.is_main:
             cache.check()  # a bad LW_CACHE_DIR / LW_CACHE_MAX_GB: said before the model loads
-        plan = plan_job(job, load_tokenizer(job.model))
+        plan = plan_job(job, load_tokenizer_once(job.model))
     products = None
     key = forward_hash(job) if job.extraction.cache else None
     needed, n_views = token_products_needed(job), plan.n_views
@@ -260,7 +286,7 @@ def compute(job: LwConfig, ranks: Ranks = SINGLE) -> JobResult | None:
     loaded, device = None, ranks.device or pick_device(job.extraction.device)
     if products is None or registry.needs(job, "model"):
         with together("loading the model", ranks):
-            loaded = load_model(job.model, device, seed=job.seed)
+            loaded = load_model_once(job.model, device, job.seed)
             check_context(job, loaded, plan)
     if products is None:
         views = plan.view_ids

@@ -30,12 +30,16 @@ from lw.results import JobResult
 from lw.resume import Heartbeat, changed_identity, finished_run
 from lw.tracking import (
     SKIPPED_FILE,
+    ServerWatch,
     client_for,
     experiment_id,
-    log_result,
+    fail_run,
     record_failure,
-    save_result_files,
+    save_job_files,
     start_job_run,
+    tracking_lost,
+    tracking_uri,
+    upload_job,
 )
 
 register_configs()
@@ -103,25 +107,27 @@ def run_job(cfg: DictConfig) -> JobResult | None:
                 if before is not None:  # the same job, with other inputs or code: say what
                     print(f"[lw] {label}: running again, its identity changed since FINISHED "
                           f"run {before[0]}: {'; '.join(before[1])}", file=sys.stderr)
-                run_id = start_job_run(client, cfg, name, overrides, digest, identity, key)
+                run_id = start_job_run(client, cfg, name, overrides, digest, identity, key,
+                                       output_dir)
     if from_main(done, ranks) is not None:
         return None
+    uri = tracking_uri(job.tracking)
     try:
-        with Heartbeat(client, run_id):  # rank 0: the run shows it is alive (lw.resume)
+        # rank 0: the run shows it is alive (lw.resume), and a dead server ends the job
+        with Heartbeat(client, run_id), ServerWatch(uri if ranks.is_main else ""):
             result = compute(job, ranks)
             with together("saving and logging the results", ranks):
                 if ranks.is_main:
-                    # Results land on disk first, so a tracking failure cannot lose them.
-                    save_result_files(result, output_dir / "results")
-                    log_result(client, run_id, result, figures_of(result, name),
-                               {"lw.output_dir": str(output_dir)})
+                    # Every file of the run lands on disk first: a tracking failure loses
+                    # nothing, and lw.sync can log the folder later.
+                    save_job_files(result, figures_of(result, name),
+                                   {"lw.output_dir": str(output_dir)}, output_dir)
+                    upload_job(client, run_id, output_dir)
                     client.set_terminated(run_id, "FINISHED")
         return result
     except BaseException as error:
         if run_id is not None:
-            client.set_tag(run_id, "lw.error", f"{type(error).__name__}: {error}"[:5000])
-            client.log_text(run_id, traceback.format_exc(), "error.txt")
-            client.set_terminated(run_id, "FAILED")
+            fail_run(client, run_id, error, uri, output_dir)
         raise
 
 
@@ -198,7 +204,9 @@ def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
     except Exception as caught:
-        error = user_error(caught, cfg)
+        # a tracking server that went away: one line, naming it and where the results are
+        error = tracking_lost(caught, str(cfg.tracking.uri or ""),
+                              HydraConfig.get().runtime.output_dir) or user_error(caught, cfg)
         if isinstance(error, LwError):  # the user's to fix: the message says what and how
             job = f" in job #{HydraConfig.get().job.num}" if multirun else ""
             print(f"[lw] error{job}: {error}", file=sys.stderr)

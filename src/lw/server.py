@@ -9,7 +9,13 @@ MLflow's basic-auth app (logins, per-experiment READ / EDIT / MANAGE permissions
 
 The admin password travels only in the server's environment (MLFLOW_AUTH_ADMIN_PASSWORD, which
 MLflow's auth app reads when it creates the admin user): never on a command line, in a file or
-in a log line. The auth app's config file holds no password.
+in a log line. So does the database's: the store URI goes to MLflow in MLFLOW_BACKEND_STORE_URI
+(not ``--backend-store-uri``), a PostgreSQL password in PGPASSWORD (libpq's own variable: the
+URIs MLflow sees carry none), and the auth app's config (which names the users' database) is
+an in-memory file (memfd) the workers read through /proc: nothing is written to disk, nothing
+is left in /tmp. lw.server stays the server's parent: it checks that the port is free before it
+says anything, prints the URI and the runs link once /health answers, and passes SIGTERM/SIGINT
+on.
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from lw.config import LwError
 
@@ -91,33 +100,137 @@ def check_database(uri: str, what: str) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
-def auth_config_file(auth_db: str, default_permission: str, folder: Path) -> Path:
-    """MLflow's basic_auth.ini for this server: no password in it (the admin's comes from the
+def auth_config_text(auth_db: str, default_permission: str) -> str:
+    """MLflow's basic_auth.ini for this server: no admin password in it (it comes from the
     environment); users get ``default_permission`` on experiments they were not granted."""
-    path = folder / "basic_auth.ini"
-    path.write_text("[mlflow]\n"
-                    f"default_permission = {default_permission}\n"
-                    f"database_uri = {auth_db}\n"
-                    f"admin_username = {ADMIN}\n"
-                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    path.chmod(0o600)
-    return path
+    return ("[mlflow]\n"
+            f"default_permission = {default_permission}\n"
+            f"database_uri = {auth_db}\n"
+            f"admin_username = {ADMIN}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
 
 
-def team_uri(host: str, port: int) -> str:
+def in_memory_file(name: str, text: str) -> tuple[int, str]:
+    """A file that exists only in memory (Linux memfd), and the path by which this process's
+    children open it while this process lives: nothing on disk to leave behind."""
+    fd = os.memfd_create(name, 0)
+    os.write(fd, text.encode())
+    os.set_inheritable(fd, True)
+    return fd, f"/proc/{os.getpid()}/fd/{fd}"
+
+
+def without_password(uri: str) -> tuple[str, str | None]:
+    """A PostgreSQL URI without its password, and the password (for PGPASSWORD, which libpq
+    reads); other URIs as they are."""
+    url = urlparse(uri)
+    if not url.password or not url.scheme.startswith("postgresql"):
+        return uri, None
+    return uri.replace(f":{url.password}@", "@", 1), unquote(url.password)
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (another process has it), or None."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
+def local_url(port: int, tls: bool) -> str:
+    return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+
+def _unverified():
+    """This machine's own server, reached as 127.0.0.1: its certificate names another host."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
+def wait_healthy(process: subprocess.Popen, port: int, tls: bool = False,
+                 timeout: float = 600) -> bool:
+    """Whether the server answered /health before it exited (or ``timeout`` passed)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            urllib.request.urlopen(f"{local_url(port, tls)}/health", timeout=2,
+                                   context=_unverified() if tls else None).close()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def pass_on(signum: int, process: subprocess.Popen) -> None:
+    """A signal to lw.server stops the server: its whole process group when lw.server leads
+    one (MLflow's CLI does not pass signals on to its uvicorn workers), else MLflow's CLI."""
+    signal.signal(signum, signal.SIG_IGN)
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), signum)
+    elif process.poll() is None:
+        process.send_signal(signum)
+
+
+def experiment_link(uri: str, port: int, password: str, name: str | None,
+                    create: bool, tls: bool = False) -> tuple[str, str | None]:
+    """The runs-view link of experiment ``name`` (created by the admin when ``create``), and
+    its id; without a name or an experiment, the link's pattern."""
+    import json
+    import urllib.parse
+    import urllib.request
+    from base64 import b64encode
+
+    pattern = f"{uri}/#/experiments/<id>?workflowType=machine_learning"
+    if not name:
+        return pattern, None
+    api = f"{local_url(port, tls)}/api/2.0/mlflow/experiments"
+    auth = {"Authorization": "Basic " + b64encode(f"{ADMIN}:{password}".encode()).decode(),
+            "Content-Type": "application/json"}
+
+    def call(path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            f"{api}/{path}", headers=auth, method="POST" if body else "GET",
+            data=json.dumps(body).encode() if body else None)
+        with urllib.request.urlopen(request, timeout=30,
+                                    context=_unverified() if tls else None) as reply:
+            return json.loads(reply.read())
+
+    try:
+        found = call("get-by-name?" + urllib.parse.urlencode({"experiment_name": name}))
+        experiment = found["experiment"]["experiment_id"]
+    except OSError:
+        if not create:
+            return pattern, None
+        experiment = call("create", {"name": name, "tags": [
+            {"key": "mlflow.experimentKind", "value": "custom_model_development"}]})[
+            "experiment_id"]
+    return f"{uri}/#/experiments/{experiment}?workflowType=machine_learning", experiment
+
+
+def team_uri(host: str, port: int, tls: bool = False) -> str:
     """The URI teammates use: the machine's name when the server listens on every interface."""
     name = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
-    return f"http://{name}:{port}"
+    return f"{'https' if tls else 'http'}://{name}:{port}"
 
 
 def server_command(args, stores: dict[str, str]) -> list[str]:
+    """``mlflow server``'s command line: no store URI on it (MLFLOW_BACKEND_STORE_URI)."""
     command = [shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow",
                "server", "--app-name", "basic-auth",
-               "--backend-store-uri", stores["db"],
                "--serve-artifacts", "--artifacts-destination", stores["artifacts"],
                "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     if args.allowed_hosts:
         command += ["--allowed-hosts", args.allowed_hosts]
+    if args.tls_cert:  # https: basic-auth passwords must not cross the network in clear text
+        command += ["--uvicorn-opts", f"--ssl-certfile {shlex.quote(args.tls_cert)} "
+                    f"--ssl-keyfile {shlex.quote(args.tls_key)}"]
     return command
 
 
@@ -134,7 +247,7 @@ users: {redact(stores['auth_db'])}
     .venv/bin/python -m lw.run -m tracking=server model=smollm2,minilm
 [lw] and looks at the runs (MLflow 3.17's UI opens an experiment on its GenAI overview unless
      "Model training" is picked, top left, once per browser):
-    {uri}/#/experiments/<id>?workflowType=machine_learning"""
+    {{link}}"""
 
 
 def redact(uri: str) -> str:
@@ -156,7 +269,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allowed-hosts",
                         help="Host headers to accept besides localhost and private IPs "
                              "(MLflow's DNS-rebinding guard), e.g. mlflow.example.org")
+    parser.add_argument("--experiment", default="lw",
+                        help="the experiment whose runs the ready line links to")
+    parser.add_argument("--create-experiment", action="store_true",
+                        help="create --experiment (as admin) if it does not exist and print "
+                             "its id: permissions can only be granted on an existing one")
+    parser.add_argument("--tls-cert", help="serve https with this certificate (PEM; with "
+                        "--tls-key), or put a TLS reverse proxy in front (README)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     env = dict(os.environ)
     try:
         password = admin_password(env)
@@ -167,18 +290,51 @@ def main(argv: list[str] | None = None) -> None:
             Path(stores["artifacts"]).mkdir(parents=True, exist_ok=True)
     except LwError as error:
         sys.exit(f"[lw] error: {error}")
-    folder = Path(tempfile.mkdtemp(prefix="lw-server-"))
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        sys.exit(f"[lw] error: port {args.port} on {args.host} is not free ({busy}): another "
+                 "process listens there; pick another with --port")
     env.pop("LW_SERVER_ADMIN_PASSWORD")
-    env.update(MLFLOW_AUTH_CONFIG_PATH=str(auth_config_file(stores["auth_db"],
-                                                            args.default_permission, folder)),
+    db, db_password = without_password(stores["db"])
+    auth_db, auth_password = without_password(stores["auth_db"])
+    if db_password and auth_password and db_password != auth_password:
+        sys.exit("[lw] error: LW_SERVER_DB and LW_SERVER_AUTH_DB carry different PostgreSQL "
+                 "passwords; lw.server passes one (PGPASSWORD): use one role, or a "
+                 "~/.pgpass file for the other")
+    if db_password or auth_password:
+        env["PGPASSWORD"] = db_password or auth_password
+    fd, auth_path = in_memory_file("basic_auth.ini",
+                                   auth_config_text(auth_db, args.default_permission))
+    env.update(MLFLOW_BACKEND_STORE_URI=db, MLFLOW_AUTH_CONFIG_PATH=auth_path,
                MLFLOW_AUTH_ADMIN_PASSWORD=password,
                # CSRF key of the login forms: the team's own, or a fresh one per start
                MLFLOW_FLASK_SERVER_SECRET_KEY=env.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
                or secrets.token_hex(32))
-    print(instructions(team_uri(args.host, args.port), stores), flush=True)
-    command = server_command(args, stores)
-    os.execve(command[0], command, env)  # the server replaces this process: signals reach it
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's workers leave lock files in the temp folder (db_init_lock-<hash>): theirs is
+    # one of lw.server's own, removed when the server stops
+    import tempfile
 
+    scratch = tempfile.mkdtemp(prefix="lw-server-")
+    env.update(TMPDIR=scratch, TEMP=scratch, TMP=scratch)
+    process = subprocess.Popen(server_command(args, stores), env=env, pass_fds=(fd,))
+    for each in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the server stops with us
+        signal.signal(each, lambda signum, _: pass_on(signum, process))
+    tls = bool(args.tls_cert)
+    uri = team_uri(args.host, args.port, tls)
+    if wait_healthy(process, args.port, tls):
+        try:
+            link, experiment = experiment_link(uri, args.port, password, args.experiment,
+                                               args.create_experiment, tls)
+        except OSError as error:
+            link, experiment = f"{uri}/#/experiments/<id>?workflowType=machine_learning", None
+            print(f"[lw] could not create experiment {args.experiment}: {error}", flush=True)
+        print(instructions(uri, stores).replace("{link}", link), flush=True)
+        made = f", experiment {args.experiment} has id {experiment}" if experiment else ""
+        print(f"[lw] ready: {uri}{made}; runs: {link}", flush=True)
+    code = process.wait()
+    shutil.rmtree(scratch, ignore_errors=True)
+    sys.exit(code)
 
 if __name__ == "__main__":
     main()
