@@ -61,10 +61,12 @@ def _wait(condition, what: str, timeout: float, logs: list[Path]) -> None:
 class SlurmCluster:
     """One node (``lwnode``, this machine's cores and 4 GiB), one partition (``debug``)."""
 
-    def __init__(self, folder: Path, accounting: bool = False, kill_wait_s: int = 2):
+    def __init__(self, folder: Path, accounting: bool = False, kill_wait_s: int = 2,
+                 min_job_age_s: int = 600):
         self.folder = folder
         self.accounting = accounting
         self.kill_wait_s = kill_wait_s
+        self.min_job_age_s = min_job_age_s  # how long squeue still shows an ended job
         self.processes: list[subprocess.Popen] = []
         self.env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
         self.env["PATH"] = os.pathsep.join([self.env.get("PATH", ""), *SBIN])
@@ -153,7 +155,7 @@ MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/builtin
 KillWait={self.kill_wait_s}
-MinJobAge=600
+MinJobAge={self.min_job_age_s}
 SlurmctldTimeout=30
 SlurmdTimeout=30
 {accounting}NodeName=lwnode NodeHostname=localhost NodeAddr=127.0.0.1 CPUs={cpus} \

@@ -291,11 +291,13 @@ class ParentRunCallback(Callback):
             children = client.search_runs(
                 [client.get_run(parent).info.experiment_id],
                 filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
-            failed = [r for r in children if r.info.status == "FAILED"]
+            # KILLED: its process was killed (scancel, a lost node: hydra_plugins.lw_launchers)
+            failed = [r for r in children if r.info.status in ("FAILED", "KILLED")]
             client.set_tag(parent, "lw.jobs", str(len(children)))
             client.set_tag(parent, "lw.failed_jobs", str(len(failed)))
             client.set_tag(parent, "lw.skipped_jobs", str(len(skipped)))
-            client.set_terminated(parent, "FAILED" if failed and len(failed) == len(children)
+            nothing_done = len(failed) == len(children) and not skipped
+            client.set_terminated(parent, "FAILED" if (failed or failed_here) and nothing_done
                                   else "FINISHED")
         except Exception:  # noqa: BLE001 - tracking is what failed: say what the jobs reported
             for line in failed_here:
@@ -303,15 +305,18 @@ class ParentRunCallback(Callback):
             if failed_here:
                 raise SystemExit(1) from None
             return
-        # jobs that failed before their run was opened (a bad value) have no child run
-        total = len(children) + max(0, len(failed_here) - len(failed))
+        # jobs that failed before their run was opened (a bad value, a task killed before
+        # it opened one) have no child run: their lines ("#<n> <overrides>: ...") say it
+        covered = tuple(r.data.tags.get("lw.overrides", "") + ": " for r in failed)
+        uncovered = [line for line in failed_here
+                     if not (covered and line.partition(" ")[2].startswith(covered))]
+        total = len(children) + len(uncovered)
         print(f"[lw] sweep done: {len(children) - len(failed)} of {total} jobs "
               f"finished, {len(skipped)} skipped (already FINISHED), MLflow parent run "
               f"{parent} in {tracking_uri(_tracking(config))}")
         for run in failed:
             print(f"[lw] FAILED {run.info.run_name}: {run.data.tags.get('lw.error', '')}")
-        if len(failed_here) > len(failed):  # some failed before their run was opened
-            for line in failed_here:
-                print(f"[lw] FAILED job {line}")
+        for line in uncovered:
+            print(f"[lw] FAILED job {line}")
         if failed or failed_here:
             raise SystemExit(1)
