@@ -22,7 +22,7 @@ from lw.identity import job_hash
 from lw.job import compute
 from lw.plots import depth_curves, entropy_histograms, subject_scatters
 from lw.results import JobResult
-from lw.resume import Heartbeat, finished_run
+from lw.resume import Heartbeat, die_with_sweep, finished_run, live_run
 from lw.tracking import (
     SKIPPED_FILE,
     client_for,
@@ -31,6 +31,7 @@ from lw.tracking import (
     record_failure,
     save_result_files,
     start_job_run,
+    store_lock,
 )
 
 register_configs()
@@ -80,17 +81,30 @@ def run_job(cfg: DictConfig) -> JobResult | None:
             digest = job_hash(job)
             label = (f"job #{hydra_cfg.job.num} ({name})"
                      if hydra_cfg.mode == RunMode.MULTIRUN else f"job ({name})")
-            # Resume: a job with a FINISHED run of the same hash is done (lw.resume).
-            found = finished_run(client, experiment_id(client, job.tracking), digest, label)
-            if found is not None and not job.tracking.rerun:
+            experiment = experiment_id(client, job.tracking)
+            # Resume: a job with a FINISHED run of the same hash is done, one whose run is
+            # alive elsewhere (another launch of this sweep) is being done (lw.resume).
+            with store_lock(job.tracking):
+                found = finished_run(client, experiment, digest, label)
+                why = "already FINISHED"
+                if found is None and not job.tracking.rerun:
+                    found, why = live_run(client, experiment, digest, label), "RUNNING"
+                if found is None or job.tracking.rerun:
+                    run_id = start_job_run(client, cfg, name, overrides, digest)
+            if run_id is not None and not job.tracking.rerun:  # a server: no lock, see who won
+                found, why = live_run(client, experiment, digest, label, run_id), "RUNNING"
+                if found is not None:
+                    client.delete_run(run_id)
+                    run_id = None
+            if run_id is None:
                 done = found.info.run_id
-                print(f"[lw] {label}: skipped, already FINISHED in run {done} "
+                where = "" if why != "RUNNING" else \
+                    f" on {found.data.tags.get('lw.host', '?')} pid {found.data.tags.get('lw.pid')}"
+                print(f"[lw] {label}: skipped, {why} in run {done}{where} "
                       f"(lw.job_hash={digest}; tracking.rerun=true runs it again)",
                       file=sys.stderr)
                 if hydra_cfg.mode == RunMode.MULTIRUN:
-                    (output_dir / SKIPPED_FILE).write_text(f"{label}: run {done}\n")
-            else:
-                run_id = start_job_run(client, cfg, name, overrides, digest)
+                    (output_dir / SKIPPED_FILE).write_text(f"{label}: {why} in run {done}\n")
     if from_main(done, ranks) is not None:
         return None
     try:
@@ -115,6 +129,7 @@ def run_job(cfg: DictConfig) -> JobResult | None:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    die_with_sweep()  # a worker of the sweep's process ends with it (lw.resume)
     try:
         run_job(cfg)
     except Exception as error:

@@ -8,6 +8,7 @@ part of the config, so never logged as params or written to files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lw.config import LwError, TrackingConfig
 from lw.models import PROJECT_ROOT
 from lw.perturb import perturbation_tags
-from lw.resume import HASH_TAG, Heartbeat, owner_tags, reap
+from lw.resume import HASH_TAG, SWEEP_PID_ENV, Heartbeat, owner_tags, reap
 
 PARENT_ENV = "LW_PARENT_RUN_ID"
 PARAM_LIMIT = 6000  # MLflow's longest param value
@@ -82,6 +83,20 @@ def client_for(cfg: TrackingConfig):
     # MLflow creates a new SQLite store's tables on first use, and two processes doing it at
     # once break it (`table _alembic_tmp_latest_metrics already exists`): one creates them
     # under a lock beside the database, the others then find them.
+    with store_lock(cfg):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # the store (and its tables) exist now
+    return client
+
+
+@contextlib.contextmanager
+def store_lock(cfg: TrackingConfig):
+    """An exclusive lock on a local SQLite store (a file beside it: every process on this
+    machine that writes there takes it); a server store has none (nothing is held)."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
     import fcntl
 
     database = Path(uri[len("sqlite:///"):])
@@ -89,11 +104,9 @@ def client_for(cfg: TrackingConfig):
     with open(database.with_name(database.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # the store (and its tables) exist now
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return client
 
 
 # The experiment kind MLflow documents for training runs. MLflow 3.17.2's UI ignores it: a
@@ -267,6 +280,7 @@ class ParentRunCallback(Callback):
                   "lw.version": lw_version(), **owner_tags(),
                   "lw.overrides": " ".join(config.hydra.overrides.task)[:PARAM_LIMIT]})
         os.environ[PARENT_ENV] = run.info.run_id
+        os.environ[SWEEP_PID_ENV] = str(os.getpid())  # its workers die with it (lw.resume)
         _PARENT_HEARTBEAT.append(Heartbeat(client, run.info.run_id).start())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -311,9 +325,11 @@ class ParentRunCallback(Callback):
         uncovered = [line for line in failed_here
                      if not (covered and line.partition(" ")[2].startswith(covered))]
         total = len(children) + len(uncovered)
+        elsewhere = [line for line in skipped if ": RUNNING in run" in line]  # lw.run
         print(f"[lw] sweep done: {len(children) - len(failed)} of {total} jobs "
-              f"finished, {len(skipped)} skipped (already FINISHED), MLflow parent run "
-              f"{parent} in {tracking_uri(_tracking(config))}")
+              f"finished, {len(skipped) - len(elsewhere)} skipped (already FINISHED), "
+              + (f"{len(elsewhere)} left to the launch running them, " if elsewhere else "")
+              + f"MLflow parent run {parent} in {tracking_uri(_tracking(config))}")
         for run in failed:
             print(f"[lw] FAILED {run.info.run_name}: {run.data.tags.get('lw.error', '')}")
         for line in uncovered:
