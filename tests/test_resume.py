@@ -212,7 +212,7 @@ def test_two_launches_of_one_sweep_compute_each_job_once(tmp_path):
     assert all(r.info.run_id in "".join(skipped) for r in jobs)
 
 
-@pytest.mark.parametrize("launcher", ["joblib"])
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_killing_a_sweep_ends_its_workers(tmp_path, launcher):
     import psutil
 

@@ -172,8 +172,14 @@ def die_with_sweep() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return
 
+    def alive() -> bool:  # pid and start time (a reused pid is not the sweep), no zombie
+        try:
+            return sweep.is_running() and sweep.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
     def watch() -> None:
-        while sweep.is_running():  # pid and start time: a reused pid is not the sweep
+        while alive():
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)
 
