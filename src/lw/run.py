@@ -37,9 +37,10 @@ from lw.tracking import (
 register_configs()
 # Hydra's ${now:} is per process: ranks of one launch must agree on their sweep folder.
 OmegaConf.register_new_resolver("lw_now", shared_now, replace=True)
-# conf/hydra/launcher/submitit_slurm.yaml replaces the plugin's node of that name on purpose
+# conf/hydra/launcher/submitit_{slurm,local}.yaml replace the plugin's nodes on purpose
 # (same fields, values from the environment); Hydra 1.3 warns that it checks it against it.
-warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated")
+warnings.filterwarnings("ignore",
+                        message=r"\s*'hydra/launcher/submitit_(slurm|local)' is validated")
 
 
 def figures_of(result: JobResult, title: str) -> dict:
