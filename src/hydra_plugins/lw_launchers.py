@@ -71,11 +71,12 @@ class _ResumingLauncher:
         from lw.resume import finished_run
         from lw.tracking import SKIPPED_FILE, client_for, experiment_id
 
-        done = []
+        done, clients = [], {}
         for job in jobs:
             if job.digest is None or job.tracking is None or job.tracking.rerun:
                 continue
-            client = client_for(job.tracking)
+            key = (job.tracking.uri, job.tracking.experiment)
+            client = clients[key] = clients.get(key) or client_for(job.tracking)
             found = finished_run(client, experiment_id(client, job.tracking), job.digest,
                                  job.label)
             if found is not None:
@@ -206,11 +207,15 @@ def _returned(job: _Job) -> JobReturn:
 
 
 def _slurm(command: list[str]) -> str | None:
+    """The command's output; "" where SLURM answered that it knows none of the jobs asked
+    about (squeue: "Invalid job id specified"); None where it did not answer."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout if done.returncode == 0 else None
+    if done.returncode == 0:
+        return done.stdout
+    return "" if "Invalid job id" in done.stderr else None
 
 
 class SlurmLauncher(_ResumingLauncher, plugin.SlurmLauncher):
@@ -219,6 +224,7 @@ class SlurmLauncher(_ResumingLauncher, plugin.SlurmLauncher):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._unknown_since: dict[str, float] = {}
+        self._squeue_answered = True
 
     def _check_resources(self) -> None:
         gpus = self.params.get("gpus_per_node") or self.params.get("gpus_per_task") or 0
@@ -250,6 +256,7 @@ class SlurmLauncher(_ResumingLauncher, plugin.SlurmLauncher):
                 states[job_id] = state.split()[0] if state.strip() else ""
         out = _slurm(["squeue", "-h", "-r", "--states=all", "-o", "%i %T",
                       *[f"-j{a}" for a in arrays]])
+        self._squeue_answered = out is not None
         for line in (out or "").splitlines():
             if len(line.split()) == 2:
                 job_id, state = line.split()
@@ -265,11 +272,13 @@ class SlurmLauncher(_ResumingLauncher, plugin.SlurmLauncher):
             if state not in ENDED:
                 return None
             if state == "COMPLETED":  # the result file may lag on a shared file system
-                state = "COMPLETED"
                 first = self._unknown_since.setdefault(task.job_id + "/result", time.monotonic())
                 if time.monotonic() - first < 30:
                     return None
             return state
+        if not self._squeue_answered:  # the controller is busy or down: not a lost task
+            self._unknown_since.pop(task.job_id, None)
+            return None
         lost_after = float(os.environ.get(LOST_AFTER_ENV, "120"))
         first = self._unknown_since.setdefault(task.job_id, time.monotonic())
         if time.monotonic() - first < lost_after:
