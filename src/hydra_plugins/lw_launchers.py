@@ -77,8 +77,13 @@ class _ResumingLauncher:
                 continue
             key = (job.tracking.uri, job.tracking.experiment)
             client = clients[key] = clients.get(key) or client_for(job.tracking)
-            found = finished_run(client, experiment_id(client, job.tracking), job.digest,
-                                 job.label)
+            try:
+                found = finished_run(client, experiment_id(client, job.tracking), job.digest,
+                                     job.label)
+            except Exception as error:  # noqa: BLE001 - the job checks again where it runs
+                print(f"[lw] {job.label}: could not check the store before submitting it "
+                      f"({type(error).__name__}: {error}); submitted", file=sys.stderr)
+                continue
             if found is not None:
                 run = found.info.run_id
                 print(f"[lw] {job.label}: skipped, already FINISHED in run {run} "
