@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 import test_tracking
@@ -192,3 +193,52 @@ def test_resume_and_rerun_on_a_tracking_server(server, tmp_path):
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
     assert len({r.data.tags[HASH_TAG] for r in runs}) == 1
 
+
+
+def test_two_launches_of_one_sweep_compute_each_job_once(tmp_path):
+    sweep = ["-m", *JOB, "seed=0,1", *store_args(tmp_path)[:2]]
+    started = [lw_run(tmp_path, *sweep, f"hydra.sweep.dir={tmp_path}/launch{i}", wait=False)
+               for i in range(2)]
+    done = [(p.communicate(timeout=600)[1], p.returncode) for p in started]
+    assert [rc for _, rc in done] == [0, 0], [err[-2000:] for err, _ in done]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    jobs = [r for r in runs_of(client) if "seed" in r.data.params]
+    # one run per job, FINISHED: the other launch skipped it, RUNNING or already FINISHED
+    assert sorted((r.data.params["seed"], r.info.status) for r in jobs) == [
+        ("0", "FINISHED"), ("1", "FINISHED")]
+    skipped = [line for err, _ in done for line in err.splitlines() if "skipped, " in line]
+    assert len(skipped) == 2 and {("job #0 (" in s, "job #1 (" in s) for s in skipped} == {
+        (True, False), (False, True)}, skipped
+    assert all(r.info.run_id in "".join(skipped) for r in jobs)
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_killing_a_sweep_ends_its_workers(tmp_path, launcher):
+    import psutil
+
+    sweep = ["-m", *JOB, "data.n_prompts=256", "seed=0,1", *store_args(tmp_path),
+             f"hydra/launcher={launcher}",
+             "hydra.launcher.n_jobs=2" if launcher == "joblib" else "hydra.launcher.timeout_min=20"]
+    running = lw_run(tmp_path, *sweep, wait=False)
+    client = None
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # both jobs started, each in a process of its own, the sweep running
+            assert running.poll() is None, running.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the jobs never started"
+            if (tmp_path / "multirun").is_dir():
+                client = client or client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/"
+                                                             "mlflow.db"))
+                jobs = [r for r in runs_of(client) if "seed" in r.data.params]
+                if len(jobs) == 2:
+                    break
+            time.sleep(0.1)
+        workers = [psutil.Process(int(r.data.tags["lw.pid"])) for r in jobs]
+        running.send_signal(signal.SIGKILL)
+        running.communicate(timeout=60)
+    finally:
+        running.kill()
+    deadline = time.monotonic() + 60
+    while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
+        assert time.monotonic() < deadline, [w.pid for w in workers if w.is_running()]
+        time.sleep(0.1)

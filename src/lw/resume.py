@@ -15,8 +15,8 @@ is not taken for the owner), and ``lw.heartbeat`` (epoch seconds), refreshed eve
   from another host: a SLURM node, a teammate's machine; its live owner keeps beating).
 A dead run is marked KILLED (tag ``lw.killed_by`` says who found it) before its job is redone;
 a sweep's start marks every dead RUNNING run of its experiment KILLED, parents included. A
-run alive elsewhere is left alone and the job runs anyway (a requeued SLURM job must not wait
-for its own dead predecessor's heartbeat to age).
+job whose run is alive elsewhere (another launch of the same sweep) is skipped and said so,
+never computed twice (``live_run``); its live run is left alone.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import time
 HASH_TAG = "lw.job_hash"
 KEY_TAG = "lw.job_key"    # the job as configured (lw.identity.job_key)
 HEARTBEAT_TAG = "lw.heartbeat"
+SLURM_TAG = "lw.slurm_task"  # a requeued task's earlier run is its own, dead, predecessor
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0   # 10 missed heartbeats: dead, wherever it ran
 
@@ -44,11 +45,20 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
+def _slurm_task() -> str | None:
+    """This process's SLURM task ("<array job>_<task>", or the job id), if it is one."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def owner_tags() -> dict[str, str]:
-    """Who runs this run: host, pid and the pid's start time, and a first heartbeat."""
+    """Who runs this run: host, pid and the pid's start time, its SLURM task if any, and a
+    first heartbeat."""
+    task = _slurm_task()
     return {"lw.host": socket.gethostname(), "lw.pid": str(os.getpid()),
             "lw.pid_started": str(_process_started(os.getpid())),
-            HEARTBEAT_TAG: str(int(time.time()))}
+            **({SLURM_TAG: task} if task else {}), HEARTBEAT_TAG: str(int(time.time()))}
 
 
 def is_dead(run, now: float | None = None) -> bool:
@@ -129,6 +139,79 @@ def changed_identity(client, experiment: str, job_key: str, job_hash: str,
         return run.info.run_id, [f"{HASH_TAG}: {run.data.tags.get(HASH_TAG)} -> {job_hash} "
                                  "(that run has no config/identity.json)"]
     return run.info.run_id, identity_diff(old, identity)
+
+
+def live_run(client, experiment: str, job_hash: str, who: str, mine: str | None = None):
+    """The run of ``job_hash`` that owns the job now: the oldest RUNNING one whose owner is
+    alive (dead ones are marked KILLED on the way), or None. With ``mine`` (a run just
+    created for it), None when ``mine`` is that oldest one: it may go on.
+
+    Two launches of one sweep (teammates, or a re-run while the first still runs) must not
+    compute a job twice. On a local SQLite store the check and the run's creation happen
+    under one lock (lw.tracking.store_lock), so only one launch creates a run. On a server
+    there is no lock: each launch creates its run, then the oldest live one (start time,
+    then run id) goes on and the others step aside; only two runs created within the same
+    milliseconds, in an order their clocks disagree on, could both go on."""
+    same = f" and tags.`{HASH_TAG}` = '{job_hash}'"
+    live = []
+    for run in _running(client, experiment, same):
+        own_predecessor = _slurm_task() is not None and \
+            run.data.tags.get(SLURM_TAG) == _slurm_task()
+        if run.info.run_id != mine and (own_predecessor or is_dead(run)):
+            mark_killed(client, run, who)
+        else:
+            live.append(run)
+    live.sort(key=lambda run: (run.info.start_time, run.info.run_id))
+    if not live or live[0].info.run_id == mine:
+        return None
+    return live[0]
+
+
+SWEEP_PID_ENV = "LW_SWEEP_PID"  # the process that launched the sweep (lw.tracking)
+
+
+def die_with_sweep() -> None:
+    """In a process the sweep's own process started for a job (a joblib worker; a submitit
+    local job, through submitit's controller), be killed when that process dies: a
+    ``kill -9`` of the sweep must not leave workers computing, and holding memory, for
+    nobody. A direct child asks Linux for it (PR_SET_PDEATHSIG); a grandchild watches the
+    sweep's pid from a daemon thread. A process the sweep did not start here (a SLURM task)
+    is left alone."""
+    import signal
+
+    import psutil
+
+    sweep_pid = os.environ.get(SWEEP_PID_ENV, "")
+    if not sweep_pid.isdigit() or int(sweep_pid) == os.getpid():
+        return
+    try:
+        sweep = psutil.Process(int(sweep_pid))
+        if sweep not in psutil.Process().parents():
+            return
+    except psutil.Error:
+        return
+    if os.getppid() == sweep.pid and sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL,
+                                                    0, 0, 0) == 0:
+            if os.getppid() != sweep.pid:  # it died before the line above
+                os.kill(os.getpid(), signal.SIGKILL)
+            return
+
+    def alive() -> bool:  # pid and start time (a reused pid is not the sweep), no zombie
+        try:
+            return sweep.is_running() and sweep.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="lw-sweep-watch").start()
 
 
 class Heartbeat:

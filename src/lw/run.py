@@ -27,7 +27,7 @@ from lw.identity import job_identity, job_key, stable_hash
 from lw.job import compute
 from lw.plots import depth_curves, entropy_histograms
 from lw.results import JobResult
-from lw.resume import Heartbeat, changed_identity, finished_run
+from lw.resume import Heartbeat, changed_identity, die_with_sweep, finished_run, live_run
 from lw.tracking import (
     SKIPPED_FILE,
     ServerWatch,
@@ -37,6 +37,7 @@ from lw.tracking import (
     record_failure,
     save_job_files,
     start_job_run,
+    store_lock,
     tracking_lost,
     tracking_uri,
     upload_job,
@@ -48,9 +49,10 @@ register_configs()
 # (load_sweep_config), so joblib workers and SLURM tasks read the parent's value instead of
 # their own clock (which would put their job folders outside the sweep folder it checks).
 OmegaConf.register_new_resolver("lw_now", shared_now, use_cache=True, replace=True)
-# conf/hydra/launcher/submitit_slurm.yaml replaces the plugin's node of that name on purpose
+# conf/hydra/launcher/submitit_{slurm,local}.yaml replace the plugin's nodes on purpose
 # (same fields, values from the environment); Hydra 1.3 warns that it checks it against it.
-warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated")
+warnings.filterwarnings("ignore",
+                        message=r"\s*'hydra/launcher/submitit_(slurm|local)' is validated")
 
 
 def figures_of(result: JobResult, title: str) -> dict:
@@ -92,23 +94,36 @@ def run_job(cfg: DictConfig) -> JobResult | None:
             digest = stable_hash(identity)  # = lw.identity.job_hash(job)
             label = (f"job #{hydra_cfg.job.num} ({name})"
                      if hydra_cfg.mode == RunMode.MULTIRUN else f"job ({name})")
-            # Resume: a job with a FINISHED run of the same hash is done (lw.resume).
-            found = finished_run(client, experiment_id(client, job.tracking), digest, label)
-            if found is not None and not job.tracking.rerun:
+            experiment = experiment_id(client, job.tracking)
+            # Resume: a job with a FINISHED run of the same hash is done, one whose run is
+            # alive elsewhere (another launch of this sweep) is being done (lw.resume).
+            with store_lock(job.tracking):
+                found = finished_run(client, experiment, digest, label)
+                why = "already FINISHED"
+                if found is None and not job.tracking.rerun:
+                    found, why = live_run(client, experiment, digest, label), "RUNNING"
+                if found is None or job.tracking.rerun:
+                    before = changed_identity(client, experiment, key, digest, identity)
+                    if before is not None:  # the same job, other inputs or code: say what
+                        print(f"[lw] {label}: running again, its identity changed since "
+                              f"FINISHED run {before[0]}: {'; '.join(before[1])}",
+                              file=sys.stderr)
+                    run_id = start_job_run(client, cfg, name, overrides, digest, identity, key,
+                                           output_dir)
+            if run_id is not None and not job.tracking.rerun:  # a server: no lock, see who won
+                found, why = live_run(client, experiment, digest, label, run_id), "RUNNING"
+                if found is not None:
+                    client.delete_run(run_id)
+                    run_id = None
+            if run_id is None:
                 done = found.info.run_id
-                print(f"[lw] {label}: skipped, already FINISHED in run {done} "
+                where = "" if why != "RUNNING" else \
+                    f" on {found.data.tags.get('lw.host', '?')} pid {found.data.tags.get('lw.pid')}"
+                print(f"[lw] {label}: skipped, {why} in run {done}{where} "
                       f"(lw.job_hash={digest}; tracking.rerun=true runs it again)",
                       file=sys.stderr)
                 if hydra_cfg.mode == RunMode.MULTIRUN:
-                    (output_dir / SKIPPED_FILE).write_text(f"{label}: run {done}\n")
-            else:
-                before = changed_identity(client, experiment_id(client, job.tracking), key,
-                                          digest, identity)
-                if before is not None:  # the same job, with other inputs or code: say what
-                    print(f"[lw] {label}: running again, its identity changed since FINISHED "
-                          f"run {before[0]}: {'; '.join(before[1])}", file=sys.stderr)
-                run_id = start_job_run(client, cfg, name, overrides, digest, identity, key,
-                                       output_dir)
+                    (output_dir / SKIPPED_FILE).write_text(f"{label}: {why} in run {done}\n")
     if from_main(done, ranks) is not None:
         return None
     uri = tracking_uri(job.tracking)
@@ -201,6 +216,7 @@ def user_error(error: Exception, cfg: DictConfig) -> Exception:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    die_with_sweep()  # a worker of the sweep's process ends with it (lw.resume)
     try:
         run_job(cfg)
     except Exception as caught:

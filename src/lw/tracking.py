@@ -8,6 +8,7 @@ part of the config, so never logged as params or written to files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from lw.config import LwError, TrackingConfig
 from lw.models import PROJECT_ROOT
 from lw.perturb import perturbation_tags
-from lw.resume import HASH_TAG, KEY_TAG, Heartbeat, owner_tags, reap
+from lw.resume import HASH_TAG, KEY_TAG, SWEEP_PID_ENV, Heartbeat, owner_tags, reap
 
 
 def telemetry_off(env=os.environ) -> None:
@@ -105,6 +106,20 @@ def client_for(cfg: TrackingConfig):
     # MLflow creates a new SQLite store's tables on first use, and two processes doing it at
     # once break it (`table _alembic_tmp_latest_metrics already exists`): one creates them
     # under a lock beside the database, the others then find them.
+    with store_lock(cfg):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # the store (and its tables) exist now
+    return client
+
+
+@contextlib.contextmanager
+def store_lock(cfg: TrackingConfig):
+    """An exclusive lock on a local SQLite store (a file beside it: every process on this
+    machine that writes there takes it); a server store has none (nothing is held)."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
     import fcntl
 
     database = Path(uri[len("sqlite:///"):])
@@ -112,11 +127,9 @@ def client_for(cfg: TrackingConfig):
     with open(database.with_name(database.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # the store (and its tables) exist now
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return client
 
 
 def server_refuses(uri: str, timeout: float = 5.0) -> str | None:
@@ -559,6 +572,7 @@ class ParentRunCallback(Callback):
                   "lw.version": lw_version(), **owner_tags(),
                   "lw.overrides": " ".join(config.hydra.overrides.task)[:PARAM_LIMIT]})
         os.environ[PARENT_ENV] = run.info.run_id
+        os.environ[SWEEP_PID_ENV] = str(os.getpid())  # its workers die with it (lw.resume)
         _PARENT_HEARTBEAT.append(Heartbeat(client, run.info.run_id).start())
         import atexit
 
@@ -586,9 +600,11 @@ class ParentRunCallback(Callback):
             children = client.search_runs(
                 [client.get_run(parent).info.experiment_id],
                 filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
-            failed = [r for r in children if r.info.status == "FAILED"]
+            # KILLED: its process was killed (scancel, a lost node: hydra_plugins.lw_launchers)
+            failed = [r for r in children if r.info.status in ("FAILED", "KILLED")]
             # what the store holds: a run left RUNNING (its server died) is not finished
-            unfinished = [r for r in children if r.info.status not in ("FAILED", "FINISHED")]
+            unfinished = [r for r in children
+                          if r.info.status not in ("FAILED", "KILLED", "FINISHED")]
             finished = len(children) - len(failed) - len(unfinished)
             client.set_tag(parent, "lw.jobs", str(len(children)))
             client.set_tag(parent, "lw.failed_jobs", str(len(failed) + len(unfinished)))
@@ -596,7 +612,8 @@ class ParentRunCallback(Callback):
             from lw.crossmodel import log_to_parent  # pairs of models that ran cka
 
             log_to_parent(client, parent, children)
-            client.set_terminated(parent, "FAILED" if not finished and children
+            nothing_done = not finished and not skipped
+            client.set_terminated(parent, "FAILED" if nothing_done and (children or failed_here)
                                   else "FINISHED")
         except Exception:  # noqa: BLE001 - tracking is what failed: say what the jobs reported
             for line in failed_here:
@@ -605,17 +622,22 @@ class ParentRunCallback(Callback):
             if failed_here:
                 raise SystemExit(1) from None
             return
-        # jobs that failed before their run was opened (a bad value) have no child run
-        total = len(children) + max(0, len(failed_here) - len(failed) - len(unfinished))
+        # jobs that failed before their run was opened (a bad value, a task killed before
+        # it opened one) have no child run: their lines ("#<n> <overrides>: ...") say it
+        covered = tuple(r.data.tags.get("lw.overrides", "") + ": " for r in failed + unfinished)
+        uncovered = [line for line in failed_here
+                     if not (covered and line.partition(" ")[2].startswith(covered))]
+        total = len(children) + len(uncovered)
+        elsewhere = [line for line in skipped if ": RUNNING in run" in line]  # lw.run
         print(f"[lw] sweep done: {finished} of {total} jobs "
-              f"finished, {len(skipped)} skipped (already FINISHED), MLflow parent run "
-              f"{parent} in {tracking_uri(_tracking(config))}")
+              f"finished, {len(skipped) - len(elsewhere)} skipped (already FINISHED), "
+              + (f"{len(elsewhere)} left to the launch running them, " if elsewhere else "")
+              + f"MLflow parent run {parent} in {tracking_uri(_tracking(config))}")
         for run in failed + unfinished:
             print(f"[lw] FAILED {run.info.run_name}: "
                   f"{run.data.tags.get('lw.error', run.info.status)}")
-        if len(failed_here) > len(failed) + len(unfinished):  # failed before their run opened
-            for line in failed_here:
-                print(f"[lw] FAILED job {line}")
+        for line in uncovered:
+            print(f"[lw] FAILED job {line}")
         print(folders_line(sweep_dir, store_failed=bool(unfinished)))
         if failed or failed_here or unfinished:
             raise SystemExit(1)
