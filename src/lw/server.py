@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import shutil
 import socket
 import sys
 import tempfile
@@ -111,8 +110,8 @@ def team_uri(host: str, port: int) -> str:
 
 
 def server_command(args, stores: dict[str, str]) -> list[str]:
-    command = [shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow",
-               "server", "--app-name", "basic-auth",
+    # `mlflow server`, its UI opening experiments on their runs (lw.server_app)
+    command = [sys.executable, "-m", "lw.server_app", "server", "--app-name", "basic-auth",
                "--backend-store-uri", stores["db"],
                "--serve-artifacts", "--artifacts-destination", stores["artifacts"],
                "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
@@ -132,9 +131,29 @@ users: {redact(stores['auth_db'])}
     export MLFLOW_TRACKING_URI={uri}
     export MLFLOW_TRACKING_USERNAME=alice MLFLOW_TRACKING_PASSWORD=...
     .venv/bin/python -m lw.run -m tracking=server model=smollm2,minilm
-[lw] and looks at the runs (MLflow 3.17's UI opens an experiment on its GenAI overview unless
-     "Model training" is picked, top left, once per browser):
-    {uri}/#/experiments/<id>?workflowType=machine_learning"""
+[lw] and looks at the runs in a browser (it asks for the login; never put it in the URL):
+{experiment_links(stores['db'], uri)}"""
+
+
+def experiment_links(db: str, uri: str) -> str:
+    """The runs view of each experiment already in the store; else where the links come from."""
+    from lw.server_app import runs_link
+
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(db)
+        with engine.connect() as connection:
+            rows = connection.execute(sqlalchemy.text(
+                "select experiment_id, name from experiments "
+                "where lifecycle_stage = 'active' order by experiment_id")).fetchall()
+        engine.dispose()
+    except Exception:  # noqa: BLE001 - a new store has no tables yet
+        rows = []
+    if not rows:
+        return (f"    {uri}/#/experiments (no experiment yet: each sweep prints the link to its "
+                "runs when it starts)")
+    return "\n".join(f"    {runs_link(uri, str(i))}   {name}" for i, name in rows)
 
 
 def redact(uri: str) -> str:
