@@ -161,3 +161,32 @@ def test_two_models_are_drawn_in_two_colours(served):
         b.find("//input[@placeholder='Search metric charts']").send_keys(
             "^depth/prompt_entropy/max$")
         check(b, "depth/prompt_entropy/max", 2, 1000)
+
+
+def test_the_report_page_reads_on_a_laptop_screen(served, tmp_path):
+    """lw.report's page at 1366 x 768: nothing runs off the right edge (the summary table
+    scrolls in its own box), the curve figures sit side by side, each titled once."""
+    from screenshots import Browser
+    from selenium.webdriver.common.by import By
+
+    done = subprocess.run([str(PYTHON), "-m", "lw.report", "--all", "--no-log", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=cli_env(MLFLOW_TRACKING_URI=served["uri"],
+                                      MLFLOW_TRACKING_USERNAME="admin",
+                                      MLFLOW_TRACKING_PASSWORD=ADMIN_PW))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Browser(1366, 768) as b:
+        b.d.get((tmp_path / "index.html").as_uri())
+        b.wait(lambda d: d.execute_script(
+            "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"), 60,
+            "the figures did not load")
+        page, window = b.d.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert page <= window
+        box = b.d.find_element(By.CSS_SELECTOR, "div.table")
+        assert b.d.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth"
+                                  " || arguments[0].clientWidth <= window.innerWidth", box)
+        tops = [img.rect["y"] for img in b.d.find_elements(By.CSS_SELECTOR, ".grid img")]
+        assert len(tops) >= 2 and len(set(tops)) < len(tops)  # at least two in one row
+        captions = [c.text for c in b.d.find_elements(By.CSS_SELECTOR, ".grid figcaption")]
+        assert len(captions) == len(set(captions)) == len(tops)

@@ -205,8 +205,8 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
         if curves.loc[curves["metric"] == metric, "value"].isna().all():
             continue
         name = f"curve_{metric.replace('/', '_')}.png"
-        figure = sweep_curves(curves, metric, hue, panels, title=f"{metric} over depth")
-        figure.savefig(out / name, dpi=90)
+        figure = sweep_curves(curves, metric, hue, panels)  # titled by the page, once
+        figure.savefig(out / name, dpi=100, bbox_inches="tight")
         plt.close(figure)
         figures.append((metric, name))
     histograms: list[tuple[str, str]] = []
@@ -215,17 +215,17 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
                     if all(c in p for p in sweep.per_prompt.values())), None)
     if entropy and sweep.per_prompt:
         runs = {names[i]: (sweep.per_prompt[i], sweep.tables[i]) for i in sweep.per_prompt}
-        figure = entropy_heatmaps(runs, entropy, title=f"per-layer histograms of {entropy}")
-        figure.savefig(out / "histograms_all_runs.png", dpi=90)
+        figure = entropy_heatmaps(runs, entropy)
+        figure.savefig(out / "histograms_all_runs.png", dpi=100, bbox_inches="tight")
         plt.close(figure)
-        histograms.append(("every run: one row per layer, red = largest dip",
+        histograms.append((f"{entropy} per layer, every run: a row per layer, red = largest dip",
                            "histograms_all_runs.png"))
         dips = {i: t["dip/stat"].max() for i, t in sweep.tables.items() if "dip/stat" in t}
         if dips:
             most = max(dips, key=lambda i: dips[i])
-            figure = entropy_histograms(sweep.per_prompt[most], sweep.tables[most], entropy,
-                                        names[most])
-            figure.savefig(out / "histograms_most_bimodal_run.png", dpi=90)
+            figure = entropy_histograms(sweep.per_prompt[most], sweep.tables[most], entropy)
+            figure.savefig(out / "histograms_most_bimodal_run.png", dpi=100,
+                           bbox_inches="tight")
             plt.close(figure)
             histograms.append((f"the run with the largest dip: {names[most]}",
                                "histograms_most_bimodal_run.png"))
@@ -253,24 +253,38 @@ def report_html(parent: str, n_runs: int, hue: str, panels: list[str], summary: 
                 missing: list[str] = ()) -> str:
     from html import escape
 
-    def images(items):
-        return "\n".join(f'<h3>{escape(title)}</h3><img src="{name}" alt="{escape(title)}">'
-                          for title, name in items)
+    def images(items, css: str):
+        return f'<div class="{css}">' + "\n".join(
+            f'<figure><figcaption>{escape(title)}</figcaption><a href="{name}">'
+            f'<img src="{name}" alt="{escape(title)}"></a></figure>' for title, name in items
+        ) + "</div>"
 
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>lw sweep {parent}</title>
-<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:100%}}
-table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px}}
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{{font-family:sans-serif;margin:1.5em;max-width:1800px}}
+.grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,600px),1fr));
+gap:1.2em}}
+.wide{{display:grid;gap:1.2em}}
+figure{{margin:0}} figcaption{{font-weight:bold;margin-bottom:.3em}}
+img{{width:100%;height:auto}} .wide img{{max-width:1400px}}
+.table{{overflow:auto;max-height:60vh;border:1px solid #ccc}}
+table{{border-collapse:collapse;font-size:12px;white-space:nowrap}}
+td,th{{border:1px solid #ddd;padding:2px 6px}} th{{position:sticky;top:0;background:#f4f4f4}}
+.missing{{background:#fff4e5;border:1px solid #f0b35a;padding:.5em 1em;margin:1em 0}}
 </style></head><body>
 <h1>Sweep {parent}</h1>
 <p>{n_runs} finished runs. Curves over depth (0 % = embeddings, 100 % = last layer): a line
 per {escape(hue)}, a panel per {escape(", ".join(panels) or "sweep")}.</p>
 {missing_html(missing)}<h2>Summary</h2>
+<div class="table">
 {summary.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")}
+</div>
 <h2>Per-layer metrics over depth</h2>
-{images(figures)}
+{images(figures, "grid")}
 <h2>Prompt-entropy histograms and dip test</h2>
-{images(histograms)}
+{images(histograms, "wide")}
 </body></html>
 """
 
