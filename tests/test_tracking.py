@@ -147,3 +147,4 @@ def test_sweep_names_say_what_varies():
     assert short_value("perturbation.p", "0.5") == "p=0.5"
     assert short_value("data", "wiki-vital") == "wiki-vital"
     assert short_value("model.revision", "step1000") == "step1000"
+    assert short_value("data.path", "/data/set/prompts.jsonl") == "prompts.jsonl"

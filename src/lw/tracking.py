@@ -305,18 +305,22 @@ def _job_files(sweep_dir: str, name: str) -> list[str]:
 
 
 def short_value(key: str, value: str) -> str:
-    """How a run name shows one varied override: a group's choice or a revision as its
-    value, a knob as its last name and value (perturbation.p=0.5 -> p=0.5)."""
-    if "." not in key or key in ("model.revision", "data.revision"):
+    """How a run name shows one varied override: a group's choice, a revision or a file as its
+    value (a file's name), a knob as its last name and value (perturbation.p=0.5 -> p=0.5)."""
+    value = Path(value).name if "/" in value else value  # a file: its name
+    if "." not in key or key in ("model.revision", "data.revision", "data.path"):
         return value
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
 def sweep_name(varied: dict[str, list[str]], folder: str) -> str:
     """A parent run named after what the sweep varies: "sweep smollm2,minilm x wiki-vital"."""
-    parts = [",".join(short_value(k, v) for v in values)
-             if "." not in k or k == "model.revision" else f"{k.rsplit('.', 1)[-1]}="
-             + ",".join(values) for k, values in varied.items()]
+    parts = []
+    for key, values in varied.items():
+        shown = [short_value(key, v) for v in values]
+        if "=" in shown[0]:  # a knob: its name once, "p=0,0.5"
+            shown = [shown[0]] + [v.split("=", 1)[1] for v in shown[1:]]
+        parts.append(",".join(shown))
     return "sweep " + (" x ".join(parts)[:80] or folder)
 
 
