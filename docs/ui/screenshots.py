@@ -37,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
+if not PYTHON.exists():  # another checkout's environment
+    PYTHON = Path(sys.executable)
 OUT = Path(__file__).resolve().parent
 CHART_FILTER = "^(depth/)?prompt_entropy/max$"
 DEPTH_CHART, LAYER_CHART = "depth/prompt_entropy/max", "prompt_entropy/max"
