@@ -144,10 +144,15 @@ def sweep_values(config: DictConfig) -> dict[str, list[str]]:
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     lines += [f"{key}={value}" for key, value in params.items()]
     varied: dict[str, list[str]] = {}
-    for override in OverridesParser.create().parse_overrides(lines):
-        if override.is_sweep_override():
-            key = override.get_key_element().lstrip("+~")
-            varied[key] = [str(v) for v in override.sweep_string_iterator()]
+    parser = OverridesParser.create()
+    for line in lines:
+        try:  # names only: a sweep form without a list of values (interval) is left out
+            override = parser.parse_override(line)
+            if override.is_sweep_override():
+                key = override.get_key_element().lstrip("+~")
+                varied[key] = [str(v) for v in override.sweep_string_iterator()]
+        except Exception:  # noqa: BLE001, S112
+            continue
     return varied
 
 
