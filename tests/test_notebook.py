@@ -35,4 +35,4 @@ def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert "2 models, 2 runs," in printed and "2 curves" in printed, printed
     assert any("image/png" in o.get("data", {}) for o in outputs)
     table = notebook.cells[2].outputs[-1]["data"]["text/plain"]
-    assert "prompt_entropy/max" in table and "[8 rows" not in table  # smollm2's first rows
+    assert "prompt_entropy/max" in table  # the measured table, shown

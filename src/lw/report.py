@@ -216,7 +216,8 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
     if entropy and sweep.per_prompt:
         runs = {names[i]: (sweep.per_prompt[i], sweep.tables[i]) for i in sweep.per_prompt}
         figure = entropy_heatmaps(runs, entropy)
-        figure.savefig(out / "histograms_all_runs.png", dpi=100, bbox_inches="tight")
+        # fixed margins: a tight bounding box costs one more draw of many panels
+        figure.savefig(out / "histograms_all_runs.png", dpi=100)
         plt.close(figure)
         histograms.append((f"{entropy} per layer, every run: a row per layer, red = largest dip",
                            "histograms_all_runs.png"))
