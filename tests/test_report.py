@@ -136,3 +136,53 @@ def test_one_metric_report_names_a_missing_tag(sweep_store, tmp_path):
     with pytest.raises(SystemExit, match="has tag 'lw.nope'.*lw.perturbation.p"):
         report(["--uri", sweep_store["uri"], "--metric", "curvature", "--hue", "lw.nope",
                 "--out", str(tmp_path / "c.png")])
+
+
+def test_a_sweep_of_more_than_1000_children_is_reported_whole(tmp_path, capsys, monkeypatch):
+    """1,001 children with results (one search page holds 1,000) and one whose upload failed
+    (no results/table.csv): every readable child is in the report, the other is named. The
+    store comes from MLFLOW_TRACKING_URI (no --uri), as in every MLflow tool."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("lw", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(experiment, run_name="sweep", tags={"lw.jobs": "1002"}).info.run_id
+    layers = np.arange(4)
+    table = pd.DataFrame({"layer": layers, "depth_pct": 100 * layers / 3})
+    (tmp_path / "results").mkdir()
+    expected = {}
+    for i in range(1002):
+        model = ("smollm2", "minilm")[i % 2]
+        run = client.create_run(experiment, run_name=f"{model} job{i}", tags={
+            "mlflow.parentRunId": parent, "lw.model": model, "lw.data": "wiki-vital",
+            "lw.seed": str(i)}).info.run_id
+        if i < 1001:  # the last child's upload "failed"
+            table["curvature"] = i + layers  # each run's own values: the mean sees every run
+            table.to_csv(tmp_path / "results" / "table.csv", index=False)
+            client.log_artifact(run, str(tmp_path / "results" / "table.csv"), "results")
+            expected.setdefault(model, []).append(table["curvature"].to_numpy().copy())
+        client.set_terminated(run, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "report"
+    report(["--all", "--no-log", "--out", str(out)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].endswith(f"{out.resolve() / 'index.html'}")
+    assert any("smollm2 job1001" not in line and "minilm job1001" in line
+               and "results/table.csv" in line for line in printed)
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 1001
+    assert "minilm job1001" in (out / "index.html").read_text()
+    sweep = read_sweep(client, parent, per_prompt=False)
+    assert len(sweep.runs) == 1001 and len(sweep.missing) == 1
+    for model, curves in expected.items():
+        got = (sweep.curves[(sweep.curves["lw.model"] == model)
+                            & (sweep.curves["metric"] == "curvature")]
+               .groupby("layer")["value"].mean().to_numpy())
+        np.testing.assert_allclose(got, np.mean(curves, axis=0))
+
+
+def test_a_store_that_does_not_exist_is_named_not_created(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/none/mlflow.db")
+    with pytest.raises(SystemExit, match=f"no MLflow store at sqlite:///{tmp_path}/none"):
+        report(["--all", "--out", str(tmp_path / "report")])
+    assert not (tmp_path / "none").exists()

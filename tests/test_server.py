@@ -382,6 +382,30 @@ def test_requests_without_credentials_get_401_and_a_reader_cannot_write(team):
                json={"run_id": create.json()["run"]["info"]["run_id"]})
 
 
+def test_a_reader_gets_the_report_files_and_one_line_instead_of_a_traceback(team, tmp_path):
+    """bob (READ) runs lw.report on the team server from MLFLOW_TRACKING_URI (no --uri): the
+    files are written, logging them is refused in one line naming --no-log, the last line
+    names index.html; the runs carry who logged them (mlflow.user)."""
+    server = team["server"]
+    done = subprocess.run([str(PYTHON), "-m", "lw.report", "--all", "--out", str(tmp_path)],
+                          env=cli_env(MLFLOW_TRACKING_URI=server.uri,
+                                      MLFLOW_TRACKING_USERNAME="bob",
+                                      MLFLOW_TRACKING_PASSWORD=BOB_PW),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1].endswith(str(tmp_path / "index.html")), lines
+    refused = [line for line in lines if line.startswith("[lw] could not log the report")]
+    assert len(refused) == 1 and "--no-log" in refused[0] and "403" in refused[0] + done.stderr
+    assert len(pd.read_csv(tmp_path / "summary.csv")) == 2
+    reply = server.api("POST", "2.0/mlflow/runs/search", auth=("bob", BOB_PW),
+                       json={"experiment_ids": [team["experiment"]["experiment_id"]]})
+    users = {t["value"] for r in reply.json()["runs"] for t in r["data"]["tags"]
+             if t["key"] == "mlflow.user"}
+    assert users == {"alice"}
+
+
 class SlowProxy:
     """A TCP proxy on 127.0.0.1 in front of a server that holds every HTTP response ``delay``
     seconds before passing it on: a busy server, as its clients see it."""

@@ -137,3 +137,50 @@ def test_a_sweep_stopped_before_its_end_leaves_its_parent_failed(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"], done.stderr[-3000:]
     assert "stopped before" in runs[0].data.tags["lw.error"]
+
+
+def test_run_colours_are_stable_per_model_and_differ_within_a_sweep():
+    from lw.tracking import PALETTE, run_colors
+
+    models = ["smollm2", "minilm", "tiny-pythia", "tiny-mamba", "tiny-mamba2", "pythia-70m",
+              "pythia-160m", "mamba", "bert", "llama3"]
+    colors = run_colors(models)
+    assert len(set(colors.values())) == len(PALETTE) == len(models)
+    import hashlib
+
+    def slot(model: str) -> str:
+        return PALETTE[int(hashlib.sha256(model.encode()).hexdigest(), 16) % len(PALETTE)]
+
+    # a model keeps its hash's colour from sweep to sweep, unless a model of the same sweep
+    # earlier in name order took that slot
+    for a in models:
+        assert run_colors([a])[a] == slot(a)
+        for b in models:
+            if slot(a) != slot(b):
+                assert run_colors([a, b]) == {a: slot(a), b: slot(b)}
+            elif a < b:
+                pair = run_colors([a, b])
+                assert pair[a] == slot(a) and pair[b] != slot(b)
+    assert run_colors(models) == run_colors(list(reversed(models)))  # order does not matter
+    eleven = run_colors([*models, "pythia-1b"])
+    assert len(set(eleven.values())) == len(PALETTE)  # beyond the palette: reuse
+
+
+def test_sweep_names_say_what_varies():
+    from omegaconf import OmegaConf
+
+    from lw.tracking import short_value, sweep_name, sweep_values
+
+    config = OmegaConf.create({"hydra": {
+        "overrides": {"task": ["model=smollm2,minilm", "data=wiki-vital", "data.n_prompts=16",
+                               "perturbation=repetition", "perturbation.p=0,0.5"]},
+        "sweeper": {"params": {"model.revision": "step1000,step143000"}}}})
+    varied = sweep_values(config)
+    assert varied == {"model": ["smollm2", "minilm"], "perturbation.p": ["0", "0.5"],
+                      "model.revision": ["step1000", "step143000"]}
+    assert sweep_name(varied, "12-00-00") == \
+        "sweep smollm2,minilm x p=0,0.5 x step1000,step143000"
+    assert short_value("perturbation.p", "0.5") == "p=0.5"
+    assert short_value("data", "wiki-vital") == "wiki-vital"
+    assert short_value("model.revision", "step1000") == "step1000"
+    assert short_value("data.path", "/data/set/prompts.jsonl") == "prompts.jsonl"

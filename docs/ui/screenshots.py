@@ -15,7 +15,9 @@ serves it with `mlflow ui` on a free local port, and, each time in a fresh brows
    with the run's colour picker (`runs_view.png`);
 3. switches to the chart view, hides the parent (the eye), filters the charts to
    `^(depth/)?prompt_entropy/max$` and enlarges the two cards (`charts_over_depth.png`);
-4. opens the depth chart full screen (`depth_chart_fullscreen.png`).
+4. opens the depth chart full screen (`depth_chart_fullscreen.png`);
+5. writes the sweep's `python -m lw.report --all` page and shows it on a laptop-sized window
+   (1366 x 768): its top (`report_page.png`) and its figure grid (`report_grid.png`).
 It fails unless the depth chart draws one curve per model, each in its colour, over 0..1000
 per-mille depth, and the per-layer chart runs over smollm2's 0..30 layers.
 """
@@ -35,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
+if not PYTHON.exists():  # another checkout's environment
+    PYTHON = Path(sys.executable)
 OUT = Path(__file__).resolve().parent
 CHART_FILTER = "^(depth/)?prompt_entropy/max$"
 DEPTH_CHART, LAYER_CHART = "depth/prompt_entropy/max", "prompt_entropy/max"
@@ -232,10 +236,36 @@ def screenshots(base: str, experiment: str, parent: str, children: dict[str, str
         b.shot(OUT / "depth_chart_fullscreen.png")
 
 
+def report_page(store: str, tmp: Path) -> None:
+    """The sweep's report page as a laptop shows it; fails if anything runs off its right
+    edge (the summary table scrolls in its own box)."""
+    from selenium.webdriver.common.by import By
+
+    out = tmp / "report"
+    subprocess.run([str(PYTHON), "-m", "lw.report", "--all", "--no-log", "--uri", store,
+                    "--out", str(out)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    with Browser(1366, 768) as b:
+        b.d.get((out / "index.html").as_uri())
+        b.wait(lambda d: d.execute_script("return [...document.images].every("
+                                          "i => i.complete && i.naturalWidth > 0)"), 60,
+               "the report's figures did not load")
+        page, window = b.d.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]")
+        if page > window:
+            sys.exit(f"the report page is {page} px wide in a {window} px window")
+        b.shot(OUT / "report_page.png")
+        grid = b.d.find_element(By.CSS_SELECTOR, ".grid")
+        b.d.execute_script("arguments[0].scrollIntoView()", grid)
+        b.shot(OUT / "report_grid.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uri", help="an existing store with a smollm2 + minilm sweep "
                                       "(default: run one into a temporary store)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only the report page's screenshots (step 5)")
     args = parser.parse_args()
     try:
         import selenium  # noqa: F401
@@ -245,6 +275,9 @@ def main() -> None:
     ui = None
     try:
         store = args.uri or sweep(tmp)
+        report_page(store, tmp)
+        if args.report_only:
+            return
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(store)

@@ -315,6 +315,13 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> LoadedM
         if cfg.device_map and cfg.device_map != "auto":
             device = torch.device(cfg.device_map)
         model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
+    return wrap_model(model, tokenizer, cfg, revision, sha)
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, cfg: ModelConfig, revision: str,
+               sha: str = "") -> LoadedModel:
+    """A loaded transformers model as lw measures it: its architecture checked (layer
+    convention, padding), made bidirectional if asked, described."""
     config = model.config
     arch = architecture(config.model_type)
     if not arch.padding_safe and cfg.family != "ssm":

@@ -40,7 +40,7 @@ def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
     layers = sorted(per_prompt["layer"].unique())
     n_cols = min(6, len(layers))
     n_rows = math.ceil(len(layers) / n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.2 * n_rows),
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.8 * n_cols, 2.5 * n_rows),
                              squeeze=False, sharex=True)
     by_layer = table.set_index("layer")
     bimodal = (by_layer["dip/stat"].idxmax() if "dip/stat" in by_layer
@@ -57,11 +57,12 @@ def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
             label += " (max)"
             for spine in ax.spines.values():
                 spine.set_color("tab:red")
-        ax.set_title(label, fontsize=8, color="tab:red" if layer == bimodal else "black")
-        ax.tick_params(labelsize=7)
+        ax.set_title(label, fontsize=9, color="tab:red" if layer == bimodal else "black")
+        ax.tick_params(labelsize=7, labelbottom=True)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    fig.suptitle(f"{title} {column}".strip())
+    if title:
+        fig.suptitle(f"{title} {column}")
     fig.tight_layout()
     return fig
 
@@ -77,28 +78,34 @@ def sweep_curves(frame: pd.DataFrame, metric: str, hue: str, panels: list[str],
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.5 * n_cols, 3.4 * n_rows),
                              squeeze=False, sharey=True)
     # fixed margins: tight_layout costs seconds on a figure of many panels
-    fig.subplots_adjust(left=0.08 / min(n_cols, 2), right=0.98, bottom=0.3 / n_rows + 0.02,
-                        top=1 - 0.35 / n_rows, wspace=0.08, hspace=0.45)
+    # fixed margins (tight_layout costs seconds on a figure of many panels); the saved figure
+    # is cut to what is drawn (bbox_inches="tight"), so long labels are never clipped
+    fig.subplots_adjust(left=0.1 / min(n_cols, 2), right=0.98, bottom=0.3 / n_rows + 0.02,
+                        top=1 - 0.35 / n_rows, wspace=0.12, hspace=0.5)
+    handles: dict[str, object] = {}
     for i, (ax, (key, group)) in enumerate(zip(axes.flat, groups, strict=False)):
         levels = sorted(group[hue].unique())
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(levels)))
         for color, level in zip(colors, levels, strict=True):
             curve = group[group[hue] == level].groupby("depth_pct")["value"].mean()
-            ax.plot(curve.index, curve.values, color=color, marker="o", markersize=2,
-                    label=f"{level}")
+            (line,) = ax.plot(curve.index, curve.values, color=color, marker="o", markersize=2,
+                              label=f"{level}")
+            handles.setdefault(f"{level}", line)
         key = key if isinstance(key, tuple) else (key,)
-        ax.set_title(", ".join(f"{p}={k}" for p, k in zip(panels, key, strict=True)),
-                     fontsize=8)
-        ax.set_xlabel("depth %", fontsize=8)
+        ax.set_title(", ".join(str(k) for k in key), fontsize=10)
+        ax.set_xlabel("depth %", fontsize=9)
         if i % n_cols == 0:
-            ax.set_ylabel(metric, fontsize=8)
-        ax.tick_params(labelsize=7)
+            ax.set_ylabel(metric, fontsize=9)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        if i == 0 or len(levels) != len(groups[0][1][hue].unique()):
-            ax.legend(title=hue, fontsize=7, title_fontsize=7)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    fig.suptitle(title)
+    if len(handles) <= 40:  # one legend for the figure, beside the panels, off the data
+        fig.legend(handles.values(), handles.keys(), title=hue, fontsize=8, title_fontsize=8,
+                   loc="upper left", bbox_to_anchor=(1.0, 1 - 0.35 / n_rows), frameon=False,
+                   ncols=1 + len(handles) // 20)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
@@ -116,7 +123,7 @@ def entropy_heatmaps(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.2 * n_rows),
                              squeeze=False)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.3 / n_rows + 0.02,
-                        top=1 - 0.4 / n_rows, wspace=0.25, hspace=0.6)
+                        top=1 - 0.4 / n_rows, wspace=0.3, hspace=0.75)
     for ax, (name, (per_prompt, table)) in zip(axes.flat, runs.items(), strict=False):
         layers = sorted(per_prompt["layer"].unique())
         counts = np.stack([np.histogram(per_prompt.loc[per_prompt["layer"] == layer, column],
@@ -130,13 +137,14 @@ def entropy_heatmaps(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
             ax.axhline(best["layer"], color="tab:red", lw=1)
             label += (f"\nmost bimodal: layer {int(best['layer'])} "
                       f"(dip {best['dip/stat']:.3f}, p={best['dip/pvalue']:.2f})")
-        ax.set_title(label, fontsize=7)
-        ax.set_xlabel(column, fontsize=7)
-        ax.set_ylabel("layer", fontsize=7)
-        ax.tick_params(labelsize=6)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel(column, fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+        ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
-    fig.suptitle(title)
+    if title:
+        fig.suptitle(title)
     return fig
 
 

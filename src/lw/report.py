@@ -20,13 +20,27 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from lw.config import LwError, TrackingConfig
 from lw.tracking import client_for
+
+
+def open_store(uri: str | None = None):
+    """An MlflowClient on the store to read: ``uri``, else ``MLFLOW_TRACKING_URI`` (as every
+    MLflow tool), else the project's local store. A reader never creates a store: a SQLite file
+    that does not exist is an error naming it."""
+    from lw.tracking import PROJECT_ROOT
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") \
+        or f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise LwError(f"no MLflow store at {uri}: pass --uri (uri=) or set "
+                      "MLFLOW_TRACKING_URI to the store the sweep logged to")
+    return client_for(TrackingConfig(uri=uri))
 
 
 def latest_parent(client, experiment: str) -> str:
@@ -42,47 +56,87 @@ def latest_parent(client, experiment: str) -> str:
 
 @dataclass
 class SweepResults:
-    runs: list                              # the finished child runs (MLflow Run objects)
+    runs: list                              # the finished child runs read (MLflow Run objects)
     curves: pd.DataFrame                    # long: run tags, run_id, run_name, metric, layer,
     #                                         depth_pct, value
     per_prompt: dict[str, pd.DataFrame]     # run_id -> per-prompt rows (prompt, layer, ...)
     tables: dict[str, pd.DataFrame]         # run_id -> per-layer table
+    missing: list[str] = field(default_factory=list)  # "run name: what could not be read"
+
+
+def children(client, parent: str) -> list:
+    """Every child run of ``parent``, page by page (a search returns 1,000 at most)."""
+    experiment = client.get_run(parent).info.experiment_id
+    found, token = [], None
+    while True:
+        page = client.search_runs([experiment],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                  max_results=1000, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
 
 
 def finished_children(client, parent: str) -> list:
-    experiment = client.get_run(parent).info.experiment_id
-    children = client.search_runs([experiment],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    return [r for r in children if r.info.status == "FINISHED"]
+    return [r for r in children(client, parent) if r.info.status == "FINISHED"]
 
 
 def read_sweep(client, parent: str, per_prompt: bool = True) -> SweepResults:
     """Every finished child's per-layer table (and per-prompt values) from its ``results/``
-    artifacts: one search, then one download per run, 8 at a time."""
+    artifacts: one paginated search, then one download per run, 8 at a time. A run whose
+    files cannot be read (an upload that failed) is named in ``missing``, not fatal."""
     runs = finished_children(client, parent)
     if not runs:
         raise LwError(f"sweep {parent} has no finished child run")
+    from mlflow.artifacts import download_artifacts
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
     files = ["table.csv", *(["per_prompt.parquet"] if per_prompt else [])]
 
-    def fetch(run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    def fetch(run) -> dict[str, pd.DataFrame | str]:
+        got: dict[str, pd.DataFrame | str] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            local = [Path(client.download_artifacts(run.info.run_id, f"results/{name}", tmp))
-                     for name in files]
-            return (pd.read_csv(local[0]),
-                    pd.read_parquet(local[1]) if per_prompt else None)
+            for name in files:
+                try:
+                    # from the run's artifact URI (in the search result): no run lookup
+                    local = download_artifacts(artifact_uri=f"{run.info.artifact_uri}/results/"
+                                               f"{name}", dst_path=tmp,
+                                               tracking_uri=client.tracking_uri)
+                    got[name] = (pd.read_csv(local) if name.endswith(".csv")
+                                 else pd.read_parquet(local))
+                except Exception as error:  # noqa: BLE001 - named in the report instead
+                    got[name] = f"results/{name} unreadable ({str(error).splitlines()[0]})"
+        return got
 
     with ThreadPoolExecutor(8) as pool:
         fetched = list(pool.map(fetch, runs))
-    frames, prompts, tables = [], {}, {}
-    for run, (table, values) in zip(runs, fetched, strict=True):
-        run_id = run.info.run_id
-        tags = {k: v for k, v in run.data.tags.items() if k.startswith("lw.")}
-        long = table.melt(id_vars=["layer", "depth_pct"], var_name="metric", value_name="value")
-        frames.append(long.assign(run_id=run_id, run_name=run.info.run_name, **tags))
-        tables[run_id] = table
-        if values is not None:
-            prompts[run_id] = values
-    return SweepResults(runs, pd.concat(frames, ignore_index=True), prompts, tables)
+    prompts, tables, read, missing = {}, {}, [], []
+    for run, got in zip(runs, fetched, strict=True):
+        missing += [f"{run.info.run_name} ({run.info.run_id}): {v}" for v in got.values()
+                    if isinstance(v, str)]
+        if isinstance(got["table.csv"], str):
+            continue
+        tables[run.info.run_id] = got["table.csv"]
+        read.append(run)
+        if per_prompt and not isinstance(got["per_prompt.parquet"], str):
+            prompts[run.info.run_id] = got["per_prompt.parquet"]
+    if not read:
+        raise LwError(f"no finished child run of sweep {parent} has readable results: "
+                      + "; ".join(missing[:3]))
+    # one melt per set of columns and one join for the whole sweep (per run, they cost more
+    # than the reading); a run's NaN layers stay, columns it did not log do not appear
+    same_columns: dict[tuple, list[pd.DataFrame]] = {}
+    for run_id, table in tables.items():
+        same_columns.setdefault(tuple(table.columns), []).append(table.assign(run_id=run_id))
+    long = pd.concat([pd.concat(group, ignore_index=True).melt(
+        id_vars=["run_id", "layer", "depth_pct"], var_name="metric", value_name="value")
+        for group in same_columns.values()], ignore_index=True)
+    about = pd.DataFrame([{"run_id": r.info.run_id, "run_name": r.info.run_name,
+                           **{k: v for k, v in r.data.tags.items() if k.startswith("lw.")}}
+                          for r in read])
+    curves = long.merge(about, on="run_id", how="left")
+    return SweepResults(read, curves, prompts, tables, missing)
 
 
 def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
@@ -151,8 +205,8 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
         if curves.loc[curves["metric"] == metric, "value"].isna().all():
             continue
         name = f"curve_{metric.replace('/', '_')}.png"
-        figure = sweep_curves(curves, metric, hue, panels, title=f"{metric} over depth")
-        figure.savefig(out / name, dpi=90)
+        figure = sweep_curves(curves, metric, hue, panels)  # titled by the page, once
+        figure.savefig(out / name, dpi=100, bbox_inches="tight")
         plt.close(figure)
         figures.append((metric, name))
     histograms: list[tuple[str, str]] = []
@@ -161,17 +215,18 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
                     if all(c in p for p in sweep.per_prompt.values())), None)
     if entropy and sweep.per_prompt:
         runs = {names[i]: (sweep.per_prompt[i], sweep.tables[i]) for i in sweep.per_prompt}
-        figure = entropy_heatmaps(runs, entropy, title=f"per-layer histograms of {entropy}")
-        figure.savefig(out / "histograms_all_runs.png", dpi=90)
+        figure = entropy_heatmaps(runs, entropy)
+        # fixed margins: a tight bounding box costs one more draw of many panels
+        figure.savefig(out / "histograms_all_runs.png", dpi=100)
         plt.close(figure)
-        histograms.append(("every run: one row per layer, red = largest dip",
+        histograms.append((f"{entropy} per layer, every run: a row per layer, red = largest dip",
                            "histograms_all_runs.png"))
         dips = {i: t["dip/stat"].max() for i, t in sweep.tables.items() if "dip/stat" in t}
         if dips:
             most = max(dips, key=lambda i: dips[i])
-            figure = entropy_histograms(sweep.per_prompt[most], sweep.tables[most], entropy,
-                                        names[most])
-            figure.savefig(out / "histograms_most_bimodal_run.png", dpi=90)
+            figure = entropy_histograms(sweep.per_prompt[most], sweep.tables[most], entropy)
+            figure.savefig(out / "histograms_most_bimodal_run.png", dpi=100,
+                           bbox_inches="tight")
             plt.close(figure)
             histograms.append((f"the run with the largest dip: {names[most]}",
                                "histograms_most_bimodal_run.png"))
@@ -179,36 +234,70 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
     summary.to_csv(out / "summary.csv", index=False)
     page = out / "index.html"
     page.write_text(report_html(parent, len(sweep.runs), hue, panels, summary, figures,
-                                histograms))
+                                histograms, sweep.missing))
+    for line in sweep.missing:
+        print(f"[lw] left out of the report: {line}")
     if log:
-        client.log_artifacts(parent, str(out), artifact_path="report")
+        try:
+            client.log_artifacts(parent, str(out), artifact_path="report")
+            print(f"[lw] logged under report/ of parent run {parent}")
+        except Exception as error:  # noqa: BLE001 - a READ user still gets the files
+            reason = str(error).strip().splitlines()[0][:200]
+            print(f"[lw] could not log the report to parent run {parent} ({reason}); "
+                  "the files are kept in {out}/ (--no-log skips logging)".replace("{out}",
+                                                                                str(out)))
     return page
 
 
 def report_html(parent: str, n_runs: int, hue: str, panels: list[str], summary: pd.DataFrame,
-                figures: list[tuple[str, str]], histograms: list[tuple[str, str]]) -> str:
+                figures: list[tuple[str, str]], histograms: list[tuple[str, str]],
+                missing: list[str] = ()) -> str:
     from html import escape
 
-    def images(items):
-        return "\n".join(f'<h3>{escape(title)}</h3><img src="{name}" alt="{escape(title)}">'
-                          for title, name in items)
+    def images(items, css: str):
+        return f'<div class="{css}">' + "\n".join(
+            f'<figure><figcaption>{escape(title)}</figcaption><a href="{name}">'
+            f'<img src="{name}" alt="{escape(title)}"></a></figure>' for title, name in items
+        ) + "</div>"
 
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>lw sweep {parent}</title>
-<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:100%}}
-table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ccc;padding:2px 6px}}
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{{font-family:sans-serif;margin:1.5em;max-width:1800px}}
+.grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,600px),1fr));
+gap:1.2em}}
+.wide{{display:grid;gap:1.2em}}
+figure{{margin:0}} figcaption{{font-weight:bold;margin-bottom:.3em}}
+img{{width:100%;height:auto}} .wide img{{max-width:1400px}}
+.table{{overflow:auto;max-height:60vh;border:1px solid #ccc}}
+table{{border-collapse:collapse;font-size:12px;white-space:nowrap}}
+td,th{{border:1px solid #ddd;padding:2px 6px}} th{{position:sticky;top:0;background:#f4f4f4}}
+.missing{{background:#fff4e5;border:1px solid #f0b35a;padding:.5em 1em;margin:1em 0}}
 </style></head><body>
 <h1>Sweep {parent}</h1>
 <p>{n_runs} finished runs. Curves over depth (0 % = embeddings, 100 % = last layer): a line
 per {escape(hue)}, a panel per {escape(", ".join(panels) or "sweep")}.</p>
-<h2>Summary</h2>
+{missing_html(missing)}<h2>Summary</h2>
+<div class="table">
 {summary.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")}
+</div>
 <h2>Per-layer metrics over depth</h2>
-{images(figures)}
+{images(figures, "grid")}
 <h2>Prompt-entropy histograms and dip test</h2>
-{images(histograms)}
+{images(histograms, "wide")}
 </body></html>
 """
+
+
+def missing_html(missing: list[str]) -> str:
+    from html import escape
+
+    if not missing:
+        return ""
+    items = "".join(f"<li>{escape(line)}</li>" for line in missing)
+    return (f'<div class="missing"><b>{len(missing)} result file(s) could not be read; '
+            f"those runs are left out:</b><ul>{items}</ul></div>\n")
 
 
 def best_layers(client, parent: str, prefix: str) -> pd.DataFrame:
@@ -218,27 +307,22 @@ def best_layers(client, parent: str, prefix: str) -> pd.DataFrame:
     child run (its data set and knobs)."""
     from lw.metrics.downstream import best_layer_table
 
-    experiment = client.get_run(parent).info.experiment_id
-    children = client.search_runs([experiment],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    rows = []
-    for run in children:
-        keys = [k for k in run.data.metrics if k.startswith(prefix)
-                and not k.endswith(("/mean", "_std"))]
-        model = " ".join(filter(None, [run.data.tags.get("lw.model"),
-                                       run.data.tags.get("lw.model.revision")]))
-        for key in keys:
-            for point in client.get_metric_history(run.info.run_id, key):
-                rows.append({"model": model, "task": f"{run.info.run_name}: {key}",
-                             "layer": point.step, "score": point.value})
-    if not rows:
+    curves = read_sweep(client, parent, per_prompt=False).curves
+    scores = curves[curves["metric"].str.startswith(prefix)
+                    & ~curves["metric"].str.endswith(("/mean", "_std"))]
+    revision = scores.get("lw.model.revision", pd.Series("", index=scores.index)).fillna("")
+    rows = pd.DataFrame({"model": (scores["lw.model"].fillna("") + " " + revision).str.strip(),
+                         "task": scores["run_name"] + ": " + scores["metric"],
+                         "layer": scores["layer"], "score": scores["value"]})
+    if rows.empty:
         raise LwError(f"no child run of {parent} logged a score starting with {prefix!r}")
-    return best_layer_table(pd.DataFrame(rows))
+    return best_layer_table(rows.reset_index(drop=True))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lw.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--uri", help="tracking URI (default: the local store in mlruns/)")
+    parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else the "
+                                         "local store in mlruns/)")
     parser.add_argument("--experiment", default="lw")
     parser.add_argument("--parent", help="parent run id (default: the latest sweep)")
     parser.add_argument("--metric", default="prompt_entropy/max")
@@ -256,14 +340,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
     try:
-        client = client_for(TrackingConfig(uri=args.uri, experiment=args.experiment))
+        client = open_store(args.uri)
         parent = args.parent or latest_parent(client, args.experiment)
         if args.all:
             started = time.perf_counter()
             page = write_report(client, parent, args.out or Path("report"), log=not args.no_log)
-            print(f"[lw] report of sweep {parent}: {page} "
-                  f"({time.perf_counter() - started:.1f} s)"
-                  + ("" if args.no_log else "; logged under report/ of the parent run"))
+            print(f"[lw] report of sweep {parent} ({time.perf_counter() - started:.1f} s): "
+                  f"open {page.resolve()}")
             return
         if args.best_layers:
             print(best_layers(client, parent, args.best_layers).round(4).to_string(index=False))

@@ -68,11 +68,21 @@ def figures_of(result: JobResult, title: str) -> dict:
 
 
 def run_name(job: LwConfig, overrides: list[str]) -> str:
-    """"smollm2 wiki-vital repetition perturbation.p=0.5": the choices, then the other knobs
-    (where results are stored is left out: it is the same for every job of a sweep)."""
-    groups = ("model=", "data=", "perturbation=", "tracking", "hydra.", "+experiment=")
-    return " ".join([job.model.name, job.data.name, job.perturbation.name]
-                    + [o for o in overrides if not o.lstrip("+~").startswith(groups)])
+    """Short enough for the MLflow table's default width: the model, then what the sweep
+    varies ("smollm2 wiki-vital p=0.5", "pythia-70m step1000"); outside a sweep, the model,
+    the data and a perturbation."""
+    import os
+
+    from lw.tracking import SWEEP_VARIES_ENV, short_value
+
+    varies = os.environ.get(SWEEP_VARIES_ENV)
+    if varies is None:
+        parts = [job.data.name] + ([] if job.perturbation.name == "none"
+                                   else [job.perturbation.name])
+        return " ".join([job.model.name, *parts])
+    keys = [k for k in varies.split(",") if k and k != "model"]
+    values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    return " ".join([job.model.name] + [short_value(k, values[k]) for k in keys if k in values])
 
 
 def run_job(cfg: DictConfig) -> JobResult | None:

@@ -187,7 +187,9 @@ def experiment_link(uri: str, port: int, password: str, name: str | None,
     import urllib.request
     from base64 import b64encode
 
-    pattern = f"{uri}/#/experiments/<id>?workflowType=machine_learning"
+    from lw.server_app import runs_link
+
+    pattern = f"{uri}/#/experiments"  # no such experiment yet: the list of them
     if not name:
         return pattern, None
     api = f"{local_url(port, tls)}/api/2.0/mlflow/experiments"
@@ -211,7 +213,7 @@ def experiment_link(uri: str, port: int, password: str, name: str | None,
         experiment = call("create", {"name": name, "tags": [
             {"key": "mlflow.experimentKind", "value": "custom_model_development"}]})[
             "experiment_id"]
-    return f"{uri}/#/experiments/{experiment}?workflowType=machine_learning", experiment
+    return runs_link(uri, str(experiment)), experiment
 
 
 def team_uri(host: str, port: int, tls: bool = False) -> str:
@@ -221,9 +223,9 @@ def team_uri(host: str, port: int, tls: bool = False) -> str:
 
 
 def server_command(args, stores: dict[str, str]) -> list[str]:
-    """``mlflow server``'s command line: no store URI on it (MLFLOW_BACKEND_STORE_URI)."""
-    command = [shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow",
-               "server", "--app-name", "basic-auth",
+    """``mlflow server``'s command line: no store URI on it (MLFLOW_BACKEND_STORE_URI); its UI
+    opens experiments on their runs (lw.server_app)."""
+    command = [sys.executable, "-m", "lw.server_app", "server", "--app-name", "basic-auth",
                "--serve-artifacts", "--artifacts-destination", stores["artifacts"],
                "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     if args.allowed_hosts:
@@ -245,8 +247,7 @@ users: {redact(stores['auth_db'])}
     export MLFLOW_TRACKING_URI={uri}
     export MLFLOW_TRACKING_USERNAME=alice MLFLOW_TRACKING_PASSWORD=...
     .venv/bin/python -m lw.run -m tracking=server model=smollm2,minilm
-[lw] and looks at the runs (MLflow 3.17's UI opens an experiment on its GenAI overview unless
-     "Model training" is picked, top left, once per browser):
+[lw] and looks at the runs in a browser (it asks for the login; never put it in the URL):
     {{link}}"""
 
 
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             link, experiment = experiment_link(uri, args.port, password, args.experiment,
                                                args.create_experiment, tls)
         except OSError as error:
-            link, experiment = f"{uri}/#/experiments/<id>?workflowType=machine_learning", None
+            link, experiment = f"{uri}/#/experiments", None
             print(f"[lw] could not create experiment {args.experiment}: {error}", flush=True)
         print(instructions(uri, stores).replace("{link}", link), flush=True)
         made = f", experiment {args.experiment} has id {experiment}" if experiment else ""

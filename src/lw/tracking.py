@@ -29,6 +29,7 @@ from lw.config import LwError, TrackingConfig
 from lw.models import PROJECT_ROOT
 from lw.perturb import perturbation_tags
 from lw.resume import HASH_TAG, KEY_TAG, SWEEP_PID_ENV, Heartbeat, owner_tags, reap
+from lw.server_app import runs_link
 
 
 def telemetry_off(env=os.environ) -> None:
@@ -265,6 +266,74 @@ def fail_run(client, run_id: str, error: BaseException, uri: str, folder: Path |
 # that; the links lw gives (README, `make ui`, `python -m lw.server`) end in
 # `#/experiments/<id>?workflowType=machine_learning`.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Run colours in the UI's charts (tag mlflow.runColor): a fixed palette, the slot from a hash
+# of the model name, so a model keeps its colour across sweeps (the UI's own colour comes
+# from a hash of the run id: two models often share one).
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#8C564B",
+           "#F0E442", "#7F7F7F", "#000000")
+SWEEP_MODELS_ENV = "LW_SWEEP_MODELS"   # the sweep's models, for colours that differ
+SWEEP_VARIES_ENV = "LW_SWEEP_VARIES"   # the override keys the sweep varies, for run names
+
+
+def run_colors(models: list[str]) -> dict[str, str]:
+    """A colour per model: its hash's slot, or the next free one when a model of the same
+    sweep took it (models in name order), so that up to len(PALETTE) models differ."""
+    import hashlib
+
+    taken: dict[str, str] = {}
+    for model in sorted(set(models)):
+        slot = int(hashlib.sha256(model.encode()).hexdigest(), 16) % len(PALETTE)
+        for step in range(len(PALETTE)):
+            color = PALETTE[(slot + step) % len(PALETTE)]
+            if color not in taken.values():
+                break
+        else:
+            color = PALETTE[slot]
+        taken[model] = color
+    return taken
+
+
+def run_color(model: str) -> str:
+    models = [m for m in os.environ.get(SWEEP_MODELS_ENV, "").split(",") if m]
+    return run_colors([*models, model])[model]
+
+
+def sweep_values(config: DictConfig) -> dict[str, list[str]]:
+    """The sweep's varied overrides, key -> values (command line and the sweeper's params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = list(config.hydra.overrides.task)
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    lines += [f"{key}={value}" for key, value in params.items()]
+    varied: dict[str, list[str]] = {}
+    parser = OverridesParser.create()
+    for line in lines:
+        try:  # names only: a sweep form without a list of values (interval) is left out
+            override = parser.parse_override(line)
+            if override.is_sweep_override():
+                key = override.get_key_element().lstrip("+~")
+                varied[key] = [str(v) for v in override.sweep_string_iterator()]
+        except Exception:  # noqa: BLE001, S112
+            continue
+    return varied
+
+
+def run_user(uri: str) -> str:
+    """Who logs: the tracking username on a server (MLflow shows it as "Created by"), else the
+    local user."""
+    import getpass
+
+    if uri.startswith(("http://", "https://")) and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return os.environ["MLFLOW_TRACKING_USERNAME"]
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment
+        return "unknown"
+
+
+def source_tags(uri: str) -> dict[str, str]:
+    return {"mlflow.user": run_user(uri), "mlflow.source.name": "lw.run",
+            "mlflow.source.type": "LOCAL"}
 
 
 def experiment_id(client, cfg: TrackingConfig) -> str:
@@ -330,6 +399,7 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
         "lw.version": lw_version(), "lw.git_commit": git_commit(),
         "lw.overrides": " ".join(overrides)[:PARAM_LIMIT],
         **identity_tags(identity or {}, job_key),
+        "mlflow.runColor": run_color(cfg.model.name), **source_tags(client.tracking_uri),
     }
     parent = os.environ.get(PARENT_ENV)
     if parent:
@@ -544,6 +614,26 @@ def _job_files(sweep_dir: str, name: str) -> list[str]:
     return sorted(p.read_text().strip() for p in Path(sweep_dir).rglob(name))
 
 
+def short_value(key: str, value: str) -> str:
+    """How a run name shows one varied override: a group's choice, a revision or a file as its
+    value (a file's name), a knob as its last name and value (perturbation.p=0.5 -> p=0.5)."""
+    value = Path(value).name if "/" in value else value  # a file: its name
+    if "." not in key or key in ("model.revision", "data.revision", "data.path"):
+        return value
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def sweep_name(varied: dict[str, list[str]], folder: str) -> str:
+    """A parent run named after what the sweep varies: "sweep smollm2,minilm x wiki-vital"."""
+    parts = []
+    for key, values in varied.items():
+        shown = [short_value(key, v) for v in values]
+        if "=" in shown[0]:  # a knob: its name once, "p=0,0.5"
+            shown = [shown[0]] + [v.split("=", 1)[1] for v in shown[1:]]
+        parts.append(",".join(shown))
+    return "sweep " + (" x ".join(parts)[:80] or folder)
+
+
 # The sweep's parent run's heartbeat (lw.resume), from on_multirun_start to on_multirun_end.
 _PARENT_HEARTBEAT: list[Heartbeat] = []
 
@@ -566,13 +656,18 @@ class ParentRunCallback(Callback):
         experiment = experiment_id(client, tracking)
         # a killed earlier sweep's parent and children: KILLED, not RUNNING forever
         reap(client, experiment, f"sweep {sweep_dir}")
+        varied = sweep_values(config)
+        os.environ[SWEEP_MODELS_ENV] = ",".join(varied.get("model", []))
+        os.environ[SWEEP_VARIES_ENV] = ",".join(varied)
         run = client.create_run(
-            experiment, run_name=f"sweep {Path(sweep_dir).name}",
+            experiment, run_name=sweep_name(varied, Path(sweep_dir).name),
             tags={"lw.sweep_dir": sweep_dir, "lw.git_commit": git_commit(),
-                  "lw.version": lw_version(), **owner_tags(),
+                  "lw.version": lw_version(), **owner_tags(), **source_tags(client.tracking_uri),
                   "lw.overrides": " ".join(config.hydra.overrides.task)[:PARAM_LIMIT]})
         os.environ[PARENT_ENV] = run.info.run_id
         os.environ[SWEEP_PID_ENV] = str(os.getpid())  # its workers die with it (lw.resume)
+        print(f"[lw] sweep {run.info.run_id} started; its runs: "
+              f"{runs_link(client.tracking_uri, experiment)}", flush=True)
         _PARENT_HEARTBEAT.append(Heartbeat(client, run.info.run_id).start())
         import atexit
 
@@ -582,6 +677,8 @@ class ParentRunCallback(Callback):
         from lw.distributed import current_ranks
 
         parent = os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(SWEEP_MODELS_ENV, None)
+        os.environ.pop(SWEEP_VARIES_ENV, None)
         while _PARENT_HEARTBEAT:
             _PARENT_HEARTBEAT.pop().stop()
         failed_here, FAILED_JOBS[:] = list(FAILED_JOBS), []
@@ -632,7 +729,8 @@ class ParentRunCallback(Callback):
         print(f"[lw] sweep done: {finished} of {total} jobs "
               f"finished, {len(skipped) - len(elsewhere)} skipped (already FINISHED), "
               + (f"{len(elsewhere)} left to the launch running them, " if elsewhere else "")
-              + f"MLflow parent run {parent} in {tracking_uri(_tracking(config))}")
+              + f"MLflow parent run {parent} in {tracking_uri(_tracking(config))}; its runs: "
+              f"{runs_link(client.tracking_uri, client.get_run(parent).info.experiment_id)}")
         for run in failed + unfinished:
             print(f"[lw] FAILED {run.info.run_name}: "
                   f"{run.data.tags.get('lw.error', run.info.status)}")

@@ -1,0 +1,193 @@
+"""lw in a notebook: a sweep's values as a tidy DataFrame, and one job measured in this process.
+
+    import lw
+    frame = lw.load_sweep()                       # the latest sweep of experiment "lw"
+    runs = lw.load_runs()                         # one row per run: tags and summaries
+    table = lw.measure("smollm2", "wiki-vital", metrics=["prompt_entropy"], data__n_prompts=32)
+
+`load_sweep` reads what `lw.report` reads (one paginated search, each run's results/table.csv);
+`measure` runs the job's stages (lw.job: plan, forward, measure) on the config a
+``python -m lw.run`` command line would compose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TIDY = ["run_id", "run_name", "model", "data", "perturbation", "level", "revision", "layer",
+        "depth", "metric", "value"]
+LEVEL_TAGS = ("lw.perturbation.p", "lw.perturbation.T", "lw.perturbation.views")
+
+
+def _sweep_of(parent: str | None, experiment: str, uri: str | None):
+    from lw.report import latest_parent, open_store
+
+    client = open_store(uri)
+    return client, parent or latest_parent(client, experiment)
+
+
+def load_sweep(parent: str | None = None, experiment: str = "lw",
+               uri: str | None = None) -> pd.DataFrame:
+    """Every per-layer value of a sweep's finished runs, one row per run x metric x layer:
+    run_id, run_name, model, data, perturbation, level (its p, T or views as a number; NaN for
+    none), revision, layer, depth (0 = embeddings, 1 = last layer), metric, value.
+
+    parent: the sweep's parent run id (default: the latest sweep of ``experiment``); uri: the
+    tracking URI (default: MLFLOW_TRACKING_URI, else the project's local store). Runs whose
+    results cannot be read are left out with a warning naming them."""
+    from lw.report import read_sweep
+
+    client, parent = _sweep_of(parent, experiment, uri)
+    sweep = read_sweep(client, parent, per_prompt=False)
+    for line in sweep.missing:
+        warnings.warn(f"left out: {line}", stacklevel=2)
+    curves = sweep.curves
+    levels = pd.Series(float("nan"), index=curves.index)
+    for tag in LEVEL_TAGS:
+        if tag in curves:
+            levels = levels.fillna(pd.to_numeric(curves[tag], errors="coerce"))
+
+    def tag(name: str) -> pd.Series:
+        return curves[name] if name in curves else pd.Series(None, index=curves.index)
+
+    frame = pd.DataFrame({
+        "run_id": curves["run_id"], "run_name": curves["run_name"], "model": tag("lw.model"),
+        "data": tag("lw.data"), "perturbation": tag("lw.perturbation"), "level": levels,
+        "revision": tag("lw.model.revision"), "layer": curves["layer"].astype(int),
+        "depth": curves["depth_pct"] / 100, "metric": curves["metric"],
+        "value": curves["value"]})
+    frame.attrs["parent"] = parent
+    return frame.sort_values(["model", "data", "level", "run_id", "metric", "layer"],
+                             na_position="first").reset_index(drop=True)
+
+
+def load_runs(parent: str | None = None, experiment: str = "lw",
+              uri: str | None = None) -> pd.DataFrame:
+    """One row per child run of a sweep (any status): run_id, run_name, status, its ``lw.*``
+    tags (model, data, perturbation and level, revision, ...) and its single-valued metrics
+    (``summary/...``, n_prompts, prompts_per_second, ...), as logged. One paginated search."""
+    from lw.report import children
+
+    client, parent = _sweep_of(parent, experiment, uri)
+    rows = []
+    for run in children(client, parent):
+        row = {"run_id": run.info.run_id, "run_name": run.info.run_name,
+               "status": run.info.status}
+        row.update({k: v for k, v in run.data.tags.items() if k.startswith("lw.")})
+        row.update({k: v for k, v in sorted(run.data.metrics.items())
+                    if not k.startswith("depth/")})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.attrs["parent"] = parent
+    return frame
+
+
+def _override(key: str, value: Any) -> str:
+    """A Hydra override from a Python value (strings quoted, lists as lists)."""
+    def text(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if v is None:
+            return "null"
+        if isinstance(v, str):
+            return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        if isinstance(v, list | tuple):
+            return "[" + ",".join(text(x) for x in v) + "]"
+        return str(v)
+    return f"{key}={text(value)}"
+
+
+def compose_overrides(overrides: list[str]):
+    """conf/ composed with ``overrides`` as ``python -m lw.run`` would (no Hydra folders)."""
+    from hydra import compose, initialize_config_dir
+
+    from lw.config import register_configs
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("prompt_entropy",),
+            log: bool = False, **knobs: Any) -> pd.DataFrame:
+    """One job in this process; returns its per-layer table (layer, depth_pct, a column per
+    metric value), with the run's summaries in ``table.attrs["summary"]``.
+
+    model: a model option (``"smollm2"``, ``"pythia-70m"``: conf/model/), a hub id or a local
+    folder (loaded with transformers' AutoModel), or an already loaded ``(model, tokenizer)``.
+    texts: a data option (``"wiki-vital"``: conf/data/) or a list of prompts.
+    knobs: any config field, dots written ``__``: ``data__n_prompts=32``,
+    ``metric__prompt_entropy__alpha=2``, ``extraction__skip_first=1``, ``seed=3``.
+    log: also log the job to MLflow as ``python -m lw.run`` does (``tracking__uri=...``);
+    by default nothing is logged or written."""
+    from lw.config import validate
+    from lw.job import compute
+
+    loaded = model if isinstance(model, tuple | list) else None
+    overrides = [f"metrics=[{','.join(metrics)}]"]
+    if loaded is not None:
+        overrides.append("model=tiny-pythia")  # replaced below by the given model
+    elif (Path(__file__).resolve().parents[2] / "conf" / "model" / f"{model}.yaml").exists():
+        overrides.append(f"model={model}")
+    else:  # a hub id or a folder
+        overrides += ["model=pythia-70m", _override("model.name", Path(str(model)).name),
+                      _override("model.id", str(model)), "model.revision=main"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(texts, str):
+            overrides.append(f"data={texts}")
+        else:
+            prompts = [" ".join(str(t).split()) for t in texts]
+            (Path(tmp) / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+            overrides += ["data=local", _override("data.path", f"{tmp}/prompts.txt"),
+                          f"data.n_prompts={len(prompts)}"]
+        overrides += [_override(k.replace("__", "."), v) for k, v in knobs.items()]
+        cfg = compose_overrides(overrides)
+        job = validate(cfg)
+        if loaded is not None:
+            result = _measure_loaded(job, *loaded)
+        else:
+            result = compute(job)
+        if log:
+            _log(cfg, job, result, overrides)
+    table = result.table.copy()
+    table.attrs["summary"] = dict(result.summary)
+    table.attrs["model"] = result.info.as_dict()
+    return table
+
+
+def _measure_loaded(job, model, tokenizer):
+    """lw.job's stages on a model already in memory: its description from the model itself."""
+    from lw.job import forward_stage, measure, plan_job
+    from lw.models import wrap_model
+
+    name = str(getattr(model.config, "name_or_path", "") or model.config.model_type)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    # source "random": the plan then takes the vocabulary size from arch_config, not the hub
+    job.model = dataclasses.replace(job.model, name=Path(name).name, id=name, source="random",
+                                    arch=model.config.model_type, adapters=[],
+                                    arch_config={"vocab_size": vocab})
+    device = next(model.parameters()).device
+    loaded = wrap_model(model.eval(), tokenizer, job.model, revision="in memory")
+    loaded.info = dataclasses.replace(loaded.info, source="in-memory")
+    plan = plan_job(job, tokenizer)
+    return measure(job, forward_stage(job, loaded, plan, device), plan, loaded, device)
+
+
+def _log(cfg, job, result, overrides: list[str]) -> None:
+    from lw.identity import job_hash
+    from lw.run import figures_of, run_name
+    from lw.tracking import client_for, log_result, start_job_run
+
+    client = client_for(job.tracking)
+    name = job.run_name or run_name(job, overrides)
+    run_id = start_job_run(client, cfg, name, overrides, job_hash(job))
+    log_result(client, run_id, result, figures_of(result, name), {})
+    client.set_terminated(run_id, "FINISHED")
+    print(f"[lw] logged run {run_id} ({name}) to {client.tracking_uri}")

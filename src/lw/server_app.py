@@ -1,0 +1,66 @@
+"""MLflow's basic-auth server app, whose UI opens lw's experiments on their runs.
+
+MLflow 3.17.2's UI shows an experiment as GenAI (traces) or "Model training" (runs) from the
+URL's ``?workflowType=``, else the browser's localStorage ``mlflow.workflowType_v1``, else
+GenAI; it ignores the experiment's ``mlflow.experimentKind`` tag and has no server option for
+this. So the page this app serves sets that localStorage default to the runs when the browser
+has none yet: a fresh browser lands on the runs (experiment and run pages), and a user who
+picks GenAI keeps that choice.
+
+    python -m lw.server_app server --app-name basic-auth ...   # what `python -m lw.server` runs
+"""
+
+from __future__ import annotations
+
+import sys
+
+RUNS_VIEW = "?workflowType=machine_learning"  # the UI's "Model training" view: the runs
+LOCAL_UI = "http://127.0.0.1:5000"            # `make ui`'s address for the local store
+WORKFLOW_KEY = "mlflow.workflowType_v1"
+DEFAULT_VIEW = (f'<script>try{{if(!localStorage.getItem("{WORKFLOW_KEY}"))'
+                f'localStorage.setItem("{WORKFLOW_KEY}",JSON.stringify("machine_learning"))}}'
+                "catch(e){}</script>")
+
+
+def runs_link(uri: str, experiment: str) -> str:
+    """The MLflow UI's runs view of an experiment: on the server itself, or `make ui`'s for a
+    local store."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment}{RUNS_VIEW}"
+
+
+def index_page() -> str:
+    """MLflow's index.html with the default view set before the UI's script runs."""
+    from pathlib import Path
+
+    from mlflow.server import app
+
+    html = (Path(app.root_path) / app.static_folder / "index.html").read_text()
+    return html.replace("<head>", "<head>" + DEFAULT_VIEW, 1)
+
+
+def create_app():
+    """MLflow's basic-auth app (mlflow.server.auth.create_app) with lw's index page."""
+    from flask import Response
+    from mlflow.server import app
+    from mlflow.server.auth import create_app as basic_auth_app
+
+    page = index_page()
+    app.view_functions["serve"] = lambda: Response(page, mimetype="text/html")
+    return basic_auth_app(app)
+
+
+def main(argv: list[str]) -> None:
+    """`mlflow <argv>`, with ``--app-name basic-auth`` served by ``create_app`` (MLflow finds
+    apps by entry point; this points its lookup here instead)."""
+    import mlflow.server
+    from mlflow.cli import cli
+
+    find_app = mlflow.server._find_app
+    mlflow.server._find_app = (lambda name: "lw.server_app:create_app" if name == "basic-auth"
+                               else find_app(name))
+    cli.main(argv, prog_name="mlflow")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

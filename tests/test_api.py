@@ -1,0 +1,107 @@
+"""`import lw`: the notebook API. load_sweep / load_runs read a real SQLite store (a sweep
+logged with MlflowClient as lw.tracking logs one); measure runs a real job in this process,
+on a model option and on the same model already loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+import lw
+from conftest import PYTHON, cli_env, load_option, wiki_records
+
+
+def test_import_lw_loads_no_torch():
+    done = subprocess.run([str(PYTHON), "-c", "import sys, lw, lw.server; "
+                           "print(sorted(lw.__all__), 'torch' in sys.modules)"],
+                          capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert done.stdout.split("]")[-1].strip() == "False", done.stdout + done.stderr
+    assert "['load_runs', 'load_sweep', 'measure']" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def store():
+    """A parent and 3 children: 2 models, levels of p, one run with a NaN layer."""
+    folder = Path(tempfile.mkdtemp(prefix="lw-api-"))
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("lw", artifact_location=(folder / "a").as_uri())
+    old = client.create_run(experiment, tags={"lw.jobs": "0"}).info.run_id  # an older sweep
+    client.set_terminated(old, "FINISHED")
+    parent = client.create_run(experiment, run_name="sweep", tags={"lw.jobs": "3"}).info.run_id
+    rng = np.random.default_rng(1)
+    logged = {}
+    for model, layers, p in (("smollm2", 30, "0.000"), ("smollm2", 30, "0.500"),
+                             ("minilm", 6, "0.500")):
+        table = pd.DataFrame({"layer": np.arange(layers + 1),
+                              "depth_pct": 100 * np.arange(layers + 1) / layers,
+                              "prompt_entropy/max": rng.random(layers + 1),
+                              "curvature": rng.random(layers + 1)})
+        table.loc[0, "curvature"] = np.nan
+        run = client.create_run(experiment, run_name=f"{model} p={p}", tags={
+            "mlflow.parentRunId": parent, "lw.model": model, "lw.data": "wiki-vital",
+            "lw.perturbation": "repetition", "lw.perturbation.p": p,
+            "lw.model.revision": "main"}).info.run_id
+        client.log_batch(run, metrics=[Metric("summary/curvature/max_layer", 3.0, 0, 0)])
+        with tempfile.TemporaryDirectory() as tmp:
+            table.to_csv(Path(tmp) / "table.csv", index=False)
+            client.log_artifacts(run, tmp, "results")
+        client.set_terminated(run, "FINISHED")
+        logged[run] = table
+    client.set_terminated(parent, "FINISHED")
+    return {"uri": uri, "parent": parent, "logged": logged}
+
+
+def test_load_sweep_is_tidy_and_reads_back_every_value(store):
+    frame = lw.load_sweep(uri=store["uri"])   # the latest sweep: not the older, empty one
+    assert frame.attrs["parent"] == store["parent"]
+    assert list(frame.columns) == ["run_id", "run_name", "model", "data", "perturbation",
+                                   "level", "revision", "layer", "depth", "metric", "value"]
+    assert len(frame) == 2 * (31 + 31 + 7)
+    for run_id, table in store["logged"].items():
+        rows = frame[frame["run_id"] == run_id]
+        for metric in ("prompt_entropy/max", "curvature"):
+            got = rows[rows["metric"] == metric].sort_values("layer")
+            np.testing.assert_array_equal(got["value"], table[metric])
+            np.testing.assert_allclose(got["depth"], table["depth_pct"] / 100)
+    assert sorted(frame["level"].unique()) == [0.0, 0.5]
+    minilm = frame[frame["model"] == "minilm"]
+    assert minilm["depth"].max() == 1.0 and minilm["layer"].max() == 6
+
+
+def test_load_runs_gives_tags_and_summaries(store):
+    runs = lw.load_runs(store["parent"], uri=store["uri"])
+    assert len(runs) == 3 and set(runs["status"]) == {"FINISHED"}
+    assert sorted(runs["lw.perturbation.p"]) == ["0.000", "0.500", "0.500"]
+    assert (runs["summary/curvature/max_layer"] == 3.0).all()
+
+
+def test_measure_a_model_option_and_the_same_model_loaded_agree():
+    texts = [r["extract"] for r in wiki_records()[:6]]
+    knobs = dict(metrics=["prompt_entropy", "curvature"], data__max_tokens=24)
+    by_name = lw.measure("tiny-pythia", texts, **knobs)
+    loaded = load_option("tiny-pythia")
+    in_memory = lw.measure((loaded.model, loaded.tokenizer), texts, **knobs)
+    assert by_name.attrs["model"]["n_layers"] == 6 == in_memory.attrs["model"]["n_layers"]
+    assert in_memory.attrs["model"]["source"] == "in-memory"
+    assert list(by_name["layer"]) == list(range(7))
+    for column in ("prompt_entropy/max", "curvature"):
+        np.testing.assert_allclose(in_memory[column], by_name[column], rtol=1e-6)
+    assert np.isfinite(by_name["prompt_entropy/max"]).all()
+    assert by_name.attrs["summary"]  # the run's summaries ride along
+
+
+def test_measure_names_a_bad_knob():
+    from lw.config import LwError
+
+    with pytest.raises(Exception, match="n_prompts") as raised:
+        lw.measure("tiny-pythia", "wiki-vital", data__n_prompts=-5)
+    assert raised.type.__name__ in ("ConfigError", "LwError", "ValidationError") or \
+        isinstance(raised.value, LwError)

@@ -1,0 +1,38 @@
+"""docs/examples/quickstart.ipynb runs cell by cell on an ipykernel (nbclient), against a real
+smollm2 + minilm sweep logged to a temporary SQLite store named by MLFLOW_TRACKING_URI."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, ROOT, cli_env
+
+nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]' (nbclient)")
+
+
+def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
+    import nbformat
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = subprocess.run([str(PYTHON), "-m", "lw.run", "-m", "model=smollm2,minilm",
+                           "data=wiki-vital", "data.n_prompts=8", "data.max_tokens=32",
+                           "metrics=[prompt_entropy]", f"tracking.uri={uri}",
+                           f"tracking.artifact_location={tmp_path}/artifacts",
+                           f"hydra.sweep.dir={tmp_path}/multirun"],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for key, value in cli_env(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1").items():
+        monkeypatch.setenv(key, value)     # the kernel's environment
+    notebook = nbformat.read(ROOT / "docs" / "examples" / "quickstart.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "2 models, 2 runs," in printed and "2 curves" in printed, printed
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    table = notebook.cells[2].outputs[-1]["data"]["text/plain"]
+    assert "prompt_entropy/max" in table  # the measured table, shown
