@@ -169,7 +169,7 @@ def test_file_of_blank_lines_has_no_prompts(tmp_path):
 def test_malformed_file_is_an_lw_error(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "fine"}\n{"text": \n')
-    with pytest.raises(LwError, match="broken.jsonl.*could not read it as json"):
+    with pytest.raises(LwError, match="broken.jsonl.*line 2 is not a JSON object"):
         read_records(local(path))
 
 

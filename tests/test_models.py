@@ -144,12 +144,12 @@ def test_random_init_takes_its_vocab_size_from_arch_config():
     from lw.job import compute
 
     job = compose_job(["model=tiny-pythia", "+model.arch_config.vocab_size=50000",
-                       "data.n_prompts=4", "data.max_tokens=16", "metrics=[curvature]"])
+                       "data.n_prompts=4", "data.max_tokens=40", "metrics=[curvature]"])
     loaded = load_model(job.model, torch.device("cpu"))
     assert loaded.model.get_input_embeddings().num_embeddings == 50000
     assert np.isfinite(compute(job).table["curvature"].to_numpy()[1:]).all()
     small = compose_job(["model=tiny-pythia", "+model.arch_config.vocab_size=100",
-                         "data.n_prompts=4", "data.max_tokens=16"])
+                         "data.n_prompts=4", "data.max_tokens=40"])
     with pytest.raises(LwError, match=r"model.arch_config.vocab_size >= \d+"):
         compute(small)
 

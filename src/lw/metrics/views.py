@@ -31,9 +31,14 @@ def infonce(a: Tensor, b: Tensor, tau: float = 0.1) -> dict[str, Tensor]:
         ``loss``, ``mi_bound = ln N - loss`` (nats) and ``normalized = 1 - loss / ln N``
         (what the authors' code reported), each ``(...)`` float64; NaN when N < 2.
     """
-    logits = prep(a) @ prep(b).mT / tau
-    loss = (torch.logsumexp(logits, -1) - torch.diagonal(logits, dim1=-2, dim2=-1)).mean(-1)
-    n = a.shape[-2]
+    *lead, n, _ = a.shape
+    # One leading index (layer) at a time: the peak is one N x N logits matrix, not (..., N, N).
+    flat_a, flat_b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    loss = torch.empty(flat_a.shape[0], dtype=torch.float64, device=a.device)
+    for index in range(flat_a.shape[0]):
+        logits = prep(flat_a[index]) @ prep(flat_b[index]).mT / tau
+        loss[index] = (torch.logsumexp(logits, -1) - torch.diagonal(logits)).mean()
+    loss = loss.reshape(lead)
     if n < 2:  # one sample: the loss is 0 whatever the views, and ln N = 0
         loss = torch.full_like(loss, math.nan)
     log_n = math.log(n) if n >= 2 else math.nan
