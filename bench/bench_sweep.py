@@ -212,6 +212,8 @@ def store_check(uri: str, env: dict, pg: Postgres, args) -> dict:
         "select run_uuid, count(*) from metrics group by run_uuid").splitlines())
     missing = 0
     for run in jobs:
+        if run.info.status != "FINISHED":  # a job stopped at the deadline: not counted here
+            continue
         folder = Path(run.data.tags["lw.output_dir"])
         table = pd.read_csv(folder / "results" / "table.csv")
         summary = json.loads((folder / "results" / "summary.json").read_text())

@@ -140,7 +140,7 @@ class Server:
 
 
 def sweep(tmp: Path, uri: str, *overrides: str, user=("alice", ALICE_PW),
-          wait: bool = True, **extra_env: str):
+          wait: bool = True, timeout: float = 400, **extra_env: str):
     """``python -m lw.run`` on tiny models and real text, logging to ``uri`` as ``user``."""
     data = tmp / "prompts.txt"
     if not data.exists():
@@ -157,7 +157,7 @@ def sweep(tmp: Path, uri: str, *overrides: str, user=("alice", ALICE_PW),
         return subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
-                          timeout=400)
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -467,7 +467,7 @@ def test_four_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_
         folders[i].mkdir()
         return sweep(folders[i], proxy.uri, "model=tiny-pythia" if i % 2 else "model=tiny-mamba",
                      f"seed={i}", "tracking.experiment=lw-concurrent",
-                     f"run_name=concurrent {i}")
+                     f"run_name=concurrent {i}", timeout=1800)  # ~15 requests x 20 s, loaded
 
     try:
         with ThreadPoolExecutor(4) as pool:
