@@ -100,15 +100,14 @@ def _compute(inputs) -> Output:
     """Each prompt's BM25 overlap with the corpus and, per layer, how it tracks prompt entropy
     (correlations; mean overlap per entropy mode where the dip test says bimodal)."""
     from lw.data import corpus_texts
-    from lw.metrics.dip import dip_test
     from lw.metrics.prompt_entropy import headline
 
     o = inputs.knobs
     corpus = corpus_texts(o.corpus, o.text_field)
     overlap = bm25_overlap(inputs.texts, corpus, k=o.k, k1=o.k1, b=o.b)
     entropy = inputs.values[headline(inputs.job)]
-    _, pvalue = dip_test(entropy)
-    per_layer = overlap_by_layer(overlap, entropy, torch.from_numpy(pvalue))
+    # the dip metric's p-values (it runs first: overlap uses it), not a second dip test
+    per_layer = overlap_by_layer(overlap, entropy, inputs.per_layer["dip/pvalue"])
     return Output(per_layer={f"overlap/{k}": v for k, v in per_layer.items()},
                   columns={"overlap/bm25": overlap},
                   summary={"overlap/mean": float(overlap.mean()),
@@ -118,5 +117,5 @@ def _compute(inputs) -> Output:
 
 METRIC = Metric(
     name="overlap", compute=_compute, needs=("tokens", "corpus"), knobs=OverlapKnobs,
-    uses=("prompt_entropy",), logs={"overlap/": None},
+    uses=("prompt_entropy", "dip"), logs={"overlap/": None},
     description="BM25 overlap of each prompt with a corpus, against prompt entropy")
