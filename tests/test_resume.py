@@ -229,7 +229,9 @@ def test_killing_a_sweep_ends_its_workers(tmp_path, launcher):
             if (tmp_path / "multirun").is_dir():
                 client = client or client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/"
                                                              "mlflow.db"))
-                jobs = [r for r in runs_of(client) if "seed" in r.data.params]
+                # the sweep makes its folder before its experiment: wait for both
+                made = client.get_experiment_by_name("lw") is not None
+                jobs = [r for r in runs_of(client) if "seed" in r.data.params] if made else []
                 if len(jobs) == 2:
                     break
             time.sleep(0.1)

@@ -67,6 +67,9 @@ def figures_of(result: JobResult, title: str) -> dict:
     return figures
 
 
+RUN_NAME_MAX = 250  # runs.name is VARCHAR(250) in MLflow's SQL stores (PostgreSQL enforces it)
+
+
 def run_name(job: LwConfig, overrides: list[str]) -> str:
     """Short enough for the MLflow table's default width: the model, then what the sweep
     varies ("smollm2 wiki-vital p=0.5", "pythia-70m step1000"); outside a sweep, the model,
@@ -96,6 +99,8 @@ def run_job(cfg: DictConfig) -> JobResult | None:
     overrides = list(hydra_cfg.overrides.task)
     output_dir = Path(hydra_cfg.runtime.output_dir)
     name = job.run_name or run_name(job, overrides)
+    if len(name) > RUN_NAME_MAX:  # MLflow's SQL stores refuse longer; lw.overrides has all
+        name = name[:RUN_NAME_MAX - 3] + "..."
     client = run_id = done = None
     with together("opening the MLflow run", ranks):
         if ranks.is_main:

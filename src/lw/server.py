@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from lw.config import LwError
+from lw.errors import LwError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # lw.models would import torch
 
