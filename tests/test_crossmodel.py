@@ -59,3 +59,12 @@ def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, monkeypatc
     assert f"cross_cka/{a}__{b}/depth_diagonal" in client.get_run(parent.info.run_id).data.metrics
     figures = [f.path for f in client.list_artifacts(parent.info.run_id, "figures")]
     assert f"figures/cross_cka_{a}__{b}.png" in figures
+    # and in the sweep's report: the same matrix, its heat map on the page
+    from lw.report import write_report
+
+    page = write_report(client, parent.info.run_id, tmp_path / "report", log=False)
+    assert f'src="cross_cka_{a}__{b}.png"' in page.read_text()
+    assert (tmp_path / "report" / f"cross_cka_{a}__{b}.png").stat().st_size > 1000
+    reported = np.genfromtxt(tmp_path / "report" / f"cross_cka_{a}__{b}.csv", delimiter=",",
+                             skip_header=1)
+    np.testing.assert_allclose(reported, table)

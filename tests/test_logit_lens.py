@@ -9,7 +9,7 @@ import torch
 from scipy.special import log_softmax
 
 from conftest import compose_job
-from lw.metrics.logit_lens import lens_products, token_ids
+from lw.metrics.logit_lens import lens_products
 
 
 def rms(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -74,16 +74,6 @@ def test_lens_products_match_numpy_reference(last_normed):
     np.testing.assert_allclose(got["logit_lens/n"][0].numpy(), count)
     if last_normed:
         np.testing.assert_allclose(got["logit_lens/kl"][-1, :2].numpy(), 0.0, atol=1e-12)
-
-
-def test_token_ids_read_back_from_the_input_embedding():
-    embedding = torch.randn(11, 4)
-    ids = torch.tensor([[3, 7, 0], [10, 10, 2]])
-    assert torch.equal(token_ids(embedding[ids], embedding, "toy"), ids)
-    from lw.config import LwError
-
-    with pytest.raises(LwError, match="layer 0 is not its input embedding"):
-        token_ids(embedding[ids] + 0.5, embedding, "toy")
 
 
 def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():

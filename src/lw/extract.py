@@ -18,7 +18,8 @@ from lw.config import POOLINGS
 from lw.models import LoadedModel
 
 # fn(hidden (L+1, B, T, D), mask (B, T) bool) -> {value name: (L+1, B, ...)}
-TokenMetric = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# A per-batch token function: (hidden (L+1, B, T, D), kept (B, T) bool, ids (B, T)) -> products
+TokenMetric = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -164,9 +165,10 @@ def extract(loaded: LoadedModel, prompts: list[list[int]], *, batch_size: int,
         hidden = all_layers(loaded, ids, mask)
         mask = mask.to(hidden.device)  # a model spread over GPUs ends on another device
         kept = skip_leading(mask, skip_first)
+        ids = ids.to(hidden.device)
         values = token_norm_diagnostic(hidden, mask)
         for metric in token_metrics.values():
-            values.update(metric(hidden, kept))
+            values.update(metric(hidden, kept, ids))
         pooled[index] = pool(hidden, kept, pooling).transpose(0, 1).float().cpu()
         for name, value in values.items():
             _store(per_prompt, name, index, value, n)

@@ -230,11 +230,12 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
             plt.close(figure)
             histograms.append((f"the run with the largest dip: {names[most]}",
                                "histograms_most_bimodal_run.png"))
+    cross = cross_model_figures(client, parent, out)
     summary = summary_table(sweep.runs)
     summary.to_csv(out / "summary.csv", index=False)
     page = out / "index.html"
     page.write_text(report_html(parent, len(sweep.runs), hue, panels, summary, figures,
-                                histograms, sweep.missing))
+                                histograms, sweep.missing, cross))
     for line in sweep.missing:
         print(f"[lw] left out of the report: {line}")
     if log:
@@ -249,9 +250,35 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
     return page
 
 
+def cross_model_figures(client, parent: str, out: Path) -> list[tuple[str, str]]:
+    """The cross-model CKA matrices logged to the parent (``cross_cka/<a>__<b>.csv``, by
+    lw.crossmodel at the sweep's end): a heat map each over relative depth, and the CSVs."""
+    import torch
+
+    from lw.crossmodel import depth_diagonal, heat_map
+    from lw.plots import plt
+
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in client.list_artifacts(parent, "cross_cka"):
+            if not item.path.endswith(".csv"):
+                continue
+            table = pd.read_csv(client.download_artifacts(parent, item.path, tmp))
+            key = Path(item.path).stem
+            a, b = key.split("__", 1)
+            matrix = torch.tensor(table.drop(columns="depth_pct").to_numpy())
+            table.to_csv(out / f"cross_cka_{key}.csv", index=False)
+            figure = heat_map(matrix, a, b)
+            figure.savefig(out / f"cross_cka_{key}.png", dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            found.append((f"{a} x {b}: linear CKA over relative depth (mean at equal depth "
+                          f"{depth_diagonal(matrix):.3f})", f"cross_cka_{key}.png"))
+    return found
+
+
 def report_html(parent: str, n_runs: int, hue: str, panels: list[str], summary: pd.DataFrame,
                 figures: list[tuple[str, str]], histograms: list[tuple[str, str]],
-                missing: list[str] = ()) -> str:
+                missing: list[str] = (), cross: list[tuple[str, str]] = ()) -> str:
     from html import escape
 
     def images(items, css: str):
@@ -286,6 +313,7 @@ per {escape(hue)}, a panel per {escape(", ".join(panels) or "sweep")}.</p>
 {images(figures, "grid")}
 <h2>Prompt-entropy histograms and dip test</h2>
 {images(histograms, "wide")}
+{"<h2>Cross-model CKA</h2>" + images(cross, "grid") if cross else ""}
 </body></html>
 """
 

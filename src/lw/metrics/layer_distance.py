@@ -5,9 +5,10 @@ For state l and state l+n of the same token, the angular distance
 
     d(h_l, h_{l+n}) = arccos(cos(h_l, h_{l+n})) / pi   in [0, 1]
 
-computed as 2 atan2(|u - v|, |u + v|) / pi on the unit vectors u, v (exact near cos = 1, where
-arccos loses half the float32 digits), averaged over every real token after
-``extraction.skip_first`` of every prompt (token-weighted), for n = 1 ... ``max_n``. Logged: the
+computed from the dot products, and as 2 atan2(|u - v|, |u + v|) / pi on the unit vectors u, v
+where cos > 0.99 (there arccos of a float32 cos loses half its digits), averaged over every
+real token after ``extraction.skip_first`` of every prompt (token-weighted), for n = 1 ...
+``max_n``. Logged: the
 curves ``layer_distance/n<n>`` (value at layer l: d(l, l+n); NaN where l+n > L), and per n the
 block whose removal changes the states least: blocks l+1 ... l+n for the l with the smallest
 d(l, l+n) (summaries ``layer_distance/n<n>/min_layer``, ``.../min``; tag
@@ -36,27 +37,46 @@ class LayerDistanceKnobs:
         check(self.max_n >= 1, f"metric.layer_distance.max_n={self.max_n}: must be >= 1")
 
 
-def angular_distances(hidden: Tensor, mask: Tensor, n: int) -> Tensor:
-    """Per prompt, the mean angular distance between states l and l+n over its masked tokens.
+NEAR_PARALLEL = 0.99  # cos above this: recomputed in float64 (float32's cos loses the angle)
+
+
+def layer_distances(hidden: Tensor, mask: Tensor, offsets) -> dict[int, Tensor]:
+    """Per prompt, the mean angular distance between states l and l+n over its masked tokens,
+    for each n in ``offsets``.
 
     Args:
         hidden: ``(L+1, B, T, D)`` token states; mask: ``(B, T)`` bool, the tokens counted.
-        n: layer offset >= 1.
+        offsets: layer offsets n >= 1.
 
     Returns:
-        ``(L+1, B)`` float64 in [0, 1]; NaN for l + n > L and for prompts with no token.
+        ``{n: (L+1, B)}`` float64 in [0, 1]; NaN for l + n > L and for prompts with no token.
     """
     states, batch = hidden.shape[0], hidden.shape[1]
-    out = torch.full((states, batch), math.nan, dtype=torch.float64, device=hidden.device)
-    if n >= states:
-        return out
-    unit = hidden / hidden.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(hidden.dtype).tiny)
-    a, b = unit[:-n], unit[n:]
-    angle = 2 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1)) / math.pi  # (L+1-n, B, T)
+    # the norms once for every n, the dot products without a (L+1, B, T, D) temporary
+    norms = torch.linalg.vector_norm(hidden, dim=-1).double().clamp(min=torch.finfo().tiny)
     weights = mask.to(device=hidden.device, dtype=torch.float64)
     count = weights.sum(dim=-1)
-    out[:-n] = (angle.double() * weights).sum(dim=-1) / count
+    out = {}
+    for n in offsets:
+        curve = torch.full((states, batch), math.nan, dtype=torch.float64, device=hidden.device)
+        if n < states:
+            a, b = hidden[:-n], hidden[n:]
+            cos = torch.einsum("...d,...d->...", a, b).double() / (norms[:-n] * norms[n:])
+            angle = torch.arccos(cos.clamp(-1.0, 1.0))                      # (L+1-n, B, T)
+            near = (cos > NEAR_PARALLEL).nonzero(as_tuple=True)
+            if len(near[0]):  # exact for nearly parallel states: 2 atan2(|u - v|, |u + v|)
+                u = a[near] / norms[:-n][near].unsqueeze(-1).to(a.dtype)
+                v = b[near] / norms[n:][near].unsqueeze(-1).to(b.dtype)
+                angle[near] = 2 * torch.atan2(torch.linalg.vector_norm(u - v, dim=-1),
+                                              torch.linalg.vector_norm(u + v, dim=-1)).double()
+            curve[:-n] = (angle / math.pi * weights).sum(dim=-1) / count
+        out[n] = curve
     return out
+
+
+def angular_distances(hidden: Tensor, mask: Tensor, n: int) -> Tensor:
+    """``(L+1, B)``: :func:`layer_distances` for one offset n."""
+    return layer_distances(hidden, mask, [n])[n]
 
 
 def _products(job) -> list[str]:
@@ -66,8 +86,8 @@ def _products(job) -> list[str]:
 def _token_fn(job, loaded, wanted: list[str]):
     offsets = [int(name.split("/")[1]) for name in wanted]
 
-    def batch_products(hidden: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        return {f"layer_distance/{n}": angular_distances(hidden, mask, n) for n in offsets}
+    def batch_products(hidden: Tensor, mask: Tensor, _ids: Tensor) -> dict[str, Tensor]:
+        return {f"layer_distance/{n}": d for n, d in layer_distances(hidden, mask, offsets).items()}
 
     return batch_products
 

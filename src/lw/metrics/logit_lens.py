@@ -16,9 +16,7 @@ layers at once: at most ``CHUNK_ELEMENTS`` logits are alive (no N x T x V tensor
 (per-prompt means and counts) are cached like the others. Cost: (L+1) x tokens x V x D
 multiply-adds on top of the forward pass (the vocabulary projection of every layer).
 
-The token ids are not among the forward pass's products: they are read back from state 0,
-which is the input embedding of the ids for every causal architecture lw registers (checked:
-a mismatch fails naming the model).
+The next tokens are the batch's own ids, which the forward pass hands to every token function.
 """
 
 from __future__ import annotations
@@ -55,37 +53,35 @@ def lens_products(hidden: Tensor, kept: Tensor, ids: Tensor, norm, head: Tensor,
     rows, cols = predicts.nonzero(as_tuple=True)
     targets = ids[rows, cols + 1]
     sums = torch.zeros((len(SERIES), states, batch), dtype=torch.float64, device=hidden.device)
-    step = max(1, chunk_elements // (states * head.shape[0]))
+    vocab = head.shape[0]
+    step = max(1, chunk_elements // (states * vocab))
+    # one logits buffer for every chunk: a fresh 128 MB tensor per chunk costs page faults
+    buffer = torch.empty(states * min(step, max(1, len(rows))) * vocab, device=hidden.device)
     for start in range(0, len(rows), step):
         r, c = rows[start:start + step], cols[start:start + step]
         x = hidden[:, r, c]                                                 # (L+1, P, D)
-        normed = norm(x) if not last_normed else torch.cat([norm(x[:-1]), x[-1:]])
-        logp = torch.log_softmax(normed.float() @ head.T, dim=-1)          # (L+1, P, V)
-        ce = -logp.gather(-1, targets[start:start + step].expand(states, -1).unsqueeze(-1))
-        final = logp[-1]
-        kl = (final.exp() * (final - logp)).sum(dim=-1)
-        top1 = logp.argmax(dim=-1) == final.argmax(dim=-1)
-        values = torch.stack([ce.squeeze(-1), kl, top1.float()]).double()  # (3, L+1, P)
-        sums.index_add_(2, r, values)
+        normed = (norm(x) if not last_normed else torch.cat([norm(x[:-1]), x[-1:]])).float()
+        logits = buffer[:states * len(r) * vocab].view(states, len(r), vocab)
+        torch.matmul(normed, head.T, out=logits)                           # (L+1, P, V)
+        # only what needs the whole vocabulary runs over it: the argmax, the final layer's
+        # softmax, and the log-normalizer (in place); the rest are D-long dot products
+        top, top1_ids = logits.max(dim=-1)                                  # (L+1, P)
+        final = torch.softmax(logits[-1], dim=-1)                           # (P, V)
+        mixed = (final @ head).double()                                     # (P, D): E_pL[W_v]
+        lse = top.double() + logits.sub_(top.unsqueeze(-1)).exp_().sum(dim=-1).log().double()
+        wide = normed.double()
+        target = (wide * head[targets[start:start + step]].double()).sum(dim=-1)  # z_l[x_t+1]
+        expected = (wide * mixed).sum(dim=-1)                               # sum_v p_L z_l
+        ce = lse - target                                                   # -log p_l[x_t+1]
+        # KL(p_L || p_l) = sum_v p_L (log p_L - log p_l) = (E z_L - lse_L) - (E z_l - lse_l)
+        kl = (expected[-1] - lse[-1]) - (expected - lse)
+        top1 = (top1_ids == top1_ids[-1]).double()
+        sums.index_add_(2, r, torch.stack([ce, kl, top1]))                  # (3, L+1, P)
     count = predicts.sum(dim=1).double().expand(states, -1)                 # (L+1, B)
     means = sums / count
     out = {f"logit_lens/{name}": means[i] for i, name in enumerate(SERIES)}
     out["logit_lens/n"] = count.clone()
     return out
-
-
-def token_ids(state0: Tensor, embedding: Tensor, what: str) -> Tensor:
-    """``(B, T)`` the ids whose input embeddings (``(V, D)``) state 0 ``(B, T, D)`` holds."""
-    weight = embedding.float()
-    flat = state0.reshape(-1, state0.shape[-1]).float()
-    step = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    half_sq = 0.5 * (weight * weight).sum(dim=1)
-    ids = torch.cat([(flat[i:i + step] @ weight.T - half_sq).argmax(dim=1)
-                     for i in range(0, len(flat), step)])
-    if not torch.allclose(weight[ids], flat, rtol=1e-4, atol=1e-5):
-        raise LwError(f"logit_lens: {what}'s layer 0 is not its input embedding of the ids, "
-                      "so the next tokens cannot be read from it")
-    return ids.view(state0.shape[:-1])
 
 
 def _final_norm(model):
@@ -103,12 +99,10 @@ def _token_fn(job, loaded, wanted: list[str]):
     model = loaded.model
     module = _final_norm(model)
     dtype = next(module.parameters()).dtype
-    embedding = model.get_input_embeddings().weight.detach()
     head = output_embedding(model)
 
-    def batch_products(hidden: Tensor, kept: Tensor) -> dict[str, Tensor]:
+    def batch_products(hidden: Tensor, kept: Tensor, ids: Tensor) -> dict[str, Tensor]:
         device = hidden.device
-        ids = token_ids(hidden[0], embedding.to(device), loaded.info.name)
         weights = head.to(device=device, dtype=torch.float32)
         return lens_products(hidden, kept.to(device), ids,
                              lambda x: module(x.to(dtype)).float(), weights,

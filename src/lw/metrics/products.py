@@ -24,7 +24,8 @@ def token_products(wanted: list[str]) -> dict:
     if not wanted:
         return {}
 
-    def batch_products(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def batch_products(h: torch.Tensor, mask: torch.Tensor, _ids: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
         mask = mask.to(device=h.device, dtype=torch.bool)
         values = {}
         if "final_state/last" in wanted:
