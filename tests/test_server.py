@@ -268,8 +268,8 @@ def test_the_database_password_is_on_no_command_line_in_no_file_or_log_and_tmp_i
     db = postgres.with_password("lwteam", DB_PW, "secrets")
     folder, tmp = private_folder("lw-server-"), private_folder("lw-tmp-")
     cert, key = self_signed(folder)
-    server = Server(db, folder, "--create-experiment", tls=(cert, key), TMPDIR=str(tmp),
-                    TMP=str(tmp), TEMP=str(tmp))
+    server = Server(db, folder, "--create-experiment", "--allowed-hosts", "mlflow.example.org",
+                    tls=(cert, key), TMPDIR=str(tmp), TMP=str(tmp), TEMP=str(tmp))
     try:
         server.add_user("alice", ALICE_PW)  # the users' tables: the password got through
         # https: MLflow's client trusts the server's certificate from its own variable
@@ -285,6 +285,15 @@ def test_the_database_password_is_on_no_command_line_in_no_file_or_log_and_tmp_i
                                 f"http://127.0.0.1:{server.port}/health"], capture_output=True,
                                text=True, timeout=30)
         assert plain.stdout != "200"  # no clear-text http beside it
+        # MLflow's DNS-rebinding guard: the team's name on any port, localhost, nothing else
+        for host, passes in ((f"mlflow.example.org:{server.port}", True),
+                             ("mlflow.example.org", True), (f"127.0.0.1:{server.port}", True),
+                             (f"evil.example.com:{server.port}", False)):
+            reply = subprocess.run(["curl", "-sk", "-H", f"Host: {host}",
+                                    f"https://127.0.0.1:{server.port}/api/2.0/mlflow/"
+                                    "experiments/search?max_results=1"],
+                                   capture_output=True, text=True, timeout=30)
+            assert ("Invalid Host header" not in reply.stdout) == passes, (host, reply.stdout)
         command_lines = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:

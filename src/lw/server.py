@@ -222,6 +222,17 @@ def team_uri(host: str, port: int, tls: bool = False) -> str:
     return f"{'https' if tls else 'http'}://{name}:{port}"
 
 
+def allowed_hosts(names: str) -> str:
+    """MLflow's ``--allowed-hosts`` for ``names`` (comma-separated): MLflow compares the whole
+    Host header (port included) and drops its defaults (localhost, private IPs) once the flag
+    is given, so each name also gets ``name:*``, and the defaults are kept."""
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    given = [name.strip() for name in names.split(",") if name.strip()]
+    ports = [f"{name}:*" for name in given if ":" not in name and "*" not in name]
+    return ",".join(dict.fromkeys([*given, *ports, *get_default_allowed_hosts()]))
+
+
 def server_command(args, stores: dict[str, str]) -> list[str]:
     """``mlflow server``'s command line: no store URI on it (MLFLOW_BACKEND_STORE_URI); its UI
     opens experiments on their runs (lw.server_app)."""
@@ -229,7 +240,7 @@ def server_command(args, stores: dict[str, str]) -> list[str]:
                "--serve-artifacts", "--artifacts-destination", stores["artifacts"],
                "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     if args.allowed_hosts:
-        command += ["--allowed-hosts", args.allowed_hosts]
+        command += ["--allowed-hosts", allowed_hosts(args.allowed_hosts)]
     if args.tls_cert:  # https: basic-auth passwords must not cross the network in clear text
         command += ["--uvicorn-opts", f"--ssl-certfile {shlex.quote(args.tls_cert)} "
                     f"--ssl-keyfile {shlex.quote(args.tls_key)}"]
@@ -268,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--default-permission", default="READ", choices=PERMISSIONS,
                         help="what a user may do on experiments nobody granted them")
     parser.add_argument("--allowed-hosts",
-                        help="Host headers to accept besides localhost and private IPs "
-                             "(MLflow's DNS-rebinding guard), e.g. mlflow.example.org")
+                        help="host names to accept (any port) besides localhost and private "
+                             "IPs (MLflow's DNS-rebinding guard), e.g. mlflow.example.org")
     parser.add_argument("--experiment", default="lw",
                         help="the experiment whose runs the ready line links to")
     parser.add_argument("--create-experiment", action="store_true",
