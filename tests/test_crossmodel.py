@@ -30,6 +30,16 @@ def test_cka_between_models_of_different_widths_matches_reference(debiased):
     assert got[2, 1] == pytest.approx(1.0)  # orthogonal transform + scaling, zero-padded
 
 
+def test_pairs_are_compared_on_the_prompts_both_measured_matched_by_text():
+    from lw.crossmodel import common_rows, group_label
+
+    assert common_rows(["x", "y", "z", "y"], ["y", "z", "w", "y"]) == ([1, 2, 3], [0, 1, 3])
+    assert common_rows(["a"], ["b"]) == ([], [])
+    assert group_label("smollm2 skip_first=1", "smollm2") == "skip_first=1"
+    assert group_label("minilm pooling=last skip_first=0", "minilm") == \
+        "pooling=last_skip_first=0"
+
+
 def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, monkeypatch):
     from lw.crossmodel import pooled_of
 

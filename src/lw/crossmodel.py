@@ -4,16 +4,17 @@ for each pair, with both axes in relative depth (0 % embeddings, 100 % last laye
 Read from what the sweep left, never from a new forward pass: each job's composed config (the
 run's ``config/config.yaml``) gives its forward hash, whose activation-cache entry holds its
 pooled vectors (so the jobs need ``extraction.cache=true``); jobs are paired when everything
-but the model is the same (data and its knobs, perturbation, extraction, seed) and their
-prompt texts are identical (re-planned from the data: tokenizers differ, and so may which
-prompts ``data.min_tokens`` keeps).
+but the model is the same (data and its knobs, perturbation, extraction, seed), and compared
+on the prompts both measured, matched by text (re-planned from the data: tokenizers keep
+different prompts under ``data.min_tokens`` and order them differently).
 
 Logged to the sweep's parent run: ``cross_cka/<a>__<b>.csv`` (rows: a's layers, columns: b's
 layers, each labelled with its depth %), a heat map ``figures/cross_cka_<a>__<b>.png`` and the
 metric ``cross_cka/<a>__<b>/depth_diagonal`` (mean CKA of each of a's layers with b's layer at
-the nearest relative depth). At the end of a sweep this runs for the jobs that ran ``cka``
-(lw.tracking's parent callback); ``python -m lw.crossmodel <parent run id>`` runs it on any
-finished sweep.
+the nearest relative depth), ``.../n_prompts``; when the sweep holds several groups of
+paired jobs, each key ends in the rest of the run name (``__skip_first=1``). At the end of a
+sweep this runs for the jobs that ran ``cka`` (lw.tracking's parent callback);
+``python -m lw.crossmodel <parent run id>`` runs it on any finished sweep.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.entities import Metric
 from omegaconf import OmegaConf
 
 from lw.config import LwConfig, LwError, TrackingConfig
@@ -65,6 +67,33 @@ def prompt_texts(job: LwConfig) -> list[str]:
     return plan_job(job, load_tokenizer(job.model)).texts
 
 
+def common_rows(texts_a: list[str], texts_b: list[str]) -> tuple[list[int], list[int]]:
+    """The rows of the prompts both jobs measured, in a's order: tokenizers keep different
+    prompts (``data.min_tokens``) and order them differently."""
+    where: dict[str, list[int]] = {}
+    for row, text in enumerate(texts_b):
+        where.setdefault(text, []).append(row)
+    rows_a, rows_b = [], []
+    for row, text in enumerate(texts_a):
+        if where.get(text):
+            rows_a.append(row)
+            rows_b.append(where[text].pop(0))
+    return rows_a, rows_b
+
+
+def group_label(run_name: str, model: str) -> str:
+    """What tells a sweep's groups of jobs apart, from a run name ("smollm2 skip_first=1"):
+    the name without the model, as a file name."""
+    rest = [part for part in run_name.split() if part != model]
+    return "_".join(rest).replace("/", "-") or "jobs"
+
+
+def now() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
 def depth_table(matrix: torch.Tensor) -> pd.DataFrame:
     rows, cols = matrix.shape
     depth_a = 100.0 * np.arange(rows) / (rows - 1)
@@ -96,9 +125,11 @@ def heat_map(matrix: torch.Tensor, a: str, b: str):
 
 
 def cross_model_cka(client, parent: str, runs: list | None = None, debiased: bool = False,
-                    only_cka: bool = True) -> dict[tuple[str, str], torch.Tensor]:
-    """Every pair of the parent's finished child runs on the same prompts: their CKA matrix,
-    logged to the parent run. ``only_cka``: only jobs that ran the ``cka`` metric."""
+                    only_cka: bool = True) -> dict[str, torch.Tensor]:
+    """Every pair of the parent's finished child runs on the same prompts: their CKA matrix on
+    the prompts both measured, logged to the parent run under ``<a>__<b>`` (and, when the
+    sweep holds several groups of such jobs, the rest of the run name: ``__skip_first=1``).
+    ``only_cka``: only jobs that ran the ``cka`` metric."""
     if runs is None:
         runs = client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
@@ -112,6 +143,7 @@ def cross_model_cka(client, parent: str, runs: list | None = None, debiased: boo
             continue
         groups.setdefault(prompts_key(job), []).append((run.info.run_name or job.model.name, job))
     found = {}
+    several = len(groups) > 1
     for members in groups.values():
         for (name_a, job_a), (name_b, job_b) in itertools.combinations(members, 2):
             if job_a.model == job_b.model:
@@ -121,21 +153,28 @@ def cross_model_cka(client, parent: str, runs: list | None = None, debiased: boo
                 print(f"[lw] cross-model CKA {name_a} x {name_b}: no activation-cache entry "
                       "(run the jobs with extraction.cache=true)", file=sys.stderr)
                 continue
-            if prompt_texts(job_a) != prompt_texts(job_b):
-                print(f"[lw] cross-model CKA {name_a} x {name_b}: the models kept different "
-                      "prompts (data.min_tokens / max_tokens per tokenizer): skipped",
-                      file=sys.stderr)
+            texts_a, texts_b = prompt_texts(job_a), prompt_texts(job_b)
+            rows_a, rows_b = common_rows(texts_a, texts_b)
+            if len(rows_a) < 4:
+                print(f"[lw] cross-model CKA {name_a} x {name_b}: {len(rows_a)} prompts "
+                      "measured by both (CKA needs 4): skipped", file=sys.stderr)
                 continue
-            matrix = cka_between(pooled_a, pooled_b, debiased=debiased)
+            if len(rows_a) < max(len(texts_a), len(texts_b)):
+                print(f"[lw] cross-model CKA {name_a} x {name_b}: on the {len(rows_a)} prompts "
+                      f"both measured (of {len(texts_a)} and {len(texts_b)}: their tokenizers "
+                      "kept different ones)", file=sys.stderr)
+            matrix = cka_between(pooled_a[rows_a], pooled_b[rows_b], debiased=debiased)
             a, b = job_a.model.name, job_b.model.name
-            key = f"{a}__{b}"
+            key = f"{a}__{b}" + (f"__{group_label(name_a, a)}" if several else "")
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{key}.csv"
                 depth_table(matrix).to_csv(path, index=False)
                 client.log_artifact(parent, str(path), artifact_path="cross_cka")
             client.log_figure(parent, heat_map(matrix, a, b), f"figures/cross_cka_{key}.png")
-            client.log_metric(parent, f"cross_cka/{key}/depth_diagonal", depth_diagonal(matrix))
-            found[(a, b)] = matrix
+            client.log_metrics(parent, [
+                Metric(f"cross_cka/{key}/depth_diagonal", depth_diagonal(matrix), now(), 0),
+                Metric(f"cross_cka/{key}/n_prompts", float(len(rows_a)), now(), 0)])
+            found[key] = matrix
     return found
 
 
@@ -165,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
                                 only_cka=not args.all)
     except LwError as error:
         raise SystemExit(f"[lw] error: {error}") from None
-    for (a, b), matrix in found.items():
-        print(f"{a} x {b}: {tuple(matrix.shape)}, depth diagonal {depth_diagonal(matrix):.3f}")
+    for key, matrix in found.items():
+        print(f"{key}: {tuple(matrix.shape)}, depth diagonal {depth_diagonal(matrix):.3f}")
 
 
 if __name__ == "__main__":
