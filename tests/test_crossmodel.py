@@ -35,9 +35,9 @@ def test_pairs_are_compared_on_the_prompts_both_measured_matched_by_text():
 
     assert common_rows(["x", "y", "z", "y"], ["y", "z", "w", "y"]) == ([1, 2, 3], [0, 1, 3])
     assert common_rows(["a"], ["b"]) == ([], [])
-    assert group_label("smollm2 skip_first=1", "smollm2") == "skip_first=1"
+    assert group_label("smollm2 skip_first=1", "smollm2") == "skip_first-1"
     assert group_label("minilm pooling=last skip_first=0", "minilm") == \
-        "pooling=last_skip_first=0"
+        "pooling-last_skip_first-0"
 
 
 def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ Logged to the sweep's parent run: ``cross_cka/<a>__<b>.csv`` (rows: a's layers, 
 layers, each labelled with its depth %), a heat map ``figures/cross_cka_<a>__<b>.png`` and the
 metric ``cross_cka/<a>__<b>/depth_diagonal`` (mean CKA of each of a's layers with b's layer at
 the nearest relative depth), ``.../n_prompts``; when the sweep holds several groups of
-paired jobs, each key ends in the rest of the run name (``__skip_first=1``). At the end of a
+paired jobs, each key ends in the rest of the run name (``__skip_first-1``). At the end of a
 sweep this runs for the jobs that ran ``cka`` (lw.tracking's parent callback);
 ``python -m lw.crossmodel <parent run id>`` runs it on any finished sweep.
 """
@@ -85,7 +85,7 @@ def group_label(run_name: str, model: str) -> str:
     """What tells a sweep's groups of jobs apart, from a run name ("smollm2 skip_first=1"):
     the name without the model, as a file name."""
     rest = [part for part in run_name.split() if part != model]
-    return "_".join(rest).replace("/", "-") or "jobs"
+    return "_".join(rest).replace("/", "-").replace("=", "-") or "jobs"  # a metric name
 
 
 def now() -> int:
@@ -128,7 +128,7 @@ def cross_model_cka(client, parent: str, runs: list | None = None, debiased: boo
                     only_cka: bool = True) -> dict[str, torch.Tensor]:
     """Every pair of the parent's finished child runs on the same prompts: their CKA matrix on
     the prompts both measured, logged to the parent run under ``<a>__<b>`` (and, when the
-    sweep holds several groups of such jobs, the rest of the run name: ``__skip_first=1``).
+    sweep holds several groups of such jobs, the rest of the run name: ``__skip_first-1``).
     ``only_cka``: only jobs that ran the ``cka`` metric."""
     if runs is None:
         runs = client.search_runs([client.get_run(parent).info.experiment_id],
@@ -171,7 +171,7 @@ def cross_model_cka(client, parent: str, runs: list | None = None, debiased: boo
                 depth_table(matrix).to_csv(path, index=False)
                 client.log_artifact(parent, str(path), artifact_path="cross_cka")
             client.log_figure(parent, heat_map(matrix, a, b), f"figures/cross_cka_{key}.png")
-            client.log_metrics(parent, [
+            client.log_batch(parent, metrics=[
                 Metric(f"cross_cka/{key}/depth_diagonal", depth_diagonal(matrix), now(), 0),
                 Metric(f"cross_cka/{key}/n_prompts", float(len(rows_a)), now(), 0)])
             found[key] = matrix
