@@ -171,8 +171,10 @@ def main() -> None:
                                   if p.is_file()) / 2**20
         started = time.monotonic()
         try:
+            # the sweep's parent by id: one stopped at the deadline is not FINISHED
             report = subprocess.run([str(PYTHON), "-m", "lw.report", "--all", "--uri", uri,
-                                     "--out", str(work / "report")], cwd=work, env=env,
+                                     "--parent", out["parent"], "--out", str(work / "report")],
+                                    cwd=work, env=env,
                                     capture_output=True, text=True,
                                     timeout=args.report_timeout)
             out["report_exit"] = report.returncode
@@ -200,6 +202,7 @@ def store_check(uri: str, env: dict, pg: Postgres, args) -> dict:
     experiment = client.get_experiment_by_name("lw").experiment_id
     runs = client.search_runs([experiment], max_results=50000)
     jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent = next(r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags)
     by_seed: dict[str, list] = {}
     for run in jobs:
         by_seed.setdefault(run.data.params.get("data.seed"), []).append(run)
@@ -222,7 +225,7 @@ def store_check(uri: str, env: dict, pg: Postgres, args) -> dict:
         missing += int(int(stored.get(run.info.run_id, 0)) != want)
     durations = [(r.info.end_time - r.info.start_time) / 1000 for r in jobs if r.info.end_time]
     forward = [r.data.metrics.get("forward_seconds", float("nan")) for r in jobs]
-    return {"runs": len(jobs), "jobs_with_one_finished_run": one_finished,
+    return {"parent": parent, "runs": len(jobs), "jobs_with_one_finished_run": one_finished,
             "runs_missing_points": missing,
             "run_s_median": statistics.median(durations) if durations else float("nan"),
             "forward_s_median": statistics.median(forward) if forward else float("nan")}

@@ -166,3 +166,54 @@ def test_credentials_reach_no_file(outcomes):
     for path in folder.rglob("*"):
         if path.is_file():
             assert b"s3cret" not in path.read_bytes(), path
+
+
+FULL_DISKS = {"64 KiB": "64k", "512 KiB": "512k", "2 MiB": "2m"}  # each fills at another step
+
+
+@pytest.fixture(scope="module")
+def full_disks(tmp_path_factory):
+    """A real full disk: a tmpfs of each size (mounting needs root) holding the job's folder
+    and its artifacts; the store (SQLite) beside it, so the run's status can be written."""
+    tmp = tmp_path_factory.mktemp("full-disk")
+    write_files(tmp)
+    done, mounted = {}, []
+    try:
+        for name, size in FULL_DISKS.items():
+            disk = tmp / f"disk-{size}"
+            disk.mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                              capture_output=True).returncode != 0:
+                return None
+            mounted.append(disk)
+            store = tmp / f"store-{size}"
+            store.mkdir()
+            done[name] = (store, subprocess.run(
+                [str(PYTHON), "-m", "lw.run", "model=tiny-pythia", "data=local",
+                 f"data.path={tmp}/good.jsonl", "data.n_prompts=8", "data.max_tokens=32",
+                 f"tracking.uri=sqlite:///{store}/mlflow.db",
+                 f"tracking.artifact_location={disk}/art", f"hydra.run.dir={disk}/run"],
+                cwd=store, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                timeout=600))
+    finally:
+        for disk in mounted:
+            subprocess.run(["umount", str(disk)], capture_output=True)
+    return done
+
+
+@pytest.mark.parametrize("name", list(FULL_DISKS))
+def test_a_full_disk_is_one_line_and_no_run_is_left_running(full_disks, name):
+    if full_disks is None:
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    store, done = full_disks[name]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("[lw] error")]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert len(errors) == 1 and "No space left on device" in errors[0], \
+        errors or done.stderr[-3000:]
+    if (store / "mlflow.db").exists():
+        import sqlite3
+
+        with sqlite3.connect(store / "mlflow.db") as db:
+            statuses = [s for (s,) in db.execute("select status from runs")]
+        assert "RUNNING" not in statuses, statuses

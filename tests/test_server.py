@@ -218,6 +218,33 @@ def same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=1e-12)
 
 
+def test_a_verified_password_is_remembered_and_a_changed_or_removed_one_is_not(tmp_path):
+    """lw.server_app on MLflow's real auth store (SQLite): a second check of the same password
+    comes from memory, which holds no password; a wrong, changed or removed one fails."""
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    from lw.server_app import remember_verified_passwords
+
+    class Store(SqlAlchemyStore):  # the patch on a subclass: MLflow's own class stays as is
+        pass
+
+    remember_verified_passwords(Store)
+    store = Store()
+    store.init_db(f"sqlite:///{tmp_path}/auth.db")
+    store.create_user("alice", ALICE_PW)
+    verified = Store.authenticate_user.verified
+    assert store.authenticate_user("alice", ALICE_PW) and store.authenticate_user("alice", ALICE_PW)
+    assert len(verified) == 1
+    assert not any(ALICE_PW.encode() in token for token in verified)
+    assert not store.authenticate_user("alice", ALICE_PW + "x")
+    assert not store.authenticate_user("nobody", ALICE_PW)
+    store.update_user("alice", password=ADMIN_PW)
+    assert not store.authenticate_user("alice", ALICE_PW)  # the old password: a miss, then no
+    assert store.authenticate_user("alice", ADMIN_PW)
+    store.delete_user("alice")
+    assert not store.authenticate_user("alice", ADMIN_PW)
+
+
 def test_the_server_refuses_to_start_without_a_safe_admin_password(tmp_path):
     for password, says in [(None, "LW_SERVER_ADMIN_PASSWORD is not set"),
                            ("password1234", "old published default"),

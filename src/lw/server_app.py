@@ -39,12 +39,54 @@ def index_page() -> str:
     return html.replace("<head>", "<head>" + DEFAULT_VIEW, 1)
 
 
+def remember_verified_passwords(store_class) -> None:
+    """MLflow's auth checks the basic-auth password against its hash (werkzeug's scrypt, tens
+    of ms of CPU) several times per request; a job's ~15 requests then cost the server seconds
+    of CPU, and in a 500-job soak its two workers spent half their time hashing. A verified
+    (user, stored hash, password) is remembered in the worker's memory as an HMAC under a
+    per-process key (never the password), so a changed password or a removed user misses."""
+    import hashlib
+    import hmac
+    import secrets
+
+    from mlflow.exceptions import MlflowException
+    from werkzeug.security import check_password_hash
+
+    if not all(hasattr(store_class, name) for name in ("_get_user", "authenticate_user")):
+        return  # another MLflow: leave its own check alone
+    key, verified = secrets.token_bytes(32), set()
+
+    def authenticate_user(self, username: str, password: str, *,
+                          use_primary: bool = False) -> bool:
+        with self.ManagedSessionMaker(read_only=not use_primary) as session:
+            try:
+                stored = self._get_user(session, username).password_hash
+            except MlflowException:
+                return False
+        token = hmac.new(key, "\0".join((username, stored, password)).encode(),
+                         hashlib.sha256).digest()
+        if token in verified:
+            return True
+        if not check_password_hash(stored, password):
+            return False
+        if len(verified) > 10_000:
+            verified.clear()
+        verified.add(token)
+        return True
+
+    authenticate_user.verified = verified
+    store_class.authenticate_user = authenticate_user
+
+
 def create_app():
-    """MLflow's basic-auth app (mlflow.server.auth.create_app) with lw's index page."""
+    """MLflow's basic-auth app (mlflow.server.auth.create_app) with lw's index page, and each
+    verified password remembered (remember_verified_passwords)."""
     from flask import Response
     from mlflow.server import app
     from mlflow.server.auth import create_app as basic_auth_app
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
+    remember_verified_passwords(SqlAlchemyStore)
     page = index_page()
     app.view_functions["serve"] = lambda: Response(page, mimetype="text/html")
     return basic_auth_app(app)
