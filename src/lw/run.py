@@ -219,12 +219,30 @@ def _knob_of(path: str, cfg: DictConfig) -> str:
     return ""
 
 
+def _full_disk(error: BaseException | None) -> bool:
+    """A full disk anywhere in the chain: writers that name no file (shutil's copy into the
+    artifact store, pyarrow) raise ENOSPC without a filename, or only say it in words."""
+    while error is not None:
+        if isinstance(error, OSError) and (error.errno in (errno.ENOSPC, errno.EDQUOT)
+                                           or "No space left on device" in str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def user_error(error: Exception, cfg: DictConfig) -> Exception:
     """A folder or disk that refuses a write, as an LwError naming the path (else ``error``)."""
     if isinstance(error, OSError) and error.errno in _UNWRITABLE and error.filename:
         path = str(error.filename)
         return LwError(f"cannot write {path}{_knob_of(path, cfg)}: {error.strerror}; choose "
                        "a writable folder with free space")
+    if _full_disk(error):
+        places = [f"{knob}={value}" for knob, value in (
+            ("hydra.runtime.output_dir", HydraConfig.get().runtime.output_dir),
+            ("tracking.artifact_location", cfg.tracking.get("artifact_location")),
+            ("tracking.uri", cfg.tracking.get("uri"))) if value]
+        return LwError(f"No space left on device while writing the job's files or artifacts "
+                       f"({', '.join(places)}); free space there or choose other folders")
     return error
 
 
