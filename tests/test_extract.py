@@ -29,7 +29,8 @@ TEXTS = [
 ]
 
 
-def entropy_and_curvature(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def entropy_and_curvature(h: torch.Tensor, mask: torch.Tensor, _ids: torch.Tensor
+                          ) -> dict[str, torch.Tensor]:
     values = {f"prompt_entropy/{k}": v for k, v in prompt_entropy(h, mask).items()}
     values["curvature"] = curvature(h, mask)
     return values
@@ -153,8 +154,8 @@ def test_transformer_left_and_right_padding_agree(tiny_pythia):
                      rtol=1e-4, atol=1e-5)
     # The token metrics only see the mask, so they agree across padding sides too.
     for skip in (0, 2):
-        a = entropy_and_curvature(left, skip_leading(left_mask, skip))
-        b = entropy_and_curvature(right, skip_leading(right_mask, skip))
+        a = entropy_and_curvature(left, skip_leading(left_mask, skip), left_ids)
+        b = entropy_and_curvature(right, skip_leading(right_mask, skip), right_ids)
         for name in a:
             assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, equal_nan=True)
 
