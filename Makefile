@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The default sweep: real offline weights x real offline text.
 SWEEP  ?= model=smollm2,minilm data=wiki-vital,medical-hpo
 
-.PHONY: install run test ui server lint bench bench-sweep clean
+.PHONY: install run test ui server lint bench bench-sweep bench-report clean
 
 $(STAMP): pyproject.toml offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP)
 bench-sweep: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[server]'
 	$(PY) bench/bench_sweep.py
+
+# `lw.report --all` on a 2,000-job sweep: SQLite and lw.server on PostgreSQL (bench/bench_report.py)
+bench-report: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[server]'
+	$(PY) bench/bench_report.py
 
 # The team's tracking server: LW_SERVER_ADMIN_PASSWORD (required), LW_SERVER_DB,
 # LW_SERVER_ARTIFACTS from the environment; e.g. make server SERVER_ARGS='--host 0.0.0.0'
