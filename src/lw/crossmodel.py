@@ -23,6 +23,7 @@ import argparse
 import itertools
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +87,6 @@ def group_label(run_name: str, model: str) -> str:
     the name without the model, as a file name."""
     rest = [part for part in run_name.split() if part != model]
     return "_".join(rest).replace("/", "-").replace("=", "-") or "jobs"  # a metric name
-
-
-def now() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 def depth_table(matrix: torch.Tensor) -> pd.DataFrame:
@@ -171,9 +166,10 @@ def cross_model_cka(client, parent: str, runs: list | None = None, debiased: boo
                 depth_table(matrix).to_csv(path, index=False)
                 client.log_artifact(parent, str(path), artifact_path="cross_cka")
             client.log_figure(parent, heat_map(matrix, a, b), f"figures/cross_cka_{key}.png")
+            stamp = int(time.time() * 1000)
             client.log_batch(parent, metrics=[
-                Metric(f"cross_cka/{key}/depth_diagonal", depth_diagonal(matrix), now(), 0),
-                Metric(f"cross_cka/{key}/n_prompts", float(len(rows_a)), now(), 0)])
+                Metric(f"cross_cka/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
+                Metric(f"cross_cka/{key}/n_prompts", float(len(rows_a)), stamp, 0)])
             found[key] = matrix
     return found
 

@@ -17,7 +17,6 @@ from lw.architectures import architecture, layer_states
 from lw.config import POOLINGS
 from lw.models import LoadedModel
 
-# fn(hidden (L+1, B, T, D), mask (B, T) bool) -> {value name: (L+1, B, ...)}
 # A per-batch token function: (hidden (L+1, B, T, D), kept (B, T) bool, ids (B, T)) -> products
 TokenMetric = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 

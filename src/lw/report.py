@@ -265,13 +265,14 @@ def cross_model_figures(client, parent: str, out: Path) -> list[tuple[str, str]]
                 continue
             table = pd.read_csv(client.download_artifacts(parent, item.path, tmp))
             key = Path(item.path).stem
-            a, b = key.split("__", 1)
+            a, b, *group = key.split("__")  # <a>__<b>[__<group>]
             matrix = torch.tensor(table.drop(columns="depth_pct").to_numpy())
             table.to_csv(out / f"cross_cka_{key}.csv", index=False)
             figure = heat_map(matrix, a, b)
             figure.savefig(out / f"cross_cka_{key}.png", dpi=100, bbox_inches="tight")
             plt.close(figure)
-            found.append((f"{a} x {b}: linear CKA over relative depth (mean at equal depth "
+            found.append((f"{a} x {b}{' ' + group[0] if group else ''}: linear CKA over "
+                          f"relative depth (mean at equal depth "
                           f"{depth_diagonal(matrix):.3f})", f"cross_cka_{key}.png"))
     return found
 

@@ -8,10 +8,9 @@ For state l and state l+n of the same token, the angular distance
 computed from the dot products, and as 2 atan2(|u - v|, |u + v|) / pi on the unit vectors u, v
 where cos > 0.99 (there arccos of a float32 cos loses half its digits), averaged over every
 real token after ``extraction.skip_first`` of every prompt (token-weighted), for n = 1 ...
-``max_n``. Logged: the
-curves ``layer_distance/n<n>`` (value at layer l: d(l, l+n); NaN where l+n > L), and per n the
-block whose removal changes the states least: blocks l+1 ... l+n for the l with the smallest
-d(l, l+n) (summaries ``layer_distance/n<n>/min_layer``, ``.../min``; tag
+``max_n``. Logged: the curves ``layer_distance/n<n>`` (value at layer l: d(l, l+n); NaN where
+l+n > L), and per n the block whose removal changes the states least: blocks l+1 ... l+n for
+the l with the smallest d(l, l+n) (summaries ``layer_distance/n<n>/min_layer``, ``.../min``; tag
 ``lw.layer_distance.prunable`` for n = max_n).
 
 In-pass products: the per-prompt mean distance ``layer_distance/<n>`` (N, L+1), cached.
@@ -37,7 +36,7 @@ class LayerDistanceKnobs:
         check(self.max_n >= 1, f"metric.layer_distance.max_n={self.max_n}: must be >= 1")
 
 
-NEAR_PARALLEL = 0.99  # cos above this: recomputed in float64 (float32's cos loses the angle)
+NEAR_PARALLEL = 0.99  # cos above this: recomputed from u - v (float32's cos loses the angle)
 
 
 def layer_distances(hidden: Tensor, mask: Tensor, offsets) -> dict[int, Tensor]:
