@@ -92,7 +92,11 @@ class Browser:
     def wait(self, condition, timeout: float = 90, what: str = ""):
         from selenium.webdriver.support.ui import WebDriverWait
 
-        return WebDriverWait(self.d, timeout, poll_frequency=0.5).until(
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        # a chart redrawn between finding it and reading its paths is read again, not a failure
+        return WebDriverWait(self.d, timeout, poll_frequency=0.5,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(
             lambda d: condition(d), message=what)
 
     def find(self, xpath: str, timeout: float = 90):
@@ -153,7 +157,7 @@ def check(b: Browser, name: str, n: int, last: float, root: str = "") -> None:
         lines, ticks = curves(b, name, root)
         return len(lines) == len(set(lines.values())) == n and ticks and max(ticks) == last
     try:
-        b.wait(ok, 60)
+        b.wait(ok, 180)  # a busy machine draws slowly
     except Exception:
         lines, ticks = curves(b, name, root)
         b.d.save_screenshot(str(OUT / "failed.png"))
