@@ -102,16 +102,20 @@ def reap(client, experiment: str, who: str) -> list:
     return dead
 
 
+def job_runs(client, experiment: str, job_hash: str, who: str) -> tuple:
+    """The runs of the job with ``job_hash``, from one search: (its latest FINISHED run or
+    None, its live RUNNING runs oldest first). Dead RUNNING runs are marked KILLED on the way
+    (the job is about to be redone). One search, not one per status: on a busy server each
+    request a job makes before its run is time the job waits."""
+    runs = client.search_runs([experiment], filter_string=f"tags.`{HASH_TAG}` = '{job_hash}'",
+                              order_by=["attributes.start_time DESC"], max_results=10000)
+    finished = next((run for run in runs if run.info.status == "FINISHED"), None)
+    return finished, _live(client, [r for r in runs if r.info.status == "RUNNING"], who)
+
+
 def finished_run(client, experiment: str, job_hash: str, who: str):
-    """The latest FINISHED run of the job with ``job_hash``, or None. Dead RUNNING runs of the
-    same job are marked KILLED on the way (it is about to be redone)."""
-    same = f" and tags.`{HASH_TAG}` = '{job_hash}'"
-    for run in _running(client, experiment, same):
-        if is_dead(run):
-            mark_killed(client, run, who)
-    done = client.search_runs([experiment], filter_string="attributes.status = 'FINISHED'"
-                              + same, order_by=["attributes.start_time DESC"], max_results=1)
-    return done[0] if done else None
+    """The latest FINISHED run of the job with ``job_hash``, or None (see ``job_runs``)."""
+    return job_runs(client, experiment, job_hash, who)[0]
 
 
 def changed_identity(client, experiment: str, job_key: str, job_hash: str,
@@ -141,10 +145,10 @@ def changed_identity(client, experiment: str, job_key: str, job_hash: str,
     return run.info.run_id, identity_diff(old, identity)
 
 
-def live_run(client, experiment: str, job_hash: str, who: str, mine: str | None = None):
-    """The run of ``job_hash`` that owns the job now: the oldest RUNNING one whose owner is
-    alive (dead ones are marked KILLED on the way), or None. With ``mine`` (a run just
-    created for it), None when ``mine`` is that oldest one: it may go on.
+def live_run(client, experiment: str, job_hash: str, who: str, mine: str):
+    """After creating run ``mine`` for the job: the run that owns the job, the oldest RUNNING
+    one whose owner is alive (dead ones are marked KILLED on the way), or None when that is
+    ``mine``: it may go on.
 
     Two launches of one sweep (teammates, or a re-run while the first still runs) must not
     compute a job twice. On a local SQLite store the check and the run's creation happen
@@ -152,19 +156,23 @@ def live_run(client, experiment: str, job_hash: str, who: str, mine: str | None 
     there is no lock: each launch creates its run, then the oldest live one (start time,
     then run id) goes on and the others step aside; only two runs created within the same
     milliseconds, in an order their clocks disagree on, could both go on."""
-    same = f" and tags.`{HASH_TAG}` = '{job_hash}'"
+    live = _live(client, _running(client, experiment, f" and tags.`{HASH_TAG}` = '{job_hash}'"),
+                 who, mine)
+    return None if not live or live[0].info.run_id == mine else live[0]
+
+
+def _live(client, running: list, who: str, mine: str | None = None) -> list:
+    """Of a job's RUNNING runs, those whose owner is alive, oldest first (start time, then run
+    id); the dead ones, and a requeued SLURM task's own earlier run, are marked KILLED."""
     live = []
-    for run in _running(client, experiment, same):
+    for run in running:
         own_predecessor = _slurm_task() is not None and \
             run.data.tags.get(SLURM_TAG) == _slurm_task()
         if run.info.run_id != mine and (own_predecessor or is_dead(run)):
             mark_killed(client, run, who)
         else:
             live.append(run)
-    live.sort(key=lambda run: (run.info.start_time, run.info.run_id))
-    if not live or live[0].info.run_id == mine:
-        return None
-    return live[0]
+    return sorted(live, key=lambda run: (run.info.start_time, run.info.run_id))
 
 
 SWEEP_PID_ENV = "LW_SWEEP_PID"  # the process that launched the sweep (lw.tracking)

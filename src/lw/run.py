@@ -27,7 +27,7 @@ from lw.identity import job_identity, job_key, stable_hash
 from lw.job import compute
 from lw.plots import depth_curves, entropy_histograms
 from lw.results import JobResult
-from lw.resume import Heartbeat, changed_identity, die_with_sweep, finished_run, live_run
+from lw.resume import Heartbeat, changed_identity, die_with_sweep, job_runs, live_run
 from lw.tracking import (
     SKIPPED_FILE,
     ServerWatch,
@@ -112,11 +112,11 @@ def run_job(cfg: DictConfig) -> JobResult | None:
             experiment = experiment_id(client, job.tracking)
             # Resume: a job with a FINISHED run of the same hash is done, one whose run is
             # alive elsewhere (another launch of this sweep) is being done (lw.resume).
-            with store_lock(job.tracking):
-                found = finished_run(client, experiment, digest, label)
+            with store_lock(job.tracking) as locked:
+                found, live = job_runs(client, experiment, digest, label)
                 why = "already FINISHED"
-                if found is None and not job.tracking.rerun:
-                    found, why = live_run(client, experiment, digest, label), "RUNNING"
+                if found is None and live and not job.tracking.rerun:
+                    found, why = live[0], "RUNNING"
                 if found is None or job.tracking.rerun:
                     before = changed_identity(client, experiment, key, digest, identity)
                     if before is not None:  # the same job, other inputs or code: say what
@@ -125,7 +125,8 @@ def run_job(cfg: DictConfig) -> JobResult | None:
                               file=sys.stderr)
                     run_id = start_job_run(client, cfg, name, overrides, digest, identity, key,
                                            output_dir)
-            if run_id is not None and not job.tracking.rerun:  # a server: no lock, see who won
+            if run_id is not None and not job.tracking.rerun and not locked:
+                # no lock (a server): see which launch's run won
                 found, why = live_run(client, experiment, digest, label, run_id), "RUNNING"
                 if found is not None:
                     client.delete_run(run_id)

@@ -116,10 +116,11 @@ def client_for(cfg: TrackingConfig):
 @contextlib.contextmanager
 def store_lock(cfg: TrackingConfig):
     """An exclusive lock on a local SQLite store (a file beside it: every process on this
-    machine that writes there takes it); a server store has none (nothing is held)."""
+    machine that writes there takes it); a server store has none (nothing is held). Yields
+    whether a lock is held."""
     uri = tracking_uri(cfg)
     if not uri.startswith("sqlite:///"):
-        yield
+        yield False
         return
     import fcntl
 
@@ -128,7 +129,7 @@ def store_lock(cfg: TrackingConfig):
     with open(database.with_name(database.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
