@@ -195,14 +195,25 @@ def test_resume_and_rerun_on_a_tracking_server(server, tmp_path):
 
 
 
-def test_two_launches_of_one_sweep_compute_each_job_once(tmp_path):
-    sweep = ["-m", *JOB, "seed=0,1", *store_args(tmp_path)[:2]]
-    started = [lw_run(tmp_path, *sweep, f"hydra.sweep.dir={tmp_path}/launch{i}", wait=False)
-               for i in range(2)]
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_two_launches_of_one_sweep_compute_each_job_once(tmp_path, store, request):
+    """Two launches started together: on SQLite one lock orders them; on a server both may
+    create a run for a job, and the oldest live one goes on while the other steps aside."""
+    if store == "sqlite":
+        where, env = store_args(tmp_path)[:2], {}
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    else:
+        uri, _ = request.getfixturevalue("server")
+        where, env = ["tracking=server", "tracking.experiment=lw-two-launches"], {
+            "MLFLOW_TRACKING_URI": uri}
+        client = MlflowClient(uri)
+    sweep = ["-m", *JOB, "seed=0,1", *where]
+    started = [lw_run(tmp_path, *sweep, f"hydra.sweep.dir={tmp_path}/launch{i}", wait=False,
+                      **env) for i in range(2)]
     done = [(p.communicate(timeout=600)[1], p.returncode) for p in started]
     assert [rc for _, rc in done] == [0, 0], [err[-2000:] for err, _ in done]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    jobs = [r for r in runs_of(client) if "seed" in r.data.params]
+    experiment = client.get_experiment_by_name("lw" if store == "sqlite" else "lw-two-launches")
+    jobs = [r for r in client.search_runs([experiment.experiment_id]) if "seed" in r.data.params]
     # one run per job, FINISHED: the other launch skipped it, RUNNING or already FINISHED
     assert sorted((r.data.params["seed"], r.info.status) for r in jobs) == [
         ("0", "FINISHED"), ("1", "FINISHED")]
