@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import re
 import subprocess
-import time
 
 import pytest
 import yaml
@@ -197,12 +196,10 @@ def test_unknown_option_lists_the_options():
 
 
 def test_cli_unknown_option_is_short_and_lists_the_options(tmp_path):
-    started = time.monotonic()
     proc = subprocess.run(
         [str(PYTHON), "-m", "lw.run", "model=pythai"], cwd=tmp_path, env=cli_env(),
         capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert time.monotonic() - started < 60
     err = proc.stderr
     assert "Could not find 'model/pythai'" in err
     assert "smollm2" in err and "pythia" in err and "tiny-mamba" in err

