@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(PY) -m lw.run -m $(SWEEP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, to keep the suite's time in view
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

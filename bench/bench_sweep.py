@@ -122,12 +122,15 @@ def main() -> None:
     parser.add_argument("--deadline-min", type=float, default=240,
                         help="stop the sweep after this long and measure what it did")
     args = parser.parse_args()
+    # a stopped benchmark still stops its sweep, server and database (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench_sweep: stopped (SIGTERM)"))
     work = Path(tempfile.mkdtemp(prefix="lw-bench-sweep-"))
     pg = Postgres(Path(tempfile.mkdtemp(prefix="lw-bench-pg-")))
     admin, password = secrets.token_hex(12), secrets.token_hex(12)
     server, uri = start_server(pg.uri, work, admin)
     out: dict = {"jobs": args.jobs, "workers": args.workers,
                  "date": datetime.now().isoformat(timespec="seconds")}
+    sweep = None
     try:
         add_user(uri, admin, "bench", password)
         env = env_for(MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME="bench",
@@ -184,6 +187,9 @@ def main() -> None:
             out["report_exit"] = f"timeout after {args.report_timeout} s"
         out["report_s"] = time.monotonic() - started
     finally:
+        if sweep is not None and sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         pg.stop()
