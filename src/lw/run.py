@@ -124,7 +124,7 @@ def run_job(cfg: DictConfig) -> JobResult | None:
                               f"FINISHED run {before[0]}: {'; '.join(before[1])}",
                               file=sys.stderr)
                     run_id = start_job_run(client, cfg, name, overrides, digest, identity, key,
-                                           output_dir)
+                                           output_dir, experiment)
             if run_id is not None and not job.tracking.rerun and not locked:
                 # no lock (a server): see which launch's run won
                 found, why = live_run(client, experiment, digest, label, run_id), "RUNNING"

@@ -381,16 +381,16 @@ def lw_version() -> str:
 
 def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
                   job_hash: str, identity: dict | None = None, job_key: str = "",
-                  folder: Path | None = None) -> str:
+                  folder: Path | None = None, experiment: str | None = None) -> str:
     """Create the job's run (a child when a sweep's parent exists) with params and tags,
     its ``lw.job_hash`` and its owner (lw.resume: host, pid, heartbeat); the identity the
     hash was taken of goes to ``config/identity.json``, its resolved commits to tags. With
     ``folder`` (the job's Hydra folder), what the run is made of is written there first
     (``config/``, ``lw_run.json``: what lw.sync needs). A failure after the run exists leaves
-    it FAILED."""
+    it FAILED. ``experiment``: its id where the caller has looked it up (one request less)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     tracking = _tracking(cfg)
-    exp = experiment_id(client, tracking)
+    exp = experiment or experiment_id(client, tracking)
     tags = {
         HASH_TAG: job_hash, **owner_tags(),
         "lw.model": cfg.model.name, "lw.model.id": cfg.model.id,
