@@ -5,6 +5,7 @@ Lean on purpose: one sweep serves several assertions (each SLURM task is a pytho
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import tempfile
@@ -93,6 +94,9 @@ def cancel_when_running(cluster, tmp: Path, process, n_prompts: str) -> str:
     tasks = {i: s for i, s in cluster.jobs().items() if s == "RUNNING"}
     # job #0 is the array's task 0 (submitit submits the jobs in order)
     task = next(i for i in tasks if i.endswith("_0"))
+    # frozen, the job cannot finish in the KillWait seconds SLURM gives it after the cancel
+    # (a tiny job can: its run is then rightly FINISHED, not what this test is about)
+    os.kill(int(mine[0].data.tags["lw.pid"]), signal.SIGSTOP)
     cluster.run("scancel", task)
     return task
 

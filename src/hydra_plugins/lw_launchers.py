@@ -230,6 +230,7 @@ class SlurmLauncher(_ResumingLauncher, plugin.SlurmLauncher):
         super().__init__(**params)
         self._unknown_since: dict[str, float] = {}
         self._squeue_answered = True
+        self._kill_wait: float | None = None
 
     def _check_resources(self) -> None:
         gpus = self.params.get("gpus_per_node") or self.params.get("gpus_per_task") or 0
@@ -248,6 +249,15 @@ class SlurmLauncher(_ResumingLauncher, plugin.SlurmLauncher):
             raise LwError(f"LW_SLURM_GPUS={gpus} (hydra.launcher.gpus_per_node) but {where} "
                           "has no GPUs (sinfo shows no gpu gres); set LW_SLURM_GPUS=0, or "
                           "LW_SLURM_PARTITION to a partition with GPUs")
+
+    def _kill_wait_s(self) -> float:
+        """SLURM's KillWait: how long a cancelled task's processes may go on (default 30 s)."""
+        if self._kill_wait is None:
+            out = _slurm(["scontrol", "show", "config"]) or ""
+            self._kill_wait = next((float(line.split("=")[1].split()[0]) for line in
+                                    out.splitlines() if line.strip().startswith("KillWait")
+                                    and "=" in line), 30.0)
+        return self._kill_wait
 
     def _states(self, tasks: list) -> dict[str, str]:
         """{task id: state} from sacct where it answers, else from squeue."""
@@ -276,10 +286,14 @@ class SlurmLauncher(_ResumingLauncher, plugin.SlurmLauncher):
             self._unknown_since.pop(task.job_id, None)
             if state not in ENDED:
                 return None
-            if state == "COMPLETED":  # the result file may lag on a shared file system
-                first = self._unknown_since.setdefault(task.job_id + "/result", time.monotonic())
-                if time.monotonic() - first < 30:
-                    return None
+            # Wait a while for a result file: after COMPLETED it may lag on a shared file
+            # system; after CANCELLED and the like, SLURM sends SIGKILL only KillWait seconds
+            # later, and a task that ends its job meanwhile writes one (its run is FINISHED:
+            # closing it as KILLED now would race its own process).
+            grace = 30.0 if state == "COMPLETED" else self._kill_wait_s() + 5.0
+            first = self._unknown_since.setdefault(task.job_id + "/result", time.monotonic())
+            if time.monotonic() - first < grace:
+                return None
             return state
         if not self._squeue_answered:  # the controller is busy or down: not a lost task
             self._unknown_since.pop(task.job_id, None)
