@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(PY) -m lw.run -m $(SWEEP)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports  # the layers contract (pyproject.toml [tool.importlinter])
 	$(PY) -m pytest -q --durations=15  # the slowest tests, to keep the suite's time in view
 
 lint: $(STAMP)

@@ -54,9 +54,9 @@ def case_floor(model: str, n: int) -> dict:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_job
-    from lw.extract import _pad_id, length_batches, pad_batch
-    from lw.job import pick_device, plan_job
-    from lw.models import load_model, load_tokenizer
+    from lw.job.extract import _pad_id, length_batches, pad_batch
+    from lw.job.stages import pick_device, plan_job
+    from lw.loading.models import load_model, load_tokenizer
 
     job = compose_job(overrides(model, n))
     plan = plan_job(job, load_tokenizer(job.model))
@@ -75,7 +75,7 @@ def case_floor(model: str, n: int) -> dict:
 def case_job(model: str, n: int, added: str = "") -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_job
-    from lw.job import compute
+    from lw.job.stages import compute
 
     extra = [f"metrics={METRICS[:-1]},{added}]"] if added else []
     started = time.perf_counter()

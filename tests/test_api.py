@@ -99,7 +99,7 @@ def test_measure_a_model_option_and_the_same_model_loaded_agree():
 
 
 def test_measure_names_a_bad_knob():
-    from lw.config import LwError
+    from lw.errors import LwError
 
     with pytest.raises(Exception, match="n_prompts") as raised:
         lw.measure("tiny-pythia", "wiki-vital", data__n_prompts=-5)

@@ -22,10 +22,12 @@ from mlflow.tracking import MlflowClient
 
 import reference as ref
 from conftest import compose_job, load_option, model_option, option_yaml, wiki_records
-from lw.architectures import ARCHITECTURES, architecture, check_layer_convention
-from lw.config import LwError, ModelConfig
-from lw.extract import all_layers
-from lw.models import PROJECT_ROOT, load_model, load_tokenizer_of
+from lw.config.schema import ModelConfig
+from lw.errors import LwError
+from lw.job.extract import all_layers
+from lw.loading.architectures import ARCHITECTURES, architecture, check_layer_convention
+from lw.loading.models import load_model, load_tokenizer_of
+from lw.loading.paths import PROJECT_ROOT
 
 CPU = torch.device("cpu")
 N_PROMPTS = 5

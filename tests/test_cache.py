@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import lw.job
+import lw.job.stages
 from conftest import compose_job, wiki_records
-from lw import cache
-from lw.config import LwError
-from lw.identity import forward_hash, job_hash
-from lw.job import compute
+from lw.errors import LwError
+from lw.job import cache
+from lw.job.identity import forward_hash, job_hash
+from lw.job.stages import compute
 
 METRICS = "[prompt_entropy,curvature,dataset_entropy,dip,infonce,dime,lidar]"
 
@@ -53,7 +53,7 @@ def test_cached_rerun_with_other_knobs_equals_an_uncached_run(cache_home, job_ar
     knobs = ["metric.prompt_entropy.alpha=2", "metric.normalizations=[raw,logD]",
              "metric.dime.alpha=2", "metric.lidar.J=2", "metric.infonce.tau=0.5"]
     uncached = compute(compose_job([*job_args, *knobs]))
-    monkeypatch.setattr(lw.job, "load_model", no_model)  # a hit must not need the model
+    monkeypatch.setattr(lw.job.stages, "load_model", no_model)  # a hit must not need the model
     cached = compute(compose_job([*job_args, *knobs, "extraction.cache=true"]))
     assert cached.summary["activation_cache_hit"] == 1.0
     assert "prompt_entropy/logD" in cached.table and "prompt_entropy/max" not in cached.table
@@ -109,7 +109,7 @@ def test_the_cache_keeps_to_its_size_limit(cache_home, job_args, monkeypatch):
 
 
 def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(lw.job, "load_model", no_model)
+    monkeypatch.setattr(lw.job.stages, "load_model", no_model)
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "short.jsonl").write_text(json.dumps({"text": "Hi."}) + "\n")
     cases = {f"data.path={tmp_path}/missing.jsonl": "no such file",
@@ -122,7 +122,7 @@ def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch):
 
 
 def test_more_prompts_than_records_says_so_at_once(monkeypatch):
-    monkeypatch.setattr(lw.job, "load_model", no_model)
+    monkeypatch.setattr(lw.job.stages, "load_model", no_model)
     with pytest.warns(UserWarning, match=r"n_prompts=1000000: data 'wiki-vital' holds \d+"):
         with pytest.raises(AssertionError, match="the model was loaded"):
             compute(compose_job(["model=minilm", "data.n_prompts=1000000"]))
@@ -163,8 +163,8 @@ def test_a_corrupt_entry_is_a_miss_that_says_so_and_is_rewritten(cache_home, job
 
 
 def test_bad_cache_settings_fail_before_the_model_loads(tmp_path, job_args, monkeypatch):
-    monkeypatch.setattr(lw.job, "load_model", no_model)
-    monkeypatch.setattr(lw.job, "load_tokenizer", no_model)
+    monkeypatch.setattr(lw.job.stages, "load_model", no_model)
+    monkeypatch.setattr(lw.job.stages, "load_tokenizer", no_model)
     (tmp_path / "a-file").write_text("")
     cases = {("LW_CACHE_MAX_GB", "20GB"): "LW_CACHE_MAX_GB='20GB': .* positive number of GiB",
              ("LW_CACHE_MAX_GB", "-1"): "LW_CACHE_MAX_GB='-1'",

@@ -66,8 +66,8 @@ def test_cka_is_one_under_orthogonal_transform_and_isotropic_scaling(debiased):
 
 
 def test_cka_job_logs_matrix_curves_table_and_heat_map(tmp_path):
-    from lw.job import compute
-    from lw.tracking import save_result_files
+    from lw.job.stages import compute
+    from lw.tracking.jobdir import save_result_files
 
     job = compose_job(["model=tiny-pythia", "data.n_prompts=10", "data.max_tokens=32",
                        "metrics=[cka]", "metric.cka.debiased=true"])

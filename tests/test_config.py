@@ -14,8 +14,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from conftest import PYTHON, ROOT, cli_env, compose, compose_job, group_options, option_yaml
-from lw.architectures import ARCHITECTURES
-from lw.config import (
+from lw.config.schema import (
     DATA_SOURCES,
     METRIC_NAMES,
     MODEL_FAMILIES,
@@ -26,6 +25,7 @@ from lw.config import (
     ModelConfig,
     validate,
 )
+from lw.loading.architectures import ARCHITECTURES
 
 GROUPS = ("model", "data", "perturbation", "tracking")
 

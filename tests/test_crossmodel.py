@@ -31,7 +31,7 @@ def test_cka_between_models_of_different_widths_matches_reference(debiased):
 
 
 def test_pairs_are_compared_on_the_prompts_both_measured_matched_by_text():
-    from lw.crossmodel import common_rows, group_label
+    from lw.sweep.crossmodel import common_rows, group_label
 
     assert common_rows(["x", "y", "z", "y"], ["y", "z", "w", "y"]) == ([1, 2, 3], [0, 1, 3])
     assert common_rows(["a"], ["b"]) == ([], [])
@@ -41,7 +41,7 @@ def test_pairs_are_compared_on_the_prompts_both_measured_matched_by_text():
 
 
 def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, monkeypatch):
-    from lw.crossmodel import pooled_of
+    from lw.sweep.crossmodel import pooled_of
 
     monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
     job = ["data.n_prompts=8", "data.max_tokens=32", "metrics=[cka]", "extraction.cache=true"]

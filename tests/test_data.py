@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import lw.hub
-from lw.config import DataConfig, LwError
-from lw.data import MEDICAL_TEMPLATE, PromptSet, _hub_table, load_prompts, read_records
+import lw.loading.hub
+from lw.config.schema import DataConfig
+from lw.errors import LwError
+from lw.loading.prompts import PromptSet, load_prompts, read_records
+from lw.loading.sources import MEDICAL_TEMPLATE, _hub_table
 
 ROWS = [
     {"text": "the cat sat on the mat", "label": "animal"},
@@ -240,10 +242,10 @@ def test_medical_hpo_text_field_gives_raw_definitions():
 @pytest.fixture
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    lw.hub.hub_reachable.cache_clear()
+    lw.loading.hub.hub_reachable.cache_clear()
     yield
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    lw.hub.hub_reachable.cache_clear()  # later tests must not see the offline answer
+    lw.loading.hub.hub_reachable.cache_clear()  # later tests must not see the offline answer
 
 
 def test_hub_source_fails_fast_offline(offline):

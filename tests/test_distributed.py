@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import PYTHON, cli_env, compose_job, free_port, wiki_records
-from lw.job import compute
+from lw.job.stages import compute
 
 BIN = PYTHON.parent
 METRICS = "[prompt_entropy,curvature,dataset_entropy,dip,infonce,dime,lidar]"
@@ -184,7 +184,7 @@ def test_bfloat16_weights_give_finite_float_metrics(tmp_path):
 def test_device_map_is_accepted_on_cpu_and_changes_nothing(tmp_path, device_map):
     """The big-model loading path (from_pretrained with a device_map) runs here on the CPU: it
     must place the model whole and give the values the plain path gives."""
-    from lw.models import load_model
+    from lw.loading.models import load_model
 
     job = compose_job(["model=minilm", f"model.device_map={device_map}"])
     loaded = load_model(job.model, torch.device("cpu"))
@@ -198,7 +198,7 @@ def test_device_map_is_accepted_on_cpu_and_changes_nothing(tmp_path, device_map)
 
 
 def test_shards_balance_tokens_and_cover_every_prompt_once():
-    from lw.distributed import shard
+    from lw.job.distributed import shard
 
     lengths = [int(x) for x in np.random.default_rng(0).integers(2, 129, size=101)]
     shares = shard(lengths, 3)
@@ -209,12 +209,12 @@ def test_shards_balance_tokens_and_cover_every_prompt_once():
 
 
 def test_max_memory_needs_a_device_map():
-    from lw.config import ConfigError
+    from lw.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.max_memory needs model.device_map"):
         compose_job(["model=minilm", "+model.max_memory={cpu: 1GiB}"])
     job = compose_job(["model=minilm", "model.device_map=auto", "+model.max_memory.0=2GiB"])
-    from lw.models import placement
+    from lw.loading.models import placement
 
     assert placement(job.model)["max_memory"] == {0: "2GiB"}  # GPU indices as ints
 
@@ -223,8 +223,8 @@ def test_two_ranks_complete_a_partial_cache_entry(tmp_path, monkeypatch):
     """An entry with the paper-mode spectra only, asked for official mode by a 2-rank job:
     every rank must compute the union (rank 0 alone read the entry), so that the rewritten
     entry holds both modes for every prompt, and the job logs what one process computes."""
-    from lw import cache
-    from lw.identity import forward_hash
+    from lw.job import cache
+    from lw.job.identity import forward_hash
 
     path = data_file(tmp_path)
     job = ["model=minilm", "data=local", f"data.path={path}", "data.n_prompts=12",

@@ -17,8 +17,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from lw.config import LwError
-from lw.metrics.downstream import (
+from lw.errors import LwError
+from lw.metrics.functional.downstream import (
     best_layer_table,
     cluster,
     layer_choice,

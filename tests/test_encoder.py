@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import lw.hub
+import lw.loading.hub
 from conftest import load_option
-from lw.config import LwError
-from lw.encoder import PAPER_TASKS, PAPER_TASKS_BY_TYPE, LayerwiseEncoder, run_mteb
+from lw.errors import LwError
+from lw.job.encoder import PAPER_TASKS, PAPER_TASKS_BY_TYPE, LayerwiseEncoder, run_mteb
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -38,9 +38,9 @@ def hub_unreachable(monkeypatch):
     """lw's hub probe fails as on a machine without internet: a closed local port."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    lw.hub.hub_reachable.cache_clear()
+    lw.loading.hub.hub_reachable.cache_clear()
     yield
-    lw.hub.hub_reachable.cache_clear()
+    lw.loading.hub.hub_reachable.cache_clear()
 
 
 def hf_means(loaded, text: str, skip_first: int = 0) -> torch.Tensor:

@@ -13,10 +13,10 @@ from torch.testing import assert_close
 
 import reference as ref
 from conftest import compose_job
-from lw.extract import all_layers, extract, length_batches, pad_batch, skip_leading
+from lw.job.extract import all_layers, extract, length_batches, pad_batch, skip_leading
 from lw.metrics import token_products, token_products_needed, token_values
-from lw.metrics.curvature import curvature
-from lw.metrics.entropy import prompt_entropy
+from lw.metrics.functional.curvature import curvature
+from lw.metrics.functional.entropy import prompt_entropy
 
 TEXTS = [
     "The cat sat on the mat.",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import compose_job
-from lw.job import compute
+from lw.job.stages import compute
 
 BASE = ["model=smollm2", "data=wiki-vital", "data.n_prompts=8", "data.min_tokens=32",
         "data.max_tokens=32", "metrics=[prompt_entropy]", "metric.normalizations=[max]"]

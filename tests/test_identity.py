@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-import lw.hub
+import lw.loading.hub
 from conftest import PYTHON, cli_env, compose_job, wiki_records
-from lw.config import LwError
-from lw.identity import (
+from lw.errors import LwError
+from lw.job.identity import (
     embedding_hash,
     forward_hash,
     identity_diff,
@@ -24,7 +24,7 @@ from lw.identity import (
     job_identity,
     job_key,
 )
-from lw.models import cache_dir
+from lw.loading.paths import cache_dir
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
@@ -85,16 +85,16 @@ def hub_cache(tmp_path, monkeypatch, hub_offline):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    lw.hub.resolve_revision.cache_clear()
+    lw.loading.hub.resolve_revision.cache_clear()
 
     def point(kind: str, repo: str, revision: str, commit: str) -> None:
         ref = tmp_path / "hub" / f"{kind}s--{repo.replace('/', '--')}" / "refs" / revision
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
-        lw.hub.resolve_revision.cache_clear()
+        lw.loading.hub.resolve_revision.cache_clear()
 
     yield point
-    lw.hub.resolve_revision.cache_clear()
+    lw.loading.hub.resolve_revision.cache_clear()
 
 
 def test_hub_revisions_count_as_the_commit_they_resolve_to(hub_cache):
@@ -113,7 +113,7 @@ def test_hub_revisions_count_as_the_commit_they_resolve_to(hub_cache):
 
 
 def job_hash_of(identity: dict) -> str:
-    from lw.identity import stable_hash
+    from lw.job.identity import stable_hash
 
     return stable_hash(identity)
 

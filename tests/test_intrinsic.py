@@ -9,7 +9,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from conftest import compose_job
-from lw.metrics.intrinsic import twonn
+from lw.metrics.functional.intrinsic import twonn
 
 
 def twonn_reference(x: np.ndarray, fraction: float = 0.9) -> float:
@@ -54,7 +54,7 @@ def test_twonn_over_several_blocks_of_rows_matches_the_reference():
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_twonn_needs_three_points(n):
-    from lw.config import LwError
+    from lw.errors import LwError
 
     with pytest.raises(LwError, match=f"at least 3 points, got {n}"):
         twonn(torch.zeros(2, n, 4))
@@ -70,7 +70,7 @@ def test_duplicates_are_left_out():
 
 
 def test_intrinsic_dimension_is_a_per_layer_curve_of_a_job():
-    from lw.job import compute
+    from lw.job.stages import compute
 
     job = compose_job(["model=tiny-pythia", "data=wiki-vital", "data.n_prompts=24",
                        "data.max_tokens=32", "metrics=[intrinsic_dimension]",

@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF, PYTHON, cli_env, free_port, wiki_records
-from lw.config import register_configs
+from lw.config.schema import register_configs
 
 
 def sweep(tmp: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:

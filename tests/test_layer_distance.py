@@ -44,8 +44,8 @@ def test_angular_distances_match_numpy_reference(n):
 
 
 def test_layer_distance_job_matches_plain_forward_pass():
-    from lw.job import compute, plan_job
-    from lw.models import load_model, load_tokenizer
+    from lw.job.stages import compute, plan_job
+    from lw.loading.models import load_model, load_tokenizer
 
     job = compose_job(["model=tiny-pythia", "data.n_prompts=6", "data.max_tokens=32",
                        "extraction.skip_first=1", "metrics=[layer_distance]",
@@ -75,7 +75,7 @@ def test_layer_distance_job_matches_plain_forward_pass():
 
 def test_layer_distance_products_are_cached_and_a_larger_max_n_runs_the_pass(tmp_path,
                                                                              monkeypatch):
-    from lw.job import compute
+    from lw.job.stages import compute
 
     monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
     job = ["model=tiny-pythia", "data.n_prompts=6", "data.max_tokens=32",

@@ -16,8 +16,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from conftest import compose_job, load_option, wiki_records
-from lw.config import ConfigError
-from lw.job import compute
+from lw.errors import ConfigError
+from lw.job.stages import compute
 
 TOPICS = ("Mathematics", "Geography", "Arts")
 PER_TOPIC = 6
@@ -76,8 +76,8 @@ def test_probe_accuracy_matches_scikit_learn_on_the_same_pooled_vectors(labelled
 
 
 def _job_order(job, rows) -> list[int]:
-    from lw.data import load_prompts
-    from lw.models import load_tokenizer_of
+    from lw.loading.models import load_tokenizer_of
+    from lw.loading.prompts import load_prompts
 
     prompts = load_prompts(job.data, load_tokenizer_of("smollm2"))
     texts = [r["text"] for r in rows]

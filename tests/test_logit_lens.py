@@ -79,8 +79,8 @@ def test_lens_products_match_numpy_reference(last_normed):
 def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
     from transformers import AutoModelForCausalLM
 
-    from lw.job import compute, plan_job
-    from lw.models import _weights_folder, load_tokenizer
+    from lw.job.stages import compute, plan_job
+    from lw.loading.models import _weights_folder, load_tokenizer
 
     job = compose_job(["model=smollm2", "data.n_prompts=4", "data.max_tokens=24",
                        "data.min_tokens=8", "metrics=[logit_lens]"])

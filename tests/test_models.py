@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import PYTHON, cli_env, compose_job, load_option, model_option
-from lw.config import LwError
-from lw.extract import all_layers
-from lw.models import load_model, load_tokenizer_of, offline_models
+from lw.errors import LwError
+from lw.job.extract import all_layers
+from lw.loading.models import load_model, load_tokenizer_of, offline_models
 
 CPU = torch.device("cpu")
 
@@ -135,7 +135,7 @@ def test_random_models_are_seeded(name):
 def test_random_init_takes_its_vocab_size_from_arch_config():
     """model.arch_config.vocab_size wins over the tokenizer's size (it was passed twice);
     one smaller than the tokenizer's ids is refused before the model loads."""
-    from lw.job import compute
+    from lw.job.stages import compute
 
     job = compose_job(["model=tiny-pythia", "+model.arch_config.vocab_size=50000",
                        "data.n_prompts=4", "data.max_tokens=40", "metrics=[curvature]"])

@@ -13,8 +13,8 @@ import torch
 from scipy import stats
 
 from conftest import compose_job, wiki_records
-from lw.config import LwError
-from lw.data import corpus_texts
+from lw.errors import LwError
+from lw.loading.prompts import corpus_texts
 from lw.metrics.overlap import bm25_overlap, low_mode, overlap_by_layer
 
 
@@ -93,7 +93,7 @@ def test_overlap_by_layer_correlates_and_splits_bimodal_layers_only():
 
 
 def test_a_job_logs_per_prompt_overlap_with_its_corpus(tmp_path):
-    from lw.job import compute
+    from lw.job.stages import compute
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:200]))
@@ -118,8 +118,8 @@ def test_a_job_logs_per_prompt_overlap_with_its_corpus(tmp_path):
 
 
 def _job_texts(job) -> list[str]:
-    from lw.job import plan_job
-    from lw.models import load_tokenizer
+    from lw.job.stages import plan_job
+    from lw.loading.models import load_tokenizer
 
     return plan_job(job, load_tokenizer(job.model)).texts
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lw.config import ConfigError, PerturbationConfig
-from lw.models import load_tokenizer_of
-from lw.perturb import (
+from lw.config.schema import PerturbationConfig
+from lw.errors import ConfigError
+from lw.job.perturb import (
     allowed_ids,
     augment_views,
     perturb,
@@ -21,6 +21,7 @@ from lw.perturb import (
     repetition,
     special_ids,
 )
+from lw.loading.models import load_tokenizer_of
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

@@ -4,7 +4,7 @@ the figure, which would make every save lay it out again)."""
 import numpy as np
 import pandas as pd
 
-from lw.plots import depth_curves, entropy_histograms, plt
+from lw.job.plots import depth_curves, entropy_histograms, plt
 
 
 def tables(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:

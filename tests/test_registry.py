@@ -15,10 +15,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import PYTHON, cli_env, compose_job
-from lw.config import METRIC_NAMES, ConfigError
-from lw.identity import job_hash
+from lw.config.schema import METRIC_NAMES
+from lw.errors import ConfigError
+from lw.job.identity import job_hash
 from lw.metrics import registry
-from lw.resume import HASH_TAG
+from lw.tracking.resume import HASH_TAG
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lw" / "metrics"
 
@@ -34,8 +35,8 @@ def test_every_metric_module_declares_one_metric_and_nothing_else_lists_them():
             assert dataclasses.is_dataclass(metric.knobs())
     # the module of a metric is named after it: a metric is found by its file
     assert {p.stem for p in SRC.glob("*.py")} >= set(declared)
-    for path in (SRC.parents[0] / "config.py", SRC.parents[0] / "results.py",
-                 SRC.parents[0] / "job.py"):
+    for path in (SRC.parents[0] / "config.py", SRC.parents[0] / "job" / "results.py",
+                 SRC.parents[0] / "job" / "stages.py"):
         text = path.read_text()
         assert not [n for n in declared if f'"{n}"' in text], path
 
@@ -146,8 +147,8 @@ def sweep(tmp: Path, site: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_installed_metric_runs_and_a_version_bump_reruns_only_its_jobs(tmp_path):
     import torch
 
-    from lw.job import forward_stage, plan_job
-    from lw.models import load_model, load_tokenizer
+    from lw.job.stages import forward_stage, plan_job
+    from lw.loading.models import load_model, load_tokenizer
 
     site = install_toy(tmp_path)
     first = sweep(tmp_path, site)

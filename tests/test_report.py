@@ -16,7 +16,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from lw.report import main as report
-from lw.report import read_sweep
+from lw.tracking.read import read_sweep
 
 MODELS = {"smollm2": 30, "minilm": 6}
 DATA = ["wiki-vital", "medical-hpo", "set-c", "set-d", "set-e"]

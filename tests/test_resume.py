@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 import test_tracking
 from conftest import PYTHON, cli_env, compose_job
-from lw.config import TrackingConfig
-from lw.identity import job_hash
-from lw.resume import (
+from lw.config.tracking import TrackingConfig
+from lw.job.identity import job_hash
+from lw.tracking.resume import (
     HASH_TAG,
     HEARTBEAT_TAG,
     STALE_AFTER_S,
@@ -25,7 +25,7 @@ from lw.resume import (
     owner_tags,
     reap,
 )
-from lw.tracking import client_for
+from lw.tracking.store import client_for
 
 server = test_tracking.server  # a real `mlflow server` on 127.0.0.1 (module fixture)
 

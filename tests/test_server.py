@@ -569,7 +569,7 @@ def finished_as_alice(uri: str, job_hash: str) -> str | None:
     """The run id resume (lw.resume.finished_run) finds for ``job_hash`` in experiment lw."""
     from mlflow.tracking import MlflowClient
 
-    from lw.resume import finished_run
+    from lw.tracking.resume import finished_run
 
     os.environ.update(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW)
     try:
@@ -585,7 +585,7 @@ def finished_as_alice(uri: str, job_hash: str) -> str | None:
 def test_a_dead_server_ends_a_computing_job_within_the_watch_window():
     """A server that refuses connections interrupts the job's main thread, wherever it is (here
     a Python loop standing for a long computation); a server that accepts does not."""
-    from lw.tracking import ServerWatch, TrackingLost
+    from lw.tracking.health import ServerWatch, TrackingLost
 
     listener = socket.create_server(("127.0.0.1", 0))
     uri = f"http://127.0.0.1:{listener.getsockname()[1]}"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, cli_env, wiki_records
-from lw.config import TrackingConfig
-from lw.tracking import client_for
+from lw.config.tracking import TrackingConfig
+from lw.tracking.store import client_for
 from slurm_cluster import SlurmCluster, why_not
 
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import reference as ref
 from conftest import load_option, wiki_records
-from lw.models import PROJECT_ROOT
+from lw.loading.paths import PROJECT_ROOT
 
 N_PROMPTS = 5
 MAX_TOKENS = 40
@@ -227,9 +227,9 @@ def test_logged_view_metrics_match_an_independent_computation(store):
     """InfoNCE, DiME and LiDAR of the tiny-pythia x jsonl job, recomputed from nlpaug views of
     the same prompts (same seeds), one unbatched forward pass per view, numpy float64."""
     from conftest import compose_job
-    from lw.data import load_prompts, tokenize
-    from lw.metrics.views import random_permutations
-    from lw.perturb import augment_views
+    from lw.job.perturb import augment_views
+    from lw.loading.prompts import load_prompts, tokenize
+    from lw.metrics.functional.views import random_permutations
 
     run = next(r for r in children(store) if r.data.params["model.name"] == "tiny-pythia"
                and r.data.params["data.path"] == str(store["jsonl"]))

@@ -138,7 +138,7 @@ def test_a_sweep_stopped_before_its_end_leaves_its_parent_failed(tmp_path):
 
 
 def test_run_colours_are_stable_per_model_and_differ_within_a_sweep():
-    from lw.tracking import PALETTE, run_colors
+    from lw.tracking.runs import PALETTE, run_colors
 
     models = ["smollm2", "minilm", "tiny-pythia", "tiny-mamba", "tiny-mamba2", "pythia-70m",
               "pythia-160m", "mamba", "bert", "llama3"]
@@ -167,7 +167,8 @@ def test_run_colours_are_stable_per_model_and_differ_within_a_sweep():
 def test_sweep_names_say_what_varies():
     from omegaconf import OmegaConf
 
-    from lw.tracking import short_value, sweep_name, sweep_values
+    from lw.sweep.callback import sweep_values
+    from lw.sweep.names import short_value, sweep_name
 
     config = OmegaConf.create({"hydra": {
         "overrides": {"task": ["model=smollm2,minilm", "data=wiki-vital", "data.n_prompts=16",

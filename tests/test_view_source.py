@@ -16,9 +16,9 @@ def test_views_say_what_they_are_copies_of(perturbation, views_of):
     """Under randomness the measured ids are decoded to text, and nlpaug copies that text: the
     result names it and reports the measured share of prompts whose text re-tokenizes to the
     ids measured (the decode/encode round trip)."""
-    from lw.data import tokenize
-    from lw.job import compute, plan_job
-    from lw.models import load_tokenizer
+    from lw.job.stages import compute, plan_job
+    from lw.loading.models import load_tokenizer
+    from lw.loading.prompts import tokenize
 
     overrides = ["model=tiny-pythia", "data=wiki-vital", "data.n_prompts=8", "data.max_tokens=32",
                  "metrics=[infonce]", f"perturbation={perturbation}"]

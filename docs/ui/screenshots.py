@@ -90,9 +90,8 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def wait(self, condition, timeout: float = 90, what: str = ""):
-        from selenium.webdriver.support.ui import WebDriverWait
-
         from selenium.common.exceptions import StaleElementReferenceException
+        from selenium.webdriver.support.ui import WebDriverWait
 
         # a chart redrawn between finding it and reading its paths is read again, not a failure
         return WebDriverWait(self.d, timeout, poll_frequency=0.5,

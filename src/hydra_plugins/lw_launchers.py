@@ -30,7 +30,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as plugin
 from omegaconf import OmegaConf, open_dict
 
-from lw.config import LwError, TrackingConfig
+from lw.config.tracking import TrackingConfig
+from lw.errors import LwError
 
 LOST_AFTER_ENV = "LW_SLURM_LOST_AFTER_S"
 ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
@@ -50,9 +51,9 @@ class _ResumingLauncher:
     """What both submitit launchers add to the plugin's (mixed in before it)."""
 
     def _plan(self, overrides: Sequence[str], num: int) -> _Job:
-        from lw.config import validate
-        from lw.identity import job_hash
-        from lw.run import run_name
+        from lw.config.schema import validate
+        from lw.job.identity import job_hash
+        from lw.sweep.names import run_name
 
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg):
@@ -68,8 +69,9 @@ class _ResumingLauncher:
 
     def _already_done(self, jobs: list[_Job]) -> list[_Job]:
         """The jobs with a FINISHED run of their hash; said per job, their folders marked."""
-        from lw.resume import finished_run
-        from lw.tracking import SKIPPED_FILE, client_for, experiment_id
+        from lw.sweep.callback import SKIPPED_FILE
+        from lw.tracking.resume import finished_run
+        from lw.tracking.store import client_for, experiment_id
 
         done, clients = [], {}
         for job in jobs:
@@ -99,7 +101,7 @@ class _ResumingLauncher:
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from lw.tracking import record_failure
+        from lw.sweep.callback import record_failure
 
         jobs = [self._plan(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
         returns = {job.num: _returned(job) for job in jobs}
@@ -142,7 +144,7 @@ class _ResumingLauncher:
         self._wait(list(zip(jobs, tasks, strict=True)))
 
     def _wait(self, pairs: list) -> None:
-        from lw.tracking import record_failure
+        from lw.sweep.callback import record_failure
 
         pending = dict(pairs)
         started = time.monotonic()
@@ -183,8 +185,9 @@ class _ResumingLauncher:
     def _close_run(self, job: _Job, why: str) -> int:
         """The job's run, left RUNNING by its killed process: KILLED, with why (the sweep's
         summary lists it). Returns how many runs it closed."""
-        from lw.resume import HASH_TAG, mark_killed
-        from lw.tracking import PARENT_ENV, client_for, experiment_id
+        from lw.tracking.resume import HASH_TAG, mark_killed
+        from lw.tracking.runs import PARENT_ENV
+        from lw.tracking.store import client_for, experiment_id
 
         if job.digest is None or job.tracking is None:
             return 0

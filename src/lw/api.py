@@ -26,7 +26,7 @@ LEVEL_TAGS = ("lw.perturbation.p", "lw.perturbation.T", "lw.perturbation.views")
 
 
 def _sweep_of(parent: str | None, experiment: str, uri: str | None):
-    from lw.report import latest_parent, open_store
+    from lw.tracking.read import latest_parent, open_store
 
     client = open_store(uri)
     return client, parent or latest_parent(client, experiment)
@@ -41,7 +41,7 @@ def load_sweep(parent: str | None = None, experiment: str = "lw",
     parent: the sweep's parent run id (default: the latest sweep of ``experiment``); uri: the
     tracking URI (default: MLFLOW_TRACKING_URI, else the project's local store). Runs whose
     results cannot be read are left out with a warning naming them."""
-    from lw.report import read_sweep
+    from lw.tracking.read import read_sweep
 
     client, parent = _sweep_of(parent, experiment, uri)
     sweep = read_sweep(client, parent, per_prompt=False)
@@ -72,7 +72,7 @@ def load_runs(parent: str | None = None, experiment: str = "lw",
     """One row per child run of a sweep (any status): run_id, run_name, status, its ``lw.*``
     tags (model, data, perturbation and level, revision, ...) and its single-valued metrics
     (``summary/...``, n_prompts, prompts_per_second, ...), as logged. One paginated search."""
-    from lw.report import children
+    from lw.tracking.read import children
 
     client, parent = _sweep_of(parent, experiment, uri)
     rows = []
@@ -107,7 +107,7 @@ def compose_overrides(overrides: list[str]):
     """conf/ composed with ``overrides`` as ``python -m lw.run`` would (no Hydra folders)."""
     from hydra import compose, initialize_config_dir
 
-    from lw.config import register_configs
+    from lw.config.schema import register_configs
 
     register_configs()
     conf = Path(__file__).resolve().parents[2] / "conf"
@@ -127,8 +127,8 @@ def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("pro
     ``metric__prompt_entropy__alpha=2``, ``extraction__skip_first=1``, ``seed=3``.
     log: also log the job to MLflow as ``python -m lw.run`` does (``tracking__uri=...``);
     by default nothing is logged or written."""
-    from lw.config import validate
-    from lw.job import compute
+    from lw.config.schema import validate
+    from lw.job.stages import compute
 
     loaded = model if isinstance(model, tuple | list) else None
     overrides = [f"metrics=[{','.join(metrics)}]"]
@@ -164,8 +164,8 @@ def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("pro
 
 def _measure_loaded(job, model, tokenizer):
     """lw.job's stages on a model already in memory: its description from the model itself."""
-    from lw.job import forward_stage, measure, plan_job
-    from lw.models import wrap_model
+    from lw.job.stages import forward_stage, measure, plan_job
+    from lw.loading.models import wrap_model
 
     name = str(getattr(model.config, "name_or_path", "") or model.config.model_type)
     vocab = int(model.get_input_embeddings().weight.shape[0])
@@ -181,9 +181,12 @@ def _measure_loaded(job, model, tokenizer):
 
 
 def _log(cfg, job, result, overrides: list[str]) -> None:
-    from lw.identity import job_hash
-    from lw.run import figures_of, run_name
-    from lw.tracking import client_for, log_result, start_job_run
+    from lw.job.identity import job_hash
+    from lw.job.plots import figures_of
+    from lw.sweep.names import run_name
+    from lw.tracking.jobdir import log_result
+    from lw.tracking.runs import start_job_run
+    from lw.tracking.store import client_for
 
     client = client_for(job.tracking)
     name = job.run_name or run_name(job, overrides)

@@ -20,168 +20,10 @@ sweep this runs for the jobs that ran ``cka`` (lw.tracking's parent callback);
 from __future__ import annotations
 
 import argparse
-import itertools
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-from mlflow.entities import Metric
-from omegaconf import OmegaConf
-
-from lw.config import LwConfig, LwError, TrackingConfig
-from lw.metrics.cka import cka_between
-
-
-def job_of_run(client, run) -> LwConfig:
-    """The run's composed config (its ``config/config.yaml`` artifact), validated."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run.info.run_id, "config/config.yaml", tmp)
-        loaded = OmegaConf.load(path)
-    loaded.pop("hydra", None)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LwConfig), loaded))
-
-
-def pooled_of(job: LwConfig) -> torch.Tensor | None:
-    """``(N, L+1, D)`` the job's pooled vectors from the activation cache, or None."""
-    from lw import cache
-    from lw.identity import forward_hash
-
-    found = cache.load(forward_hash(job))
-    return None if found is None else found.prompts.pooled
-
-
-def prompts_key(job: LwConfig) -> str:
-    """What must agree for two jobs to have measured the same prompts: all but the model."""
-    from lw.identity import forward_identity, stable_hash
-
-    return stable_hash({k: v for k, v in forward_identity(job).items() if k != "model"})
-
-
-def prompt_texts(job: LwConfig) -> list[str]:
-    from lw.job import plan_job
-    from lw.models import load_tokenizer
-
-    return plan_job(job, load_tokenizer(job.model)).texts
-
-
-def common_rows(texts_a: list[str], texts_b: list[str]) -> tuple[list[int], list[int]]:
-    """The rows of the prompts both jobs measured, in a's order: tokenizers keep different
-    prompts (``data.min_tokens``) and order them differently."""
-    where: dict[str, list[int]] = {}
-    for row, text in enumerate(texts_b):
-        where.setdefault(text, []).append(row)
-    rows_a, rows_b = [], []
-    for row, text in enumerate(texts_a):
-        if where.get(text):
-            rows_a.append(row)
-            rows_b.append(where[text].pop(0))
-    return rows_a, rows_b
-
-
-def group_label(run_name: str, model: str) -> str:
-    """What tells a sweep's groups of jobs apart, from a run name ("smollm2 skip_first=1"):
-    the name without the model, as a file name."""
-    rest = [part for part in run_name.split() if part != model]
-    return "_".join(rest).replace("/", "-").replace("=", "-") or "jobs"  # a metric name
-
-
-def depth_table(matrix: torch.Tensor) -> pd.DataFrame:
-    rows, cols = matrix.shape
-    depth_a = 100.0 * np.arange(rows) / (rows - 1)
-    depth_b = 100.0 * np.arange(cols) / (cols - 1)
-    table = pd.DataFrame(matrix.numpy(), columns=[f"{d:.1f}" for d in depth_b])
-    table.insert(0, "depth_pct", depth_a)
-    return table
-
-
-def depth_diagonal(matrix: torch.Tensor) -> float:
-    """Mean CKA of each row layer with the column layer at the nearest relative depth."""
-    rows, cols = matrix.shape
-    nearest = np.rint(np.arange(rows) / (rows - 1) * (cols - 1)).astype(int)
-    return float(np.nanmean(matrix.numpy()[np.arange(rows), nearest]))
-
-
-def heat_map(matrix: torch.Tensor, a: str, b: str):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    image = ax.imshow(matrix.numpy(), origin="lower", extent=(0, 100, 0, 100), aspect="auto",
-                      vmin=0, vmax=1, cmap="viridis")
-    ax.set_xlabel(f"{b}: depth %")
-    ax.set_ylabel(f"{a}: depth %")
-    ax.set_title(f"linear CKA, {a} x {b}", fontsize=9)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig
-
-
-def cross_model_cka(client, parent: str, runs: list | None = None, debiased: bool = False,
-                    only_cka: bool = True) -> dict[str, torch.Tensor]:
-    """Every pair of the parent's finished child runs on the same prompts: their CKA matrix on
-    the prompts both measured, logged to the parent run under ``<a>__<b>`` (and, when the
-    sweep holds several groups of such jobs, the rest of the run name: ``__skip_first-1``).
-    ``only_cka``: only jobs that ran the ``cka`` metric."""
-    if runs is None:
-        runs = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    groups: dict[str, list[tuple[str, LwConfig]]] = {}
-    for run in runs:
-        if run.info.status != "FINISHED" or (
-                only_cka and "'cka'" not in run.data.params.get("metrics", "")):
-            continue
-        job = job_of_run(client, run)
-        if only_cka and "cka" not in job.metrics:
-            continue
-        groups.setdefault(prompts_key(job), []).append((run.info.run_name or job.model.name, job))
-    found = {}
-    several = len(groups) > 1
-    for members in groups.values():
-        for (name_a, job_a), (name_b, job_b) in itertools.combinations(members, 2):
-            if job_a.model == job_b.model:
-                continue
-            pooled_a, pooled_b = pooled_of(job_a), pooled_of(job_b)
-            if pooled_a is None or pooled_b is None:
-                print(f"[lw] cross-model CKA {name_a} x {name_b}: no activation-cache entry "
-                      "(run the jobs with extraction.cache=true)", file=sys.stderr)
-                continue
-            texts_a, texts_b = prompt_texts(job_a), prompt_texts(job_b)
-            rows_a, rows_b = common_rows(texts_a, texts_b)
-            if len(rows_a) < 4:
-                print(f"[lw] cross-model CKA {name_a} x {name_b}: {len(rows_a)} prompts "
-                      "measured by both (CKA needs 4): skipped", file=sys.stderr)
-                continue
-            if len(rows_a) < max(len(texts_a), len(texts_b)):
-                print(f"[lw] cross-model CKA {name_a} x {name_b}: on the {len(rows_a)} prompts "
-                      f"both measured (of {len(texts_a)} and {len(texts_b)}: their tokenizers "
-                      "kept different ones)", file=sys.stderr)
-            matrix = cka_between(pooled_a[rows_a], pooled_b[rows_b], debiased=debiased)
-            a, b = job_a.model.name, job_b.model.name
-            key = f"{a}__{b}" + (f"__{group_label(name_a, a)}" if several else "")
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"{key}.csv"
-                depth_table(matrix).to_csv(path, index=False)
-                client.log_artifact(parent, str(path), artifact_path="cross_cka")
-            client.log_figure(parent, heat_map(matrix, a, b), f"figures/cross_cka_{key}.png")
-            stamp = int(time.time() * 1000)
-            client.log_batch(parent, metrics=[
-                Metric(f"cross_cka/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
-                Metric(f"cross_cka/{key}/n_prompts", float(len(rows_a)), stamp, 0)])
-            found[key] = matrix
-    return found
-
-
-def log_to_parent(client, parent: str, runs: list) -> None:
-    """The sweep's end (lw.tracking): cross-model CKA of the jobs that ran cka; a failure
-    here is said, never fails the sweep."""
-    try:
-        cross_model_cka(client, parent, runs)
-    except Exception as error:  # noqa: BLE001 - an extra on top of finished jobs
-        print(f"[lw] cross-model CKA not logged: {type(error).__name__}: {error}",
-              file=sys.stderr)
+from lw.config.tracking import TrackingConfig
+from lw.errors import LwError
+from lw.sweep.crossmodel import cross_model_cka, depth_diagonal
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--all", action="store_true",
                         help="every job with a cache entry, not only those that ran cka")
     args = parser.parse_args(argv)
-    from lw.tracking import client_for
+    from lw.tracking.store import client_for
 
     try:
         client = client_for(TrackingConfig(uri=args.uri))

@@ -187,7 +187,7 @@ def experiment_link(uri: str, port: int, password: str, name: str | None,
     import urllib.request
     from base64 import b64encode
 
-    from lw.server_app import runs_link
+    from lw.tracking.store import runs_link
 
     pattern = f"{uri}/#/experiments"  # no such experiment yet: the list of them
     if not name:

@@ -14,19 +14,10 @@ from __future__ import annotations
 
 import sys
 
-RUNS_VIEW = "?workflowType=machine_learning"  # the UI's "Model training" view: the runs
-LOCAL_UI = "http://127.0.0.1:5000"            # `make ui`'s address for the local store
 WORKFLOW_KEY = "mlflow.workflowType_v1"
 DEFAULT_VIEW = (f'<script>try{{if(!localStorage.getItem("{WORKFLOW_KEY}"))'
                 f'localStorage.setItem("{WORKFLOW_KEY}",JSON.stringify("machine_learning"))}}'
                 "catch(e){}</script>")
-
-
-def runs_link(uri: str, experiment: str) -> str:
-    """The MLflow UI's runs view of an experiment: on the server itself, or `make ui`'s for a
-    local store."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment}{RUNS_VIEW}"
 
 
 def index_page() -> str:

@@ -19,17 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from lw.config import LwError, TrackingConfig
-from lw.resume import HASH_TAG
-from lw.tracking import (
-    PARENT_ENV,
-    RUN_FILE,
-    client_for,
-    experiment_id,
-    read_record,
-    upload_job,
-    write_record,
-)
+from lw.config.tracking import TrackingConfig
+from lw.errors import LwError
+from lw.tracking.jobdir import RUN_FILE, read_record, upload_job, write_record
+from lw.tracking.resume import HASH_TAG
+from lw.tracking.runs import PARENT_ENV
+from lw.tracking.store import client_for, experiment_id
 
 SYNCED_TAG = "lw.synced_from"
 

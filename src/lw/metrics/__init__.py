@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from lw.metrics import registry
-from lw.metrics.products import token_products
+from lw.metrics.functional.products import token_products
 from lw.metrics.registry import token_products_needed, views_needed
 
 

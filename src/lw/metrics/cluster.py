@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lw.metrics.downstream import cluster
+from lw.metrics.functional.downstream import cluster
 from lw.metrics.registry import Metric, Output
 
 
@@ -13,7 +13,7 @@ def _compute(inputs) -> Output:
 
 def _check_plan(job, tokenizer, plan) -> None:
     """The classes the labels give, checked before the model loads."""
-    from lw.metrics.downstream import check_labels
+    from lw.metrics.functional.downstream import check_labels
 
     if plan.labels is not None:
         check_labels(plan.labels, None, True)

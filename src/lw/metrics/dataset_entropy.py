@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lw.errors import check
-from lw.metrics.entropy import dataset_entropy
+from lw.metrics.functional.entropy import dataset_entropy
 from lw.metrics.registry import Metric, Output
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lw.errors import check
-from lw.metrics.intrinsic import twonn
+from lw.metrics.functional.intrinsic import twonn
 from lw.metrics.registry import Metric, Output
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lw.errors import check
+from lw.metrics.functional.views import lidar
 from lw.metrics.registry import Metric, Output
-from lw.metrics.views import lidar
 
 
 @dataclass

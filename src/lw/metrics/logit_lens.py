@@ -94,12 +94,10 @@ def _final_norm(model):
 
 
 def _token_fn(job, loaded, wanted: list[str]):
-    from lw.answers import output_embedding
-
     model = loaded.model
     module = _final_norm(model)
     dtype = next(module.parameters()).dtype
-    head = output_embedding(model)
+    head = loaded.output_embedding()
 
     def batch_products(hidden: Tensor, kept: Tensor, ids: Tensor) -> dict[str, Tensor]:
         device = hidden.device

@@ -11,7 +11,12 @@ import pandas as pd
 import torch
 
 from lw.errors import LwError, check
-from lw.metrics.choice import answer_logprobs, choice_correct, subject_correlations, subject_means
+from lw.metrics.functional.choice import (
+    answer_logprobs,
+    choice_correct,
+    subject_correlations,
+    subject_means,
+)
 from lw.metrics.registry import Metric, Output
 
 
@@ -39,7 +44,7 @@ def _check(job) -> None:
 
 def _check_plan(job, tokenizer, plan) -> None:
     """Fails before the model loads when an answer letter is not one token."""
-    from lw.answers import letter_ids
+    from lw.metrics.functional.choice import letter_ids
 
     letter_ids(tokenizer, max(q.n_choices for q in plan.questions))
 
@@ -65,7 +70,7 @@ def _metric_key(name: str) -> str:
 
 
 def _compute(inputs) -> Output:
-    from lw.answers import letter_ids
+    from lw.metrics.functional.choice import letter_ids
     from lw.metrics.prompt_entropy import headline
 
     questions = inputs.questions
@@ -91,8 +96,6 @@ def _compute(inputs) -> Output:
     layers = scatter_layers(table, inputs.knobs.layers)
 
     def scatters(result, title: str) -> dict:
-        from lw.plots import subject_scatters
-
         return subject_scatters(result.per_prompt, result.table, layers, title=title)
 
     return Output(per_layer=per_layer, columns=columns, summary=summary,
@@ -107,3 +110,32 @@ METRIC = Metric(
     products=lambda job: ["final_state/last"], check=_check, check_plan=_check_plan,
     description="zero-shot multiple-choice accuracy, and its per-subject correlation with "
                 "prompt entropy")
+
+def subject_scatters(per_prompt: pd.DataFrame, table: pd.DataFrame, layers: list[int],
+                     column: str = "prompt_entropy/max",
+                     title: str = "") -> dict:
+    """The papers' Figs. 5-6: per layer, one point per subject, its prompts' mean ``column``
+    against its accuracy (``mc/correct``), titled with the layer's Pearson r and Spearman rho.
+    Returns ``{"mc_scatter_layer_<l>": figure}`` for each of ``layers``."""
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    by_layer = table.set_index("layer")
+    for layer in layers:
+        rows = per_prompt[per_prompt["layer"] == layer]
+        subjects = rows.groupby("subject").agg(entropy=(column, "mean"),
+                                               accuracy=("mc/correct", "mean"))
+        fig, ax = plt.subplots(figsize=(4.2, 3.4))
+        ax.scatter(subjects["entropy"], subjects["accuracy"], s=14, alpha=0.8)
+        row = by_layer.loc[layer]
+        ax.set_title(f"{title} layer {layer}\nPearson r={row['mc/pearson']:.2f} "
+                     f"(p={row['mc/pearson_pvalue']:.2g}), Spearman "
+                     f"rho={row['mc/spearman']:.2f}", fontsize=8)
+        ax.set_xlabel(f"subject mean {column}", fontsize=8)
+        ax.set_ylabel("subject accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+        # fixed margins (0.6, 0.15, 0.5, 0.6 in), not tight_layout: see lw.job.plots
+        fig.subplots_adjust(left=0.6 / 4.2, right=1 - 0.15 / 4.2, bottom=0.5 / 3.4,
+                            top=1 - 0.6 / 3.4)
+        figures[f"mc_scatter_layer_{layer:02d}"] = fig
+    return figures

@@ -23,17 +23,7 @@ def _check(job) -> None:
 
 
 def _compute(inputs) -> Output:
-    from lw.encoder import LayerwiseEncoder, run_mteb
-    from lw.identity import embedding_hash
-    from lw.models import PROJECT_ROOT
-
-    job = inputs.job
-    encoder = LayerwiseEncoder(inputs.model(), batch_size=job.extraction.batch_size,
-                               max_tokens=job.data.max_tokens,
-                               skip_first=job.extraction.skip_first, device=inputs.device,
-                               pooling=job.extraction.pooling, identity=embedding_hash(job))
-    folder = inputs.knobs.output_folder or PROJECT_ROOT / "mteb-results"
-    frame = run_mteb(encoder, list(inputs.knobs.tasks), output_folder=folder)
+    frame = inputs.mteb(list(inputs.knobs.tasks), inputs.knobs.output_folder)
     curves = frame.pivot(index="layer", columns="task", values="main_score").sort_index()
     values = {f"mteb/{task}": torch.tensor(curves[task].to_numpy()) for task in curves}
     values["mteb/mean"] = torch.tensor(curves.mean(axis=1).to_numpy())

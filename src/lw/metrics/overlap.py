@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lw.errors import check
-from lw.metrics.correlation import correlations
+from lw.metrics.functional.correlation import correlations
 from lw.metrics.registry import Metric, Output
 
 BIMODAL_P = 0.05  # dip test p-value below which a layer's entropies count as two modes
@@ -99,11 +99,10 @@ class OverlapKnobs:
 def _compute(inputs) -> Output:
     """Each prompt's BM25 overlap with the corpus and, per layer, how it tracks prompt entropy
     (correlations; mean overlap per entropy mode where the dip test says bimodal)."""
-    from lw.data import corpus_texts
     from lw.metrics.prompt_entropy import headline
 
     o = inputs.knobs
-    corpus = corpus_texts(o.corpus, o.text_field)
+    corpus = inputs.corpus(o.corpus, o.text_field)
     overlap = bm25_overlap(inputs.texts, corpus, k=o.k, k1=o.k1, b=o.b)
     entropy = inputs.values[headline(inputs.job)]
     # the dip metric's p-values (it runs first: overlap uses it), not a second dip test

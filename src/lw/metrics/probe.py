@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lw.errors import check
-from lw.metrics.downstream import probe
+from lw.metrics.functional.downstream import probe
 from lw.metrics.registry import Metric, Output
 
 
@@ -29,7 +29,7 @@ def _compute(inputs) -> Output:
 
 def _check_plan(job, tokenizer, plan) -> None:
     """The classes the labels give, checked before the model loads."""
-    from lw.metrics.downstream import check_labels
+    from lw.metrics.functional.downstream import check_labels
 
     if plan.labels is not None:
         check_labels(plan.labels, job.metric.probe.folds, False)

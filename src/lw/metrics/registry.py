@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lw.errors import ConfigError, LwError, check, one_of
-from lw.metrics.entropy import COMPAT_MODES, NORMALIZATIONS
+from lw.metrics.functional.entropy import COMPAT_MODES, NORMALIZATIONS
 
 # What a metric can need beside the job's config. "tokens": per-prompt products computed from
 # the token states inside the forward pass (its ``products``); "pooled": one vector per prompt
@@ -70,17 +70,19 @@ class Inputs:
     questions: list | None = None     # lw.data.Question per prompt (multiple-choice data)
     generator: torch.Generator | None = None
     device: torch.device | None = None
-    load_model: Callable[[], Any] | None = None  # -> lw.models.LoadedModel (loaded once)
+    load_model: Callable[[], Any] | None = None  # -> lw.loading.models.LoadedModel (once)
+    # "corpus": (corpus option, text field) -> its texts (lw.loading.prompts.corpus_texts)
+    corpus: Callable[[str, str], list[str]] | None = None
+    # "model" for MTEB: (tasks, output folder or None) -> a frame of layer, task, main_score
+    mteb: Callable[[list[str], str | None], Any] | None = None
 
     def model(self):
         """The loaded model (loaded now on an activation-cache hit)."""
         return self.load_model()
 
     def output_embedding(self) -> torch.Tensor:
-        """``(V, D)`` the model's LM head (see lw.answers)."""
-        from lw.answers import output_embedding
-
-        return output_embedding(self.model().model)
+        """``(V, D)`` the model's LM head (lw.loading.answers)."""
+        return self.model().output_embedding()
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,7 @@ def token_products_needed(job) -> list[str]:
 def token_functions(job, loaded, wanted: list[str]) -> dict:
     """The functions the forward pass runs on every batch to compute ``wanted``: the shared
     ones (lw.metrics.products) and those of metrics with in-pass products of their own."""
-    from lw.metrics.products import token_products
+    from lw.metrics.functional.products import token_products
 
     own = {m.name: m for m in every().values() if m.token_fn is not None}
     mine = {name: [w for w in wanted if w.split("/")[0] == name] for name in own}

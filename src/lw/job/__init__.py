@@ -1,0 +1,3 @@
+"""The job: stages (plan -> forward -> measure), extraction, the encoder, ranks, the activation
+cache, perturbations, results, identity and figures. Knows nothing of tracking."""
+

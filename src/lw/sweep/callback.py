@@ -1,0 +1,212 @@
+"""The sweep's Hydra callback: one parent run holds the jobs as children, failures reported by
+jobs wherever they ran are gathered, and the sweep exits 1 when any job failed."""
+
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lw.errors import LwError
+from lw.sweep.names import sweep_name
+from lw.tracking.health import fail_run
+from lw.tracking.resume import SWEEP_PID_ENV, Heartbeat, owner_tags, reap
+from lw.tracking.runs import (
+    PARAM_LIMIT,
+    PARENT_ENV,
+    SWEEP_MODELS_ENV,
+    SWEEP_VARIES_ENV,
+    git_commit,
+    lw_version,
+    source_tags,
+)
+from lw.tracking.store import _tracking, client_for, experiment_id, runs_link, tracking_uri
+
+
+def sweep_values(config: DictConfig) -> dict[str, list[str]]:
+    """The sweep's varied overrides, key -> values (command line and the sweeper's params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = list(config.hydra.overrides.task)
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    lines += [f"{key}={value}" for key, value in params.items()]
+    varied: dict[str, list[str]] = {}
+    parser = OverridesParser.create()
+    for line in lines:
+        try:  # names only: a sweep form without a list of values (interval) is left out
+            override = parser.parse_override(line)
+            if override.is_sweep_override():
+                key = override.get_key_element().lstrip("+~")
+                varied[key] = [str(v) for v in override.sweep_string_iterator()]
+        except Exception:  # noqa: BLE001, S112
+            continue
+    return varied
+
+
+
+# Jobs of this sweep that failed, kept in the process (Hydra's basic launcher runs every job
+# here), so that the exit status is right even when MLflow itself was what failed.
+FAILED_JOBS: list[str] = []
+
+
+
+# The same, and the jobs skipped as already done, as files in each job's folder: jobs of the
+# joblib and submitit launchers run in other processes (or on other machines).
+FAILED_FILE, SKIPPED_FILE = "lw_failed.txt", "lw_skipped.txt"
+
+
+
+def record_failure(line: str, output_dir: str | Path) -> None:
+    FAILED_JOBS.append(line)
+    try:
+        (Path(output_dir) / FAILED_FILE).write_text(line + "\n")
+    except OSError:  # a read-only or full folder: this process still counts it
+        pass
+
+
+
+def _close_parent_at_exit(config: DictConfig) -> None:
+    """A sweep that stopped before on_multirun_end (Hydra calls it only when every job could
+    be launched: a read-only sweep folder stops it earlier) leaves its parent FAILED, not
+    RUNNING."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None:
+        return
+    while _PARENT_HEARTBEAT:
+        _PARENT_HEARTBEAT.pop().stop()
+    tracking = _tracking(config)
+    try:
+        client = client_for(tracking)
+        error = RuntimeError("the sweep stopped before all its jobs were launched and "
+                             "reported (see its output)")
+        fail_run(client, parent, error, tracking_uri(tracking), None)
+    except Exception:  # noqa: BLE001 - at exit: the store is what failed
+        pass
+
+
+
+def _job_files(sweep_dir: str, name: str) -> list[str]:
+    return sorted(p.read_text().strip() for p in Path(sweep_dir).rglob(name))
+
+
+
+# The sweep's parent run's heartbeat (lw.resume), from on_multirun_start to on_multirun_end.
+_PARENT_HEARTBEAT: list[Heartbeat] = []
+
+
+
+class ParentRunCallback(Callback):
+    """Under ``-m``, one parent run holds the sweep's jobs as children; the sweep exits 1 when
+    any job failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from lw.job.distributed import current_ranks
+
+        if not current_ranks().is_main:  # one parent per sweep, however many ranks
+            return
+        sweep_dir = str(config.hydra.sweep.dir)
+        for name in (FAILED_FILE, SKIPPED_FILE):  # a re-run into the same sweep folder
+            for old in Path(sweep_dir).rglob(name):
+                old.unlink()
+        tracking = _tracking(config)
+        client = client_for(tracking)
+        experiment = experiment_id(client, tracking)
+        # a killed earlier sweep's parent and children: KILLED, not RUNNING forever
+        reap(client, experiment, f"sweep {sweep_dir}")
+        varied = sweep_values(config)
+        os.environ[SWEEP_MODELS_ENV] = ",".join(varied.get("model", []))
+        os.environ[SWEEP_VARIES_ENV] = ",".join(varied)
+        run = client.create_run(
+            experiment, run_name=sweep_name(varied, Path(sweep_dir).name),
+            tags={"lw.sweep_dir": sweep_dir, "lw.git_commit": git_commit(),
+                  "lw.version": lw_version(), **owner_tags(), **source_tags(client.tracking_uri),
+                  "lw.overrides": " ".join(config.hydra.overrides.task)[:PARAM_LIMIT]})
+        os.environ[PARENT_ENV] = run.info.run_id
+        os.environ[SWEEP_PID_ENV] = str(os.getpid())  # its workers die with it (lw.resume)
+        print(f"[lw] sweep {run.info.run_id} started; its runs: "
+              f"{runs_link(client.tracking_uri, experiment)}", flush=True)
+        _PARENT_HEARTBEAT.append(Heartbeat(client, run.info.run_id).start())
+        import atexit
+
+        atexit.register(_close_parent_at_exit, config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from lw.job.distributed import current_ranks
+
+        parent = os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(SWEEP_MODELS_ENV, None)
+        os.environ.pop(SWEEP_VARIES_ENV, None)
+        while _PARENT_HEARTBEAT:
+            _PARENT_HEARTBEAT.pop().stop()
+        failed_here, FAILED_JOBS[:] = list(FAILED_JOBS), []
+        if not current_ranks().is_main:  # rank 0 reports; the others share its exit status
+            if failed_here:
+                raise SystemExit(1)
+            return
+        # what the jobs reported, wherever they ran (this process, joblib workers, submitit)
+        sweep_dir = str(config.hydra.sweep.dir)
+        failed_here = sorted(set(failed_here) | set(_job_files(sweep_dir, FAILED_FILE)))
+        skipped = _job_files(sweep_dir, SKIPPED_FILE)
+        try:
+            if parent is None:
+                raise LwError("no parent run")
+            client = client_for(_tracking(config))
+            children = client.search_runs(
+                [client.get_run(parent).info.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
+            # KILLED: its process was killed (scancel, a lost node: hydra_plugins.lw_launchers)
+            failed = [r for r in children if r.info.status in ("FAILED", "KILLED")]
+            # what the store holds: a run left RUNNING (its server died) is not finished
+            unfinished = [r for r in children
+                          if r.info.status not in ("FAILED", "KILLED", "FINISHED")]
+            finished = len(children) - len(failed) - len(unfinished)
+            client.set_tag(parent, "lw.jobs", str(len(children)))
+            client.set_tag(parent, "lw.failed_jobs", str(len(failed) + len(unfinished)))
+            client.set_tag(parent, "lw.skipped_jobs", str(len(skipped)))
+            from lw.sweep.crossmodel import log_to_parent
+
+            log_to_parent(client, parent, children)
+            nothing_done = not finished and not skipped
+            client.set_terminated(parent, "FAILED" if nothing_done and (children or failed_here)
+                                  else "FINISHED")
+        except Exception:  # noqa: BLE001 - tracking is what failed: say what the jobs reported
+            for line in failed_here:
+                print(f"[lw] FAILED job {line}")
+            print(folders_line(sweep_dir, store_failed=True))
+            if failed_here:
+                raise SystemExit(1) from None
+            return
+        # jobs that failed before their run was opened (a bad value, a task killed before
+        # it opened one) have no child run: their lines ("#<n> <overrides>: ...") say it
+        covered = tuple(r.data.tags.get("lw.overrides", "") + ": " for r in failed + unfinished)
+        uncovered = [line for line in failed_here
+                     if not (covered and line.partition(" ")[2].startswith(covered))]
+        total = len(children) + len(uncovered)
+        elsewhere = [line for line in skipped if ": RUNNING in run" in line]  # lw.run
+        print(f"[lw] sweep done: {finished} of {total} jobs "
+              f"finished, {len(skipped) - len(elsewhere)} skipped (already FINISHED), "
+              + (f"{len(elsewhere)} left to the launch running them, " if elsewhere else "")
+              + f"MLflow parent run {parent} in {tracking_uri(_tracking(config))}; its runs: "
+              f"{runs_link(client.tracking_uri, client.get_run(parent).info.experiment_id)}")
+        for run in failed + unfinished:
+            print(f"[lw] FAILED {run.info.run_name}: "
+                  f"{run.data.tags.get('lw.error', run.info.status)}")
+        for line in uncovered:
+            print(f"[lw] FAILED job {line}")
+        print(folders_line(sweep_dir, store_failed=bool(unfinished)))
+        if failed or failed_here or unfinished:
+            raise SystemExit(1)
+
+
+
+def folders_line(sweep_dir: str, store_failed: bool) -> str:
+    """The sweep's last line: where every job's files are (and how to log them later)."""
+    line = f"[lw] every job's files (results/, figures/, config/) are in {sweep_dir}/<job #>/"
+    if store_failed:
+        line += (f"; the store lacks some: `python -m lw.sync {sweep_dir}` logs those once the "
+                 "server is back")
+    return line

@@ -1,0 +1,141 @@
+"""Reading runs back: the store, a sweep's parent and children, their results tables."""
+
+
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from lw.config.tracking import TrackingConfig
+from lw.errors import LwError
+from lw.tracking.store import client_for
+
+
+def open_store(uri: str | None = None):
+    """An MlflowClient on the store to read: ``uri``, else ``MLFLOW_TRACKING_URI`` (as every
+    MLflow tool), else the project's local store. A reader never creates a store: a SQLite file
+    that does not exist is an error naming it."""
+    from lw.loading.paths import PROJECT_ROOT
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") \
+        or f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise LwError(f"no MLflow store at {uri}: pass --uri (uri=) or set "
+                      "MLFLOW_TRACKING_URI to the store the sweep logged to")
+    return client_for(TrackingConfig(uri=uri))
+
+
+
+def latest_parent(client, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise LwError(f"tracking.experiment={experiment!r} does not exist in this store")
+    runs = client.search_runs([found.experiment_id], filter_string="tags.lw.jobs != ''",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise LwError(f"experiment {experiment!r} has no finished sweep (parent run)")
+    return runs[0].info.run_id
+
+
+
+@dataclass
+class SweepResults:
+    runs: list                              # the finished child runs read (MLflow Run objects)
+    curves: pd.DataFrame                    # long: run tags, run_id, run_name, metric, layer,
+    #                                         depth_pct, value
+    per_prompt: dict[str, pd.DataFrame]     # run_id -> per-prompt rows (prompt, layer, ...)
+    tables: dict[str, pd.DataFrame]         # run_id -> per-layer table
+    missing: list[str] = field(default_factory=list)  # "run name: what could not be read"
+
+
+
+def children(client, parent: str) -> list:
+    """Every child run of ``parent``, page by page (a search returns 1,000 at most)."""
+    experiment = client.get_run(parent).info.experiment_id
+    found, token = [], None
+    while True:
+        page = client.search_runs([experiment],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                  max_results=1000, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
+
+def finished_children(client, parent: str) -> list:
+    return [r for r in children(client, parent) if r.info.status == "FINISHED"]
+
+
+
+def read_sweep(client, parent: str, per_prompt: bool = True) -> SweepResults:
+    """Every finished child's per-layer table (and per-prompt values) from its ``results/``
+    artifacts: one paginated search, then one download per run, 8 at a time. A run whose
+    files cannot be read (an upload that failed) is named in ``missing``, not fatal."""
+    runs = finished_children(client, parent)
+    if not runs:
+        raise LwError(f"sweep {parent} has no finished child run")
+    from mlflow.artifacts import download_artifacts
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
+    files = ["table.csv", *(["per_prompt.parquet"] if per_prompt else [])]
+
+    def fetch(run) -> dict[str, pd.DataFrame | str]:
+        got: dict[str, pd.DataFrame | str] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in files:
+                try:
+                    # from the run's artifact URI (in the search result): no run lookup
+                    local = download_artifacts(artifact_uri=f"{run.info.artifact_uri}/results/"
+                                               f"{name}", dst_path=tmp,
+                                               tracking_uri=client.tracking_uri)
+                    got[name] = (pd.read_csv(local) if name.endswith(".csv")
+                                 else pd.read_parquet(local))
+                except Exception as error:  # noqa: BLE001 - named in the report instead
+                    got[name] = f"results/{name} unreadable ({str(error).splitlines()[0]})"
+        return got
+
+    with ThreadPoolExecutor(8) as pool:
+        fetched = list(pool.map(fetch, runs))
+    prompts, tables, read, missing = {}, {}, [], []
+    for run, got in zip(runs, fetched, strict=True):
+        missing += [f"{run.info.run_name} ({run.info.run_id}): {v}" for v in got.values()
+                    if isinstance(v, str)]
+        if isinstance(got["table.csv"], str):
+            continue
+        tables[run.info.run_id] = got["table.csv"]
+        read.append(run)
+        if per_prompt and not isinstance(got["per_prompt.parquet"], str):
+            prompts[run.info.run_id] = got["per_prompt.parquet"]
+    if not read:
+        raise LwError(f"no finished child run of sweep {parent} has readable results: "
+                      + "; ".join(missing[:3]))
+    # one melt per set of columns and one join for the whole sweep (per run, they cost more
+    # than the reading); a run's NaN layers stay, columns it did not log do not appear
+    same_columns: dict[tuple, list[pd.DataFrame]] = {}
+    for run_id, table in tables.items():
+        same_columns.setdefault(tuple(table.columns), []).append(table.assign(run_id=run_id))
+    long = pd.concat([pd.concat(group, ignore_index=True).melt(
+        id_vars=["run_id", "layer", "depth_pct"], var_name="metric", value_name="value")
+        for group in same_columns.values()], ignore_index=True)
+    about = pd.DataFrame([{"run_id": r.info.run_id, "run_name": r.info.run_name,
+                           **{k: v for k, v in r.data.tags.items() if k.startswith("lw.")}}
+                          for r in read])
+    curves = long.merge(about, on="run_id", how="left")
+    return SweepResults(read, curves, prompts, tables, missing)
+
+
+
+def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
+    """Long rows, one per (child run, metric, layer): run tags, layer, depth_pct, value."""
+    curves = read_sweep(client, parent, per_prompt=False).curves
+    rows = curves[curves["metric"].isin(metrics)]
+    if rows.empty:
+        raise LwError(f"no finished child run of {parent} logged {', '.join(metrics)}")
+    return rows.reset_index(drop=True)
