@@ -53,7 +53,8 @@ def postgres():
     """A PostgreSQL cluster on a free port, its socket in a temp folder, no TCP listener;
     yields a function making a database and returning its SQLAlchemy URI."""
     if not INITDB:
-        pytest.skip("no PostgreSQL installed (no /usr/lib/postgresql/*/bin/initdb)")
+        pytest.skip("no PostgreSQL installed (no /usr/lib/postgresql/*/bin/initdb): "
+                    "apt-get install postgresql-15 (or postgresql, on Debian 12)")
     bin_dir = INITDB[-1].parent
     folder = private_folder("lw-pg-", owner=NOBODY)
     port = free_port()
