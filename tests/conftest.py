@@ -77,6 +77,17 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def without_privileges(command: list[str]) -> list[str]:
+    """``command`` bound by file modes as any user is. Under root: root stripped of every
+    capability (setpriv), so it cannot write or open what the modes keep from their owner or
+    from others, and still reads what root owns: PYTHON, the venv and src wherever the clone
+    lies (uid nobody cannot, in a clone inside a mode-700 folder). Otherwise as it is."""
+    if os.geteuid() != 0:
+        return command
+    return ["setpriv", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", *command]
+
+
 def group_options(group: str) -> list[str]:
     """The options of a config group, discovered from its folder (new files are covered)."""
     folder = CONF / group

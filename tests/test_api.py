@@ -99,9 +99,9 @@ def test_measure_a_model_option_and_the_same_model_loaded_agree():
 
 
 def test_measure_names_a_bad_knob():
-    from lw.errors import LwError
+    from lw.errors import ConfigError, LwError
 
-    with pytest.raises(Exception, match="n_prompts") as raised:
+    with pytest.raises(ConfigError) as raised:
         lw.measure("tiny-pythia", "wiki-vital", data__n_prompts=-5)
-    assert raised.type.__name__ in ("ConfigError", "LwError", "ValidationError") or \
-        isinstance(raised.value, LwError)
+    assert raised.type is ConfigError and issubclass(raised.type, LwError)  # shown as one line
+    assert str(raised.value) == "data.n_prompts=-5: must be >= 1"  # the value and the range

@@ -7,6 +7,7 @@ Each case is a real `python -m lw.run` on a tiny model; the cases run two at a t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,12 +96,18 @@ WARNINGS = {"1-prompt file": "only 1 prompt, so dataset_entropy, dip will be NaN
             "32 identical prompts": "all 32 prompts are the same tokens, so dataset_entropy, dip"}
 
 
-def read_only_folder(tmp: Path) -> Path | None:
-    """A folder even root cannot write to (immutable), or None where chattr cannot do it."""
+def read_only_folder(tmp: Path) -> tuple[Path | None, str]:
+    """A folder even root cannot write to (immutable), or None and why chattr cannot make it."""
     folder = tmp / "read-only"
     folder.mkdir()
-    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
-    return folder if done.returncode == 0 else None
+    if shutil.which("chattr") is None:
+        return None, "chattr is not installed (apt-get install e2fsprogs)"
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        said = " ".join(done.stderr.split())
+        return None, (f"`chattr +i` failed: {said} (it needs root and a file system with "
+                      "immutable files, such as ext4)")
+    return folder, ""
 
 
 def run_case(tmp: Path, ro: Path | None, name: str) -> subprocess.CompletedProcess | None:
@@ -126,7 +133,7 @@ def run_case(tmp: Path, ro: Path | None, name: str) -> subprocess.CompletedProce
 def outcomes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad-input")
     write_files(tmp)
-    ro = read_only_folder(tmp)
+    ro, why = read_only_folder(tmp)
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
             done = dict(zip(CASES, pool.map(lambda name: run_case(tmp, ro, name), CASES),
@@ -134,15 +141,14 @@ def outcomes(tmp_path_factory):
     finally:
         if ro is not None:
             subprocess.run(["chattr", "-i", str(ro)], check=True)
-    return {"tmp": tmp, "ro": ro, "done": done}
+    return {"tmp": tmp, "ro": ro, "why": why, "done": done}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_ends_in_one_line(outcomes, name):
     done = outcomes["done"][name]
     if done is None:
-        pytest.skip("needs `chattr +i` (root on a file system with immutable files) to make a "
-                    "folder root cannot write to")
+        pytest.skip(f"no folder root cannot write to: {outcomes['why']}")
     _, said, early = CASES[name]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("[lw] error")]
@@ -176,17 +182,23 @@ FULL_DISKS = {"32 KiB": "32k", "200 KiB": "200k", "480 KiB": "480k"}
 @pytest.fixture(scope="module")
 def full_disks(tmp_path_factory):
     """A real full disk: a tmpfs of each size (mounting needs root) holding the job's folder
-    and its artifacts; the store (SQLite) beside it, so the run's status can be written."""
+    and its artifacts; the store (SQLite) beside it, so the run's status can be written.
+    Or a str: why no tmpfs could be mounted."""
     tmp = tmp_path_factory.mktemp("full-disk")
     write_files(tmp)
+    if shutil.which("mount") is None:
+        return "mount is not installed (apt-get install mount)"
     done, mounted = {}, []
     try:
         for name, size in FULL_DISKS.items():
             disk = tmp / f"disk-{size}"
             disk.mkdir()
-            if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
-                              capture_output=True).returncode != 0:
-                return None
+            mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                    str(disk)], capture_output=True, text=True)
+            if mount.returncode != 0:
+                said = " ".join(mount.stderr.split())
+                return (f"`mount -t tmpfs` failed: {said} (it needs root, with CAP_SYS_ADMIN "
+                        "in a container)")
             mounted.append(disk)
             store = tmp / f"store-{size}"
             store.mkdir()
@@ -205,8 +217,8 @@ def full_disks(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(FULL_DISKS))
 def test_a_full_disk_is_one_line_and_no_run_is_left_running(full_disks, name):
-    if full_disks is None:
-        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    if isinstance(full_disks, str):
+        pytest.skip(f"no small tmpfs (a real full disk): {full_disks}")
     store, done = full_disks[name]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("[lw] error")]

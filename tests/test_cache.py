@@ -6,7 +6,6 @@ model loads."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,9 +39,18 @@ def no_model(*args, **kwargs):
     raise AssertionError("the model was loaded")
 
 
+# Tables from forward passes batched differently: another metric.lidar.J batches the view
+# prompts otherwise (a cached J=3 pass serves a J=2 job), the workers below run one thread.
+# float32 matmul kernels block, and so sum, by the batch's shape and thread count: hidden
+# states agree to a few ulps (float32 eps 1.2e-7), a metric of them to that times its
+# conditioning (seen: 4e-7 relative on some CPUs; one ulp on every weight of minilm moves
+# dip/pvalue by 4.5e-6 relative). 1e-5 is ~80 float32 ulps.
+RTOL = 1e-5
+
+
 def assert_same_table(a, b):
     assert list(a.columns) == list(b.columns)
-    np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), rtol=1e-9, atol=1e-12,
+    np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), rtol=RTOL, atol=1e-12,
                                equal_nan=True)
 
 
@@ -177,26 +185,19 @@ def test_bad_cache_settings_fail_before_the_model_loads(tmp_path, job_args, monk
 
 
 def test_a_read_only_cache_folder_is_one_error_line(tmp_path):
-    """As an unprivileged user (root writes anywhere): a folder it may not write."""
-    import os
+    """A folder its user may not write (under root: root without capabilities, which writes
+    anywhere otherwise)."""
     import subprocess
-    import tempfile
 
-    from conftest import PYTHON, cli_env
+    from conftest import PYTHON, cli_env, without_privileges
 
-    if os.geteuid() == 0:
-        folder = Path(tempfile.mkdtemp(prefix="lw-ro-cache-"))  # root's, mode 755
-        folder.chmod(0o755)
-        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    else:
-        folder = tmp_path / "ro"
-        folder.mkdir(mode=0o555)
-        command = []
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
     code = ("from lw import cache, config\n"
             "try:\n    cache.check()\n"
             "except config.LwError as error:\n    print(f'[lw] error: {error}')\n")
-    done = subprocess.run([*command, str(PYTHON), "-c", code], capture_output=True, text=True,
-                          env=cli_env(LW_CACHE_DIR=str(folder)), timeout=300, cwd="/")
+    done = subprocess.run(without_privileges([str(PYTHON), "-c", code]), capture_output=True,
+                          text=True, env=cli_env(LW_CACHE_DIR=str(folder)), timeout=300, cwd="/")
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert len(lines) == 1 and lines[0].startswith(f"[lw] error: LW_CACHE_DIR={folder}: "), lines
@@ -249,7 +250,6 @@ def test_stale_temporary_folders_go_and_young_ones_count(cache_home, monkeypatch
 
 WORKER = """
 import json, sys, time
-from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import compose_job
 from lw.job import compute

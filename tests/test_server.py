@@ -23,14 +23,14 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import PYTHON, cli_env, free_port, wiki_records
+from conftest import PYTHON, cli_env, free_port, wiki_records, without_privileges
 
 ADMIN_PW = "admin-Secret-4711-xyz"
 ALICE_PW = "alice-Secret-0815-abc"
 BOB_PW = "bob-Secret-2342-qrs"
 SECRETS = (ADMIN_PW, ALICE_PW, BOB_PW)
 INITDB = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-NOBODY = 65534  # the unprivileged uid PostgreSQL (and the teammate's reader) run as under root
+NOBODY = 65534  # the unprivileged uid PostgreSQL runs as under root
 
 
 def as_unprivileged(command: list[str]) -> list[str]:
@@ -53,7 +53,8 @@ def postgres():
     """A PostgreSQL cluster on a free port, its socket in a temp folder, no TCP listener;
     yields a function making a database and returning its SQLAlchemy URI."""
     if not INITDB:
-        pytest.skip("no PostgreSQL installed (no /usr/lib/postgresql/*/bin/initdb)")
+        pytest.skip("no PostgreSQL installed (no /usr/lib/postgresql/*/bin/initdb): "
+                    "apt-get install postgresql-15 (or postgresql, on Debian 12)")
     bin_dir = INITDB[-1].parent
     folder = private_folder("lw-pg-", owner=NOBODY)
     port = free_port()
@@ -164,7 +165,9 @@ def sweep(tmp: Path, uri: str, *overrides: str, user=("alice", ALICE_PW),
 def team(postgres, tmp_path_factory):
     """A team server on PostgreSQL (users see only what they are granted), admin-made users
     alice and bob, and a 2-job sweep logged by alice; bob is then granted READ on it."""
-    folder = private_folder("lw-server-")  # root-only: a teammate cannot read its artifacts
+    # another user's, mode 700: the teammate's reader (root without capabilities under root)
+    # cannot open the artifacts there; the server (root) can
+    folder = private_folder("lw-server-", owner=NOBODY)
     server = Server(postgres("team"), folder, "--default-permission", "NO_PERMISSIONS")
     server.add_user("alice", ALICE_PW)
     server.add_user("bob", BOB_PW)
@@ -180,8 +183,14 @@ def team(postgres, tmp_path_factory):
 
 
 READER = """
-import json, sys, tempfile
+import json, os, sys, tempfile
 from mlflow.tracking import MlflowClient
+if len(sys.argv) > 2:  # the server's folder: this process must not open it
+    try:
+        os.listdir(sys.argv[2])
+        sys.exit("the teammate's process can open the server's folder")
+    except PermissionError:
+        pass
 client = MlflowClient(sys.argv[1])
 experiment = client.get_experiment_by_name("lw")
 out = {"experiment": dict(experiment.tags), "runs": []}
@@ -198,20 +207,23 @@ print(json.dumps(out))
 """
 
 
-def read_as_teammate(uri: str) -> dict:
-    """Everything in experiment `lw`, read over HTTP as bob, in a process of another user
-    (under root: uid nobody, who cannot open the server's artifact folder)."""
+def read_as_teammate(uri: str, server_folder: Path) -> dict:
+    """Everything in experiment `lw`, read over HTTP as bob, in a process that cannot open the
+    server's artifact folder (under root: root without capabilities, which reads the venv
+    wherever the clone lies; the folder is another user's)."""
     env = cli_env(MLFLOW_TRACKING_USERNAME="bob", MLFLOW_TRACKING_PASSWORD=BOB_PW,
-                  HOME=str(private_folder("lw-bob-", owner=NOBODY)))
-    done = subprocess.run(as_unprivileged([str(PYTHON), "-c", READER, uri]), env=env,
-                          capture_output=True, text=True, timeout=300, cwd=env["HOME"])
+                  HOME=str(private_folder("lw-bob-")))
+    check = [str(server_folder)] if os.geteuid() == 0 else []
+    done = subprocess.run(without_privileges([str(PYTHON), "-c", READER, uri, *check]),
+                          env=env, capture_output=True, text=True, timeout=300,
+                          cwd=env["HOME"])
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def teammate_view(team) -> dict:
-    return read_as_teammate(team["server"].uri)
+    return read_as_teammate(team["server"].uri, team["server"].folder)
 
 
 def same(a: float, b: float) -> bool:
