@@ -13,7 +13,7 @@ layers, each labelled with its depth %), a heat map ``figures/cross_cka_<a>__<b>
 metric ``cross_cka/<a>__<b>/depth_diagonal`` (mean CKA of each of a's layers with b's layer at
 the nearest relative depth), ``.../n_prompts``; when the sweep holds several groups of
 paired jobs, each key ends in the rest of the run name (``__skip_first-1``). At the end of a
-sweep this runs for the jobs that ran ``cka`` (lw.tracking's parent callback);
+sweep this runs for the jobs that ran ``cka`` (the metric declares it: ``across_models``);
 ``python -m lw.crossmodel <parent run id>`` runs it on any finished sweep.
 """
 
@@ -23,7 +23,7 @@ import argparse
 
 from lw.config.tracking import TrackingConfig
 from lw.errors import LwError
-from lw.sweep.crossmodel import cross_model_cka, depth_diagonal
+from lw.sweep.crossmodel import cross_model, depth_diagonal
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         client = client_for(TrackingConfig(uri=args.uri))
-        found = cross_model_cka(client, args.parent, debiased=args.debiased,
-                                only_cka=not args.all)
+        found = cross_model(client, args.parent, "cka", only_ran=not args.all,
+                            debiased=args.debiased)
     except LwError as error:
         raise SystemExit(f"[lw] error: {error}") from None
     for key, matrix in found.items():

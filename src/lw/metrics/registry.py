@@ -113,6 +113,10 @@ class Metric:
     # fn(hidden (L+1, B, T, D), mask (B, T)) -> {product: (L+1, B, ...)}
     token_fn: Callable | None = None
     n_views: Callable[[Any], int] | None = None
+    # compared across the models of a sweep, on the prompts both measured: fn(pooled_a
+    # (N, La+1, Da), pooled_b (N, Lb+1, Db), **options) -> (La+1, Lb+1). The sweep layer runs
+    # it at the sweep's end for the jobs that ran this metric (lw.sweep.crossmodel).
+    across_models: Callable[..., torch.Tensor] | None = None
     check: Callable[[Any], None] | None = None           # the job's config, before any load
     check_plan: Callable[[Any, Any, Any], None] | None = None  # (job, tokenizer, plan)
     min_prompts: int = 1              # the fewest prompts it can be computed on

@@ -167,9 +167,9 @@ class ParentRunCallback(Callback):
             client.set_tag(parent, "lw.jobs", str(len(children)))
             client.set_tag(parent, "lw.failed_jobs", str(len(failed) + len(unfinished)))
             client.set_tag(parent, "lw.skipped_jobs", str(len(skipped)))
-            from lw.sweep.crossmodel import log_to_parent
+            from lw.sweep.crossmodel import after_sweep
 
-            log_to_parent(client, parent, children)
+            after_sweep(client, parent, children)
             nothing_done = not finished and not skipped
             client.set_terminated(parent, "FAILED" if nothing_done and (children or failed_here)
                                   else "FINISHED")

@@ -17,7 +17,8 @@ from mlflow.entities import Metric
 from omegaconf import OmegaConf
 
 from lw.config.schema import LwConfig
-from lw.metrics.cka import cka_between
+from lw.errors import LwError
+from lw.metrics import registry
 
 
 def job_of_run(client, run) -> LwConfig:
@@ -97,7 +98,7 @@ def depth_diagonal(matrix: torch.Tensor) -> float:
 
 
 
-def heat_map(matrix: torch.Tensor, a: str, b: str):
+def heat_map(matrix: torch.Tensor, a: str, b: str, name: str = "cka"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -105,29 +106,35 @@ def heat_map(matrix: torch.Tensor, a: str, b: str):
                       vmin=0, vmax=1, cmap="viridis")
     ax.set_xlabel(f"{b}: depth %")
     ax.set_ylabel(f"{a}: depth %")
-    ax.set_title(f"linear CKA, {a} x {b}", fontsize=9)
+    ax.set_title(f"{'linear CKA' if name == 'cka' else name}, {a} x {b}", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
 
 
 
-def cross_model_cka(client, parent: str, runs: list | None = None, debiased: bool = False,
-                    only_cka: bool = True) -> dict[str, torch.Tensor]:
-    """Every pair of the parent's finished child runs on the same prompts: their CKA matrix on
-    the prompts both measured, logged to the parent run under ``<a>__<b>`` (and, when the
-    sweep holds several groups of such jobs, the rest of the run name: ``__skip_first-1``).
-    ``only_cka``: only jobs that ran the ``cka`` metric."""
+def cross_model(client, parent: str, name: str = "cka", runs: list | None = None,
+                only_ran: bool = True, **options) -> dict[str, torch.Tensor]:
+    """Every pair of the parent's finished child runs on the same prompts: metric ``name``'s
+    cross-model matrix (its declared ``across_models``, with ``options``) on the prompts both
+    measured, logged to the parent run under ``cross_<name>/<a>__<b>`` (and, when the sweep
+    holds several groups of such jobs, the rest of the run name: ``__skip_first-1``).
+    ``only_ran``: only jobs that ran metric ``name``."""
+    compare = registry.get(name).across_models
+    if compare is None:
+        raise LwError(f"metric {name!r} declares no cross-model comparison; those that do: "
+                      + ", ".join(m.name for m in registry.every().values() if m.across_models))
+    label = f"cross_{name}"
     if runs is None:
         runs = client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     groups: dict[str, list[tuple[str, LwConfig]]] = {}
     for run in runs:
         if run.info.status != "FINISHED" or (
-                only_cka and "'cka'" not in run.data.params.get("metrics", "")):
+                only_ran and f"'{name}'" not in run.data.params.get("metrics", "")):
             continue
         job = job_of_run(client, run)
-        if only_cka and "cka" not in job.metrics:
+        if only_ran and name not in job.metrics:
             continue
         groups.setdefault(prompts_key(job), []).append((run.info.run_name or job.model.name, job))
     found = {}
@@ -138,41 +145,46 @@ def cross_model_cka(client, parent: str, runs: list | None = None, debiased: boo
                 continue
             pooled_a, pooled_b = pooled_of(job_a), pooled_of(job_b)
             if pooled_a is None or pooled_b is None:
-                print(f"[lw] cross-model CKA {name_a} x {name_b}: no activation-cache entry "
+                print(f"[lw] cross-model {name} {name_a} x {name_b}: no activation-cache entry "
                       "(run the jobs with extraction.cache=true)", file=sys.stderr)
                 continue
             texts_a, texts_b = prompt_texts(job_a), prompt_texts(job_b)
             rows_a, rows_b = common_rows(texts_a, texts_b)
             if len(rows_a) < 4:
-                print(f"[lw] cross-model CKA {name_a} x {name_b}: {len(rows_a)} prompts "
-                      "measured by both (CKA needs 4): skipped", file=sys.stderr)
+                print(f"[lw] cross-model {name} {name_a} x {name_b}: {len(rows_a)} prompts "
+                      "measured by both (it needs 4): skipped", file=sys.stderr)
                 continue
             if len(rows_a) < max(len(texts_a), len(texts_b)):
-                print(f"[lw] cross-model CKA {name_a} x {name_b}: on the {len(rows_a)} prompts "
+                print(f"[lw] cross-model {name} {name_a} x {name_b}: on the {len(rows_a)} prompts "
                       f"both measured (of {len(texts_a)} and {len(texts_b)}: their tokenizers "
                       "kept different ones)", file=sys.stderr)
-            matrix = cka_between(pooled_a[rows_a], pooled_b[rows_b], debiased=debiased)
+            matrix = compare(pooled_a[rows_a], pooled_b[rows_b], **options)
             a, b = job_a.model.name, job_b.model.name
             key = f"{a}__{b}" + (f"__{group_label(name_a, a)}" if several else "")
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{key}.csv"
                 depth_table(matrix).to_csv(path, index=False)
-                client.log_artifact(parent, str(path), artifact_path="cross_cka")
-            client.log_figure(parent, heat_map(matrix, a, b), f"figures/cross_cka_{key}.png")
+                client.log_artifact(parent, str(path), artifact_path=label)
+            client.log_figure(parent, heat_map(matrix, a, b, name), f"figures/{label}_{key}.png")
             stamp = int(time.time() * 1000)
             client.log_batch(parent, metrics=[
-                Metric(f"cross_cka/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
-                Metric(f"cross_cka/{key}/n_prompts", float(len(rows_a)), stamp, 0)])
+                Metric(f"{label}/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
+                Metric(f"{label}/{key}/n_prompts", float(len(rows_a)), stamp, 0)])
             found[key] = matrix
     return found
 
 
 
-def log_to_parent(client, parent: str, runs: list) -> None:
-    """The sweep's end (lw.tracking): cross-model CKA of the jobs that ran cka; a failure
-    here is said, never fails the sweep."""
-    try:
-        cross_model_cka(client, parent, runs)
-    except Exception as error:  # noqa: BLE001 - an extra on top of finished jobs
-        print(f"[lw] cross-model CKA not logged: {type(error).__name__}: {error}",
-              file=sys.stderr)
+def after_sweep(client, parent: str, runs: list) -> None:
+    """The sweep's end (lw.sweep.callback): each metric that declares a cross-model comparison
+    (``across_models``), for the jobs that ran it; a failure here is said, never fails the
+    sweep."""
+    for metric in registry.every().values():
+        if metric.across_models is None or not any(
+                f"'{metric.name}'" in run.data.params.get("metrics", "") for run in runs):
+            continue
+        try:
+            cross_model(client, parent, metric.name, runs)
+        except Exception as error:  # noqa: BLE001 - an extra on top of finished jobs
+            print(f"[lw] cross-model {metric.name} not logged: {type(error).__name__}: "
+                  f"{error}", file=sys.stderr)
