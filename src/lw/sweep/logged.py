@@ -39,9 +39,10 @@ def logged_job(cfg: DictConfig, job: LwConfig, name: str, overrides: list[str], 
                folder: Path, work: Callable[[], JobResult], ranks: Ranks | None = None,
                in_sweep: bool = False) -> tuple[JobResult | None, Claim | None]:
     """Claim the job's run, run ``work`` (the job's stages), save the job ``folder``, upload it
-    and finish the run. Returns (the result, None), or (None, the claim of the run that has the
-    job already) when it is skipped, said on stderr (and in the sweep's skipped list when
-    ``in_sweep``).
+    and finish the run. Returns (the result, the claim: ``run_id`` the run it is in), or (None,
+    the claim: ``found`` the run that has the job already) when it is skipped, said on stderr
+    (and in the sweep's skipped list when ``in_sweep``). The claim is rank 0's (None on the
+    others).
 
     Under a multi-process launch every rank calls this; only rank 0 talks to MLflow and writes
     files, and every step ends with the ranks agreeing on how it went (lw.job.distributed)."""
@@ -78,7 +79,7 @@ def logged_job(cfg: DictConfig, job: LwConfig, name: str, overrides: list[str], 
                                    {"lw.output_dir": str(folder)}, folder)
                     upload_job(client, run_id, folder)
                     client.set_terminated(run_id, "FINISHED")
-        return result, None
+        return result, found
     except BaseException as error:
         if run_id is not None:
             fail_run(client, run_id, error, uri, folder)
