@@ -183,7 +183,7 @@ class _ResumingLauncher:
         """The job's run, left RUNNING by its killed process: KILLED, with why (the sweep's
         summary lists it). Returns how many runs it closed."""
         from lw.tracking.resume import HASH_TAG, mark_killed
-        from lw.tracking.runs import PARENT_ENV
+        from lw.tracking.sweep_state import current
         from lw.tracking.store import client_for, experiment_id
 
         if job.digest is None or job.tracking is None:
@@ -191,7 +191,7 @@ class _ResumingLauncher:
         closed = 0
         try:
             client = client_for(job.tracking)
-            parent = os.environ.get(PARENT_ENV)
+            parent = current().parent
             query = (f"attributes.status = 'RUNNING' and tags.`{HASH_TAG}` = '{job.digest}'"
                      + (f" and tags.mlflow.parentRunId = '{parent}'" if parent else ""))
             for run in client.search_runs([experiment_id(client, job.tracking)], query):

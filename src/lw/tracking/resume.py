@@ -245,9 +245,6 @@ def claim(client, tracking, experiment: str, digest: str, label: str,
     return Claim(run_id)
 
 
-SWEEP_PID_ENV = "LW_SWEEP_PID"  # the process that launched the sweep (lw.tracking)
-
-
 def die_with_sweep() -> None:
     """In a process the sweep's own process started for a job (a joblib worker; a submitit
     local job, through submitit's controller), be killed when that process dies: a
@@ -259,11 +256,13 @@ def die_with_sweep() -> None:
 
     import psutil
 
-    sweep_pid = os.environ.get(SWEEP_PID_ENV, "")
-    if not sweep_pid.isdigit() or int(sweep_pid) == os.getpid():
+    from lw.tracking.sweep_state import current
+
+    sweep_pid = current().pid
+    if sweep_pid is None or sweep_pid == os.getpid():
         return
     try:
-        sweep = psutil.Process(int(sweep_pid))
+        sweep = psutil.Process(sweep_pid)
         if sweep not in psutil.Process().parents():
             return
     except psutil.Error:
