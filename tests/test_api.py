@@ -105,3 +105,53 @@ def test_measure_names_a_bad_knob():
         lw.measure("tiny-pythia", "wiki-vital", data__n_prompts=-5)
     assert raised.type is ConfigError and issubclass(raised.type, LwError)  # shown as one line
     assert str(raised.value) == "data.n_prompts=-5: must be >= 1"  # the value and the range
+
+
+def test_measure_log_is_lw_run_one_claim_one_run(tmp_path, monkeypatch, capfd):
+    """measure(log=True) logs as `python -m lw.run` does (identity, job key, resume): twice is
+    one FINISHED run, the second call given its values; lw.run's run of the same job holds the
+    same values, and a measure into lw.run's store finds lw.run's run."""
+    monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))  # the logged prompts file
+    texts = [r["extract"] for r in wiki_records()[:6]]
+    knobs = dict(metrics=["prompt_entropy", "curvature"], data__max_tokens=24, log=True,
+                 tracking__uri=f"sqlite:///{tmp_path}/m.db",
+                 tracking__artifact_location=str(tmp_path / "art"))
+    first = lw.measure("tiny-pythia", texts, **knobs)
+    second = lw.measure("tiny-pythia", texts, **knobs)
+    err = capfd.readouterr().err
+    assert "skipped, already FINISHED in run " + first.attrs["run_id"] in err, err[-3000:]
+    assert second.attrs["run_id"] == first.attrs["run_id"]
+    pd.testing.assert_frame_equal(second, first, check_dtype=False)
+    assert second.attrs["summary"] == pytest.approx(first.attrs["summary"])
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    run = runs[0]
+    assert run.data.tags["lw.job_hash"] and run.data.tags["lw.job_key"]
+    assert "config/identity.json" in [a.path for a in client.list_artifacts(run.info.run_id,
+                                                                              "config")]
+
+    # the same job through `python -m lw.run`, into a store of its own
+    path = next(Path(tmp_path / "cache" / "prompts").glob("*.txt"))
+    done = subprocess.run(
+        [str(PYTHON), "-m", "lw.run", "model=tiny-pythia", "data=local", f"data.path='{path}'",
+         "data.n_prompts=6", "data.max_tokens=24", "metrics=[prompt_entropy,curvature]",
+         f"tracking.uri=sqlite:///{tmp_path}/cli.db",
+         f"tracking.artifact_location={tmp_path}/cli-art", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=cli_env(LW_CACHE_DIR=str(tmp_path / "cache")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    cli = MlflowClient(f"sqlite:///{tmp_path}/cli.db")
+    cli_run = cli.search_runs([cli.get_experiment_by_name("lw").experiment_id])[0]
+    assert cli_run.data.tags["lw.job_hash"] == run.data.tags["lw.job_hash"]
+    assert cli_run.data.tags["lw.job_key"] == run.data.tags["lw.job_key"]
+    for metric in ("prompt_entropy/max", "curvature"):
+        ours = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+        theirs = {m.step: m.value for m in cli.get_metric_history(cli_run.info.run_id, metric)}
+        assert ours.keys() == theirs.keys() and list(ours) == list(range(7))
+        np.testing.assert_allclose([ours[s] for s in ours], [theirs[s] for s in ours],
+                                   rtol=1e-6, equal_nan=True)
+    # lw.run's run is this job's run: a measure into its store is given its values
+    again = lw.measure("tiny-pythia", texts, **{**knobs, "tracking__uri":
+                                                f"sqlite:///{tmp_path}/cli.db"})
+    assert again.attrs["run_id"] == cli_run.info.run_id

@@ -68,9 +68,10 @@ class _ResumingLauncher:
         return _Job(overrides, num, folder, job_hash(job), f"job #{num} ({name})", job.tracking)
 
     def _already_done(self, jobs: list[_Job]) -> list[_Job]:
-        """The jobs with a FINISHED run of their hash; said per job, their folders marked."""
-        from lw.sweep.callback import SKIPPED_FILE
-        from lw.tracking.resume import finished_run
+        """The jobs with a FINISHED run of their hash (lw.tracking.resume.claim, looking only);
+        said per job, their folders marked."""
+        from lw.sweep.logged import note_skipped
+        from lw.tracking.resume import claim
         from lw.tracking.store import client_for, experiment_id
 
         done, clients = [], {}
@@ -80,19 +81,15 @@ class _ResumingLauncher:
             key = (job.tracking.uri, job.tracking.experiment)
             client = clients[key] = clients.get(key) or client_for(job.tracking)
             try:
-                found = finished_run(client, experiment_id(client, job.tracking), job.digest,
-                                     job.label)
+                found = claim(client, job.tracking, experiment_id(client, job.tracking),
+                              job.digest, job.label, start=None)
             except Exception as error:  # noqa: BLE001 - the job checks again where it runs
                 print(f"[lw] {job.label}: could not check the store before submitting it "
                       f"({type(error).__name__}: {error}); submitted", file=sys.stderr)
                 continue
-            if found is not None:
-                run = found.info.run_id
-                print(f"[lw] {job.label}: skipped, already FINISHED in run {run} "
-                      f"(lw.job_hash={job.digest}; tracking.rerun=true runs it again); "
-                      "not submitted", file=sys.stderr)
-                job.folder.mkdir(parents=True, exist_ok=True)
-                (job.folder / SKIPPED_FILE).write_text(f"{job.label}: run {run}\n")
+            if found.done is not None:
+                print(found.said(job.label, job.digest, "; not submitted"), file=sys.stderr)
+                note_skipped(found, job.label, job.folder)
                 done.append(job)
         return done
 
@@ -186,7 +183,7 @@ class _ResumingLauncher:
         """The job's run, left RUNNING by its killed process: KILLED, with why (the sweep's
         summary lists it). Returns how many runs it closed."""
         from lw.tracking.resume import HASH_TAG, mark_killed
-        from lw.tracking.runs import PARENT_ENV
+        from lw.tracking.sweep_state import current
         from lw.tracking.store import client_for, experiment_id
 
         if job.digest is None or job.tracking is None:
@@ -194,7 +191,7 @@ class _ResumingLauncher:
         closed = 0
         try:
             client = client_for(job.tracking)
-            parent = os.environ.get(PARENT_ENV)
+            parent = current().parent
             query = (f"attributes.status = 'RUNNING' and tags.`{HASH_TAG}` = '{job.digest}'"
                      + (f" and tags.mlflow.parentRunId = '{parent}'" if parent else ""))
             for run in client.search_runs([experiment_id(client, job.tracking)], query):

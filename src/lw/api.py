@@ -144,26 +144,52 @@ def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("pro
             overrides.append(f"data={texts}")
         else:
             prompts = [" ".join(str(t).split()) for t in texts]
-            (Path(tmp) / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
-            overrides += ["data=local", _override("data.path", f"{tmp}/prompts.txt"),
+            overrides += ["data=local", _override("data.path", _prompts_file(prompts, tmp, log)),
                           f"data.n_prompts={len(prompts)}"]
         overrides += [_override(k.replace("__", "."), v) for k, v in knobs.items()]
         cfg = compose_overrides(overrides)
         job = validate(cfg)
         if loaded is not None:
-            result = _measure_loaded(job, *loaded)
+            job, work = _loaded_job(job, *loaded)
         else:
-            result = compute(job)
-        if log:
-            _log(cfg, job, result, overrides)
+            def work():
+                return compute(job)
+        if not log:
+            result = work()
+        else:
+            result, run_id, logged = _log(cfg, job, work, overrides, loaded is not None)
+            if result is None:  # the job's FINISHED run has it: its values, not a duplicate
+                return logged
     table = result.table.copy()
     table.attrs["summary"] = dict(result.summary)
     table.attrs["model"] = result.info.as_dict()
+    if log:
+        table.attrs["run_id"] = run_id
     return table
 
 
-def _measure_loaded(job, model, tokenizer):
-    """lw.job's stages on a model already in memory: its description from the model itself."""
+def _prompts_file(prompts: list[str], tmp: str, log: bool) -> str:
+    """The prompts as a file: a temporary one; when the job is logged, one named by its
+    content in lw's cache, so that the same prompts are the same job (its identity names the
+    file's path) and the run's config points to a file that stays."""
+    import hashlib
+
+    text = "".join(p + "\n" for p in prompts)
+    if not log:
+        path = Path(tmp) / "prompts.txt"
+    else:
+        from lw.loading.paths import cache_dir
+
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        path = cache_dir() / "prompts" / f"{digest}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def _loaded_job(job, model, tokenizer):
+    """The job on a model already in memory (its description from the model itself), and the
+    job's stages (lw.job: plan, forward, measure) to run on it."""
     from lw.job.stages import forward_stage, measure, plan_job
     from lw.loading.models import wrap_model
 
@@ -173,24 +199,33 @@ def _measure_loaded(job, model, tokenizer):
     job.model = dataclasses.replace(job.model, name=Path(name).name, id=name, source="random",
                                     arch=model.config.model_type, adapters=[],
                                     arch_config={"vocab_size": vocab})
-    device = next(model.parameters()).device
-    loaded = wrap_model(model.eval(), tokenizer, job.model, revision="in memory")
-    loaded.info = dataclasses.replace(loaded.info, source="in-memory")
-    plan = plan_job(job, tokenizer)
-    return measure(job, forward_stage(job, loaded, plan, device), plan, loaded, device)
+
+    def work():
+        device = next(model.parameters()).device
+        loaded = wrap_model(model.eval(), tokenizer, job.model, revision="in memory")
+        loaded.info = dataclasses.replace(loaded.info, source="in-memory")
+        plan = plan_job(job, tokenizer)
+        return measure(job, forward_stage(job, loaded, plan, device), plan, loaded, device)
+    return job, work
 
 
-def _log(cfg, job, result, overrides: list[str]) -> None:
-    from lw.job.identity import job_hash
-    from lw.job.plots import figures_of
+def _log(cfg, job, work, overrides: list[str], in_memory: bool):
+    """The job as ``python -m lw.run`` logs it (lw.sweep.logged: claim, compute, save, upload,
+    finish): (its result, its run id, None), or (None, the run id, the values of the FINISHED
+    run that has the job already)."""
+    from lw.sweep.logged import logged_job
     from lw.sweep.names import run_name
-    from lw.tracking.jobdir import log_result
-    from lw.tracking.runs import start_job_run
-    from lw.tracking.store import client_for
+    from lw.tracking.read import run_results
+    from lw.tracking.store import client_for, tracking_uri
 
-    client = client_for(job.tracking)
+    if in_memory:  # its weights are not in the identity: never taken for another's run
+        job.tracking = dataclasses.replace(job.tracking, rerun=True)
     name = job.run_name or run_name(job, overrides)
-    run_id = start_job_run(client, cfg, name, overrides, job_hash(job))
-    log_result(client, run_id, result, figures_of(result, name), {})
-    client.set_terminated(run_id, "FINISHED")
-    print(f"[lw] logged run {run_id} ({name}) to {client.tracking_uri}")
+    folder = Path(tempfile.mkdtemp(prefix="lw-job-"))
+    result, claimed = logged_job(cfg, job, name, overrides, f"job ({name})", folder, work)
+    if result is not None:
+        print(f"[lw] logged run {claimed.run_id} ({name}) to {tracking_uri(job.tracking)}")
+        return result, claimed.run_id, None
+    table, summary, model = run_results(client_for(job.tracking), claimed.done)
+    table.attrs.update(summary=summary, model=model, run_id=claimed.done)
+    return None, claimed.done, table

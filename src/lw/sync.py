@@ -23,7 +23,7 @@ from lw.config.tracking import TrackingConfig
 from lw.errors import LwError
 from lw.tracking.jobdir import RUN_FILE, read_record, upload_job, write_record
 from lw.tracking.resume import HASH_TAG
-from lw.tracking.runs import PARENT_ENV
+from lw.tracking import sweep_state
 from lw.tracking.store import client_for, experiment_id
 
 SYNCED_TAG = "lw.synced_from"
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folders", nargs="+", help="job folders, or sweep folders")
     parser.add_argument("--uri", help="the store to log to (default: the one each job used)")
     args = parser.parse_args(argv)
-    import os
-
-    os.environ.pop(PARENT_ENV, None)
+    sweep_state.end()  # its runs are logged as they were, not as children of a sweep here
     failed = 0
     try:
         folders = job_folders(args.folders)

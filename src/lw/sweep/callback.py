@@ -5,6 +5,7 @@ jobs wherever they ran are gathered, and the sweep exits 1 when any job failed."
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from lw.errors import LwError
 from lw.sweep.names import sweep_name
 from lw.tracking.health import fail_run
-from lw.tracking.resume import SWEEP_PID_ENV, Heartbeat, owner_tags, reap
-from lw.tracking.runs import (
-    PARAM_LIMIT,
-    PARENT_ENV,
-    SWEEP_MODELS_ENV,
-    SWEEP_VARIES_ENV,
-    git_commit,
-    lw_version,
-    source_tags,
-)
+from lw.tracking import sweep_state
+from lw.tracking.resume import Heartbeat, owner_tags, reap
+from lw.tracking.runs import PARAM_LIMIT, git_commit, lw_version, source_tags
 from lw.tracking.store import _tracking, client_for, experiment_id, runs_link, tracking_uri
 
 
@@ -48,9 +42,22 @@ def sweep_values(config: DictConfig) -> dict[str, list[str]]:
 
 
 
-# Jobs of this sweep that failed, kept in the process (Hydra's basic launcher runs every job
-# here), so that the exit status is right even when MLflow itself was what failed.
-FAILED_JOBS: list[str] = []
+@dataclass
+class InProcess:
+    """What the sweep keeps in its own process, beside what it shares (lw.tracking.sweep_state):
+    the jobs that failed here (Hydra's basic launcher runs every job here: the exit status is
+    right even when MLflow itself was what failed), and the parent run's heartbeat (lw.resume),
+    from on_multirun_start to on_multirun_end."""
+
+    failed: list[str] = field(default_factory=list)
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+
+    def stop_beating(self) -> None:
+        while self.heartbeats:
+            self.heartbeats.pop().stop()
+
+
+HERE = InProcess()
 
 
 
@@ -61,7 +68,7 @@ FAILED_FILE, SKIPPED_FILE = "lw_failed.txt", "lw_skipped.txt"
 
 
 def record_failure(line: str, output_dir: str | Path) -> None:
-    FAILED_JOBS.append(line)
+    HERE.failed.append(line)
     try:
         (Path(output_dir) / FAILED_FILE).write_text(line + "\n")
     except OSError:  # a read-only or full folder: this process still counts it
@@ -73,11 +80,10 @@ def _close_parent_at_exit(config: DictConfig) -> None:
     """A sweep that stopped before on_multirun_end (Hydra calls it only when every job could
     be launched: a read-only sweep folder stops it earlier) leaves its parent FAILED, not
     RUNNING."""
-    parent = os.environ.pop(PARENT_ENV, None)
+    parent = sweep_state.end().parent
     if parent is None:
         return
-    while _PARENT_HEARTBEAT:
-        _PARENT_HEARTBEAT.pop().stop()
+    HERE.stop_beating()
     tracking = _tracking(config)
     try:
         client = client_for(tracking)
@@ -94,8 +100,6 @@ def _job_files(sweep_dir: str, name: str) -> list[str]:
 
 
 
-# The sweep's parent run's heartbeat (lw.resume), from on_multirun_start to on_multirun_end.
-_PARENT_HEARTBEAT: list[Heartbeat] = []
 
 
 
@@ -118,18 +122,18 @@ class ParentRunCallback(Callback):
         # a killed earlier sweep's parent and children: KILLED, not RUNNING forever
         reap(client, experiment, f"sweep {sweep_dir}")
         varied = sweep_values(config)
-        os.environ[SWEEP_MODELS_ENV] = ",".join(varied.get("model", []))
-        os.environ[SWEEP_VARIES_ENV] = ",".join(varied)
         run = client.create_run(
             experiment, run_name=sweep_name(varied, Path(sweep_dir).name),
             tags={"lw.sweep_dir": sweep_dir, "lw.git_commit": git_commit(),
                   "lw.version": lw_version(), **owner_tags(), **source_tags(client.tracking_uri),
                   "lw.overrides": " ".join(config.hydra.overrides.task)[:PARAM_LIMIT]})
-        os.environ[PARENT_ENV] = run.info.run_id
-        os.environ[SWEEP_PID_ENV] = str(os.getpid())  # its workers die with it (lw.resume)
+        # what the jobs read (lw.tracking.sweep_state); its workers die with it (lw.resume)
+        sweep_state.begin(sweep_state.SweepState(
+            parent=run.info.run_id, models=tuple(varied.get("model", [])),
+            varies=tuple(varied), pid=os.getpid()))
         print(f"[lw] sweep {run.info.run_id} started; its runs: "
               f"{runs_link(client.tracking_uri, experiment)}", flush=True)
-        _PARENT_HEARTBEAT.append(Heartbeat(client, run.info.run_id).start())
+        HERE.heartbeats.append(Heartbeat(client, run.info.run_id).start())
         import atexit
 
         atexit.register(_close_parent_at_exit, config)
@@ -137,12 +141,9 @@ class ParentRunCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from lw.job.distributed import current_ranks
 
-        parent = os.environ.pop(PARENT_ENV, None)
-        os.environ.pop(SWEEP_MODELS_ENV, None)
-        os.environ.pop(SWEEP_VARIES_ENV, None)
-        while _PARENT_HEARTBEAT:
-            _PARENT_HEARTBEAT.pop().stop()
-        failed_here, FAILED_JOBS[:] = list(FAILED_JOBS), []
+        parent = sweep_state.end().parent
+        HERE.stop_beating()
+        failed_here, HERE.failed[:] = list(HERE.failed), []
         if not current_ranks().is_main:  # rank 0 reports; the others share its exit status
             if failed_here:
                 raise SystemExit(1)

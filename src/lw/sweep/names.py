@@ -38,16 +38,13 @@ def run_name(job: LwConfig, overrides: list[str]) -> str:
     """Short enough for the MLflow table's default width: the model, then what the sweep
     varies ("smollm2 wiki-vital p=0.5", "pythia-70m step1000"); outside a sweep, the model,
     the data and a perturbation."""
-    import os
+    from lw.tracking.sweep_state import current
 
-    from lw.sweep.names import short_value
-    from lw.tracking.runs import SWEEP_VARIES_ENV
-
-    varies = os.environ.get(SWEEP_VARIES_ENV)
+    varies = current().varies
     if varies is None:
         parts = [job.data.name] + ([] if job.perturbation.name == "none"
                                    else [job.perturbation.name])
         return " ".join([job.model.name, *parts])
-    keys = [k for k in varies.split(",") if k and k != "model"]
+    keys = [k for k in varies if k != "model"]
     values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     return " ".join([job.model.name] + [short_value(k, values[k]) for k in keys if k in values])

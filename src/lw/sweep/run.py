@@ -18,20 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from lw.config.schema import register_configs, validate
 from lw.errors import LwError
-from lw.job.distributed import current_ranks, from_main, shared_now, together
-from lw.job.identity import job_identity, job_key, stable_hash
-from lw.job.plots import figures_of
+from lw.job.distributed import current_ranks, shared_now
 from lw.job.results import JobResult
 from lw.job.stages import compute
 from lw.loading.paths import PROJECT_ROOT
-from lw.sweep.callback import SKIPPED_FILE, record_failure
+from lw.sweep.callback import record_failure
 from lw.sweep.checks import user_error
-from lw.sweep.names import RUN_NAME_MAX, run_name
-from lw.tracking.health import ServerWatch, fail_run, tracking_lost
-from lw.tracking.jobdir import save_job_files, upload_job
-from lw.tracking.resume import Heartbeat, changed_identity, die_with_sweep, job_runs, live_run
-from lw.tracking.runs import start_job_run
-from lw.tracking.store import client_for, experiment_id, store_lock, tracking_uri
+from lw.sweep.logged import logged_job, short_name
+from lw.sweep.names import run_name
+from lw.tracking.health import tracking_lost
+from lw.tracking.resume import die_with_sweep
 
 register_configs()
 # Hydra's ${now:} is per process: ranks of one launch must agree on their sweep folder.
@@ -46,77 +42,21 @@ warnings.filterwarnings("ignore",
 
 
 def run_job(cfg: DictConfig) -> JobResult | None:
-    """Validate, open the MLflow run, compute, log. A failure marks the run FAILED and re-raises.
-
-    Under a multi-process launch every rank runs this; only rank 0 talks to MLflow and writes
-    results, and every step ends with the ranks agreeing on how it went (lw.distributed)."""
+    """Validate, then the logged job (lw.sweep.logged): claim its MLflow run, compute, log. A
+    failure marks the run FAILED and re-raises. None when the job is skipped (done, or being
+    done by another launch)."""
     ranks = current_ranks()
     job = validate(cfg)
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
-    output_dir = Path(hydra_cfg.runtime.output_dir)
     name = job.run_name or run_name(job, overrides)
-    if len(name) > RUN_NAME_MAX:  # MLflow's SQL stores refuse longer; lw.overrides has all
-        name = name[:RUN_NAME_MAX - 3] + "..."
-    client = run_id = done = None
-    with together("opening the MLflow run", ranks):
-        if ranks.is_main:
-            client = client_for(job.tracking)
-            identity, key = job_identity(job), job_key(job)
-            digest = stable_hash(identity)  # = lw.identity.job_hash(job)
-            label = (f"job #{hydra_cfg.job.num} ({name})"
-                     if hydra_cfg.mode == RunMode.MULTIRUN else f"job ({name})")
-            experiment = experiment_id(client, job.tracking)
-            # Resume: a job with a FINISHED run of the same hash is done, one whose run is
-            # alive elsewhere (another launch of this sweep) is being done (lw.resume).
-            with store_lock(job.tracking) as locked:
-                found, live = job_runs(client, experiment, digest, label)
-                why = "already FINISHED"
-                if found is None and live and not job.tracking.rerun:
-                    found, why = live[0], "RUNNING"
-                if found is None or job.tracking.rerun:
-                    before = changed_identity(client, experiment, key, digest, identity)
-                    if before is not None:  # the same job, other inputs or code: say what
-                        print(f"[lw] {label}: running again, its identity changed since "
-                              f"FINISHED run {before[0]}: {'; '.join(before[1])}",
-                              file=sys.stderr)
-                    run_id = start_job_run(client, cfg, name, overrides, digest, identity, key,
-                                           output_dir, experiment)
-            if run_id is not None and not job.tracking.rerun and not locked:
-                # no lock (a server): see which launch's run won
-                found, why = live_run(client, experiment, digest, label, run_id), "RUNNING"
-                if found is not None:
-                    client.delete_run(run_id)
-                    run_id = None
-            if run_id is None:
-                done = found.info.run_id
-                where = "" if why != "RUNNING" else \
-                    f" on {found.data.tags.get('lw.host', '?')} pid {found.data.tags.get('lw.pid')}"
-                print(f"[lw] {label}: skipped, {why} in run {done}{where} "
-                      f"(lw.job_hash={digest}; tracking.rerun=true runs it again)",
-                      file=sys.stderr)
-                if hydra_cfg.mode == RunMode.MULTIRUN:
-                    (output_dir / SKIPPED_FILE).write_text(f"{label}: {why} in run {done}\n")
-    if from_main(done, ranks) is not None:
-        return None
-    uri = tracking_uri(job.tracking)
-    try:
-        # rank 0: the run shows it is alive (lw.resume), and a dead server ends the job
-        with Heartbeat(client, run_id), ServerWatch(uri if ranks.is_main else ""):
-            result = compute(job, ranks)
-            with together("saving and logging the results", ranks):
-                if ranks.is_main:
-                    # Every file of the run lands on disk first: a tracking failure loses
-                    # nothing, and lw.sync can log the folder later.
-                    save_job_files(result, figures_of(result, name),
-                                   {"lw.output_dir": str(output_dir)}, output_dir)
-                    upload_job(client, run_id, output_dir)
-                    client.set_terminated(run_id, "FINISHED")
-        return result
-    except BaseException as error:
-        if run_id is not None:
-            fail_run(client, run_id, error, uri, output_dir)
-        raise
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    label = f"job #{hydra_cfg.job.num} ({short_name(name)})" if multirun \
+        else f"job ({short_name(name)})"
+    result, _ = logged_job(cfg, job, name, overrides, label,
+                           Path(hydra_cfg.runtime.output_dir),
+                           lambda: compute(job, ranks), ranks, in_sweep=multirun)
+    return result
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")

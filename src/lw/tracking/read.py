@@ -139,3 +139,17 @@ def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
     if rows.empty:
         raise LwError(f"no finished child run of {parent} logged {', '.join(metrics)}")
     return rows.reset_index(drop=True)
+
+
+
+def run_results(client, run_id: str) -> tuple[pd.DataFrame, dict, dict]:
+    """A finished job run's results as the job returned them: its per-layer table
+    (results/table.csv, full precision), its summaries and its model's description."""
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(client.download_artifacts(run_id, "results", tmp))
+        table = pd.read_csv(folder / "table.csv", float_precision="round_trip")
+        summary = json.loads((folder / "summary.json").read_text())
+        model = json.loads((folder / "model.json").read_text())
+    return table, summary, model

@@ -26,6 +26,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 HASH_TAG = "lw.job_hash"
 KEY_TAG = "lw.job_key"    # the job as configured (lw.identity.job_key)
@@ -175,7 +178,71 @@ def _live(client, running: list, who: str, mine: str | None = None) -> list:
     return sorted(live, key=lambda run: (run.info.start_time, run.info.run_id))
 
 
-SWEEP_PID_ENV = "LW_SWEEP_PID"  # the process that launched the sweep (lw.tracking)
+@dataclass
+class Claim:
+    """What ``claim`` found: ``run_id``, the run this process computes the job in; or
+    ``found``, the run that already has it, and ``why`` ("already FINISHED", "RUNNING")."""
+
+    run_id: str | None = None
+    found: Any = None
+    why: str = ""
+
+    @property
+    def done(self) -> str | None:
+        """The run id of the run that has the job, when it is not this process's."""
+        return None if self.found is None else self.found.info.run_id
+
+    def said(self, label: str, digest: str, then: str = "") -> str:
+        """The one line a skipped job is told with (lw.run, the launchers, lw.measure)."""
+        tags = self.found.data.tags
+        where = "" if self.why != "RUNNING" else \
+            f" on {tags.get('lw.host', '?')} pid {tags.get('lw.pid')}"
+        return (f"[lw] {label}: skipped, {self.why} in run {self.done}{where} "
+                f"(lw.job_hash={digest}; tracking.rerun=true runs it again){then}")
+
+    def line(self, label: str) -> str:
+        """The job's line in the sweep's skipped list (lw_skipped.txt)."""
+        return f"{label}: {self.why} in run {self.done}\n"
+
+
+def claim(client, tracking, experiment: str, digest: str, label: str,
+          start: Callable[[], str] | None, key: str = "", identity: dict | None = None) -> Claim:
+    """Who computes the job with ``lw.job_hash`` ``digest``: a FINISHED run of it means nobody
+    (it is done), a live RUNNING one elsewhere means that run's launch (it is being done);
+    otherwise ``start()`` creates this process's run, after saying what changed in the job's
+    identity (``key``, ``identity``) since its latest FINISHED run. ``tracking.rerun`` computes
+    it whatever the store holds. ``start=None`` only looks (a launcher before submitting: a
+    FINISHED run, no lock; the job claims again where it runs).
+
+    On a local store the look and the run's creation happen under one lock (store_lock); on a
+    server, where there is none, the run created is checked against the others (``live_run``)
+    and deleted again when an older live one has the job."""
+    from lw.tracking.store import store_lock
+
+    if start is None:
+        if tracking.rerun:
+            return Claim()
+        found = finished_run(client, experiment, digest, label)
+        return Claim() if found is None else Claim(None, found, "already FINISHED")
+    with store_lock(tracking) as locked:
+        found, live = job_runs(client, experiment, digest, label)
+        why = "already FINISHED"
+        if found is None and live and not tracking.rerun:
+            found, why = live[0], "RUNNING"
+        if found is not None and not tracking.rerun:
+            return Claim(None, found, why)
+        if key and identity is not None:
+            before = changed_identity(client, experiment, key, digest, identity)
+            if before is not None:  # the same job, other inputs or code: say what
+                print(f"[lw] {label}: running again, its identity changed since "
+                      f"FINISHED run {before[0]}: {'; '.join(before[1])}", file=sys.stderr)
+        run_id = start()
+    if not tracking.rerun and not locked:  # no lock (a server): see which launch's run won
+        found = live_run(client, experiment, digest, label, run_id)
+        if found is not None:
+            client.delete_run(run_id)
+            return Claim(None, found, "RUNNING")
+    return Claim(run_id)
 
 
 def die_with_sweep() -> None:
@@ -189,11 +256,13 @@ def die_with_sweep() -> None:
 
     import psutil
 
-    sweep_pid = os.environ.get(SWEEP_PID_ENV, "")
-    if not sweep_pid.isdigit() or int(sweep_pid) == os.getpid():
+    from lw.tracking.sweep_state import current
+
+    sweep_pid = current().pid
+    if sweep_pid is None or sweep_pid == os.getpid():
         return
     try:
-        sweep = psutil.Process(int(sweep_pid))
+        sweep = psutil.Process(sweep_pid)
         if sweep not in psutil.Process().parents():
             return
     except psutil.Error:

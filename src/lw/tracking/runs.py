@@ -14,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lw.loading.paths import PROJECT_ROOT
 from lw.tracking.health import fail_run
+from lw.tracking import sweep_state
 from lw.tracking.jobdir import upload_files, write_config, write_record
 from lw.tracking.resume import HASH_TAG, KEY_TAG, owner_tags
 from lw.tracking.store import _tracking, experiment_id, tracking_uri
 
-PARENT_ENV = "LW_PARENT_RUN_ID"
 
 
 
@@ -34,11 +34,6 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#8
 
 
 
-SWEEP_MODELS_ENV = "LW_SWEEP_MODELS"   # the sweep's models, for colours that differ
-
-
-
-SWEEP_VARIES_ENV = "LW_SWEEP_VARIES"   # the override keys the sweep varies, for run names
 
 
 
@@ -62,8 +57,7 @@ def run_colors(models: list[str]) -> dict[str, str]:
 
 
 def run_color(model: str) -> str:
-    models = [m for m in os.environ.get(SWEEP_MODELS_ENV, "").split(",") if m]
-    return run_colors([*models, model])[model]
+    return run_colors([*sweep_state.current().models, model])[model]
 
 
 
@@ -146,7 +140,7 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
         **identity_tags(identity or {}, job_key),
         "mlflow.runColor": run_color(cfg.model.name), **source_tags(client.tracking_uri),
     }
-    parent = os.environ.get(PARENT_ENV)
+    parent = sweep_state.current().parent
     if parent:
         tags["mlflow.parentRunId"] = parent
     params = flatten(container)
