@@ -5,7 +5,10 @@ packaged) weights."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -86,6 +89,87 @@ def without_privileges(command: list[str]) -> list[str]:
         return command
     return ["setpriv", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all",
             "--bounding-set=-all", "--no-new-privs", *command]
+
+
+@dataclass
+class CliResult:
+    """What ``lw_cli`` gives back: subprocess.CompletedProcess's fields that the tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def lw_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
+           in_process: bool = True, timeout: float = 600) -> CliResult:
+    """``python -m lw.run *args`` from folder ``cwd``, with ``cli_env(**env)``'s environment.
+
+    In this process unless the process boundary is what a test is about (kills, signals,
+    ranks, launchers, imports, secrets): a new interpreter costs seconds of imports, and a
+    model loaded once is reused. Hydra's global state, the environment, the working folder
+    and sys.argv are restored afterwards."""
+    if not in_process:
+        done = subprocess.run([str(PYTHON), "-m", "lw.run", *args], cwd=cwd,
+                              env=cli_env(**(env or {})), capture_output=True, text=True,
+                              timeout=timeout)
+        return CliResult(done.returncode, done.stdout, done.stderr)
+    import contextlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lw.sweep import run as command
+
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    os.environ.clear()
+    os.environ.update(cli_env(**(env or {})))
+    sys.argv = ["lw.run", *args]
+    lw.loading.hub.hub_reachable.cache_clear()
+    try:
+        os.chdir(cwd)
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            # as a new interpreter shows them: on stderr, each time, deprecations hidden
+            warnings.resetwarnings()
+            warnings.simplefilter("always")
+            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                           ResourceWarning):
+                warnings.filterwarnings("ignore", category=hidden)
+            warnings.showwarning = _warning_to_stderr
+            try:
+                command.main()
+            except SystemExit as stop:
+                if isinstance(stop.code, str):  # sys.exit("message"): said on stderr, status 1
+                    print(stop.code, file=sys.stderr)
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        GlobalHydra.instance().clear()
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        lw.loading.hub.hub_reachable.cache_clear()
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def read_runs(store: str | Path, experiment: str = "lw") -> list:
+    """Every run of ``experiment`` in a store (a URI, or a test folder holding mlflow.db),
+    oldest first; [] where the experiment does not exist yet."""
+    from mlflow.tracking import MlflowClient
+
+    uri = str(store) if "://" in str(store) else f"sqlite:///{store}/mlflow.db"
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], max_results=50000)
+    return sorted(runs, key=lambda run: run.info.start_time)
 
 
 def group_options(group: str) -> list[str]:

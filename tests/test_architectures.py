@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,13 +18,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import reference as ref
-from conftest import compose_job, load_option, model_option, option_yaml, wiki_records
+from conftest import compose_job, load_option, lw_cli, model_option, option_yaml, wiki_records
 from lw.config.schema import ModelConfig
 from lw.errors import LwError
 from lw.job.extract import all_layers
 from lw.loading.architectures import ARCHITECTURES, architecture, check_layer_convention
 from lw.loading.models import load_model, load_tokenizer_of
-from lw.loading.paths import PROJECT_ROOT
 
 CPU = torch.device("cpu")
 N_PROMPTS = 5
@@ -64,15 +60,13 @@ def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mamba2")
     data = tmp / "wiki.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts()))
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "HYDRA_FULL_ERROR": "0"}
-    command = [sys.executable, "-m", "lw.run", "-m", "model=tiny-mamba2", "data=local",
+    command = ["-m", "model=tiny-mamba2", "data=local",
                f"data.path={data}", f"data.n_prompts={N_PROMPTS}",
                f"data.max_tokens={MAX_TOKENS}", "extraction.batch_size=4",
                "metrics=[prompt_entropy,curvature,dataset_entropy]",
                f"tracking.uri=sqlite:///{tmp}/mlflow.db",
                f"tracking.artifact_location={tmp}/artifacts", f"hydra.sweep.dir={tmp}/multirun"]
-    done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = lw_cli(tmp, *command)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
     return {"done": done, "client": client,

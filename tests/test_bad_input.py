@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import PYTHON, cli_env
+from conftest import lw_cli
 
 TEXTS = [f"The quick brown fox jumps over the lazy dog number {i} in the forest."
          for i in range(40)]
@@ -110,7 +110,7 @@ def read_only_folder(tmp: Path) -> tuple[Path | None, str]:
     return folder, ""
 
 
-def run_case(tmp: Path, ro: Path | None, name: str) -> subprocess.CompletedProcess | None:
+def run_case(tmp: Path, ro: Path | None, name: str):
     overrides, _, _ = CASES[name]
     if any("{ro}" in o for o in overrides) and ro is None:
         return None
@@ -123,10 +123,9 @@ def run_case(tmp: Path, ro: Path | None, name: str) -> subprocess.CompletedProce
             "data.max_tokens=32", f"tracking.uri=sqlite:///{folder}/mlflow.db",
             f"tracking.artifact_location={folder}/art", f"hydra.run.dir={folder}/run",
             f"hydra.sweep.dir={folder}/sweep"]
-    return subprocess.run([str(PYTHON), "-m", "lw.run", *mode, *base,
-                           *[o for o in given if o != "-m"]],
-                          cwd=folder, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=600)
+    # a secret's case keeps a real process: what it must not leave is in the process's output
+    return lw_cli(folder, *mode, *base, *[o for o in given if o != "-m"],
+                  in_process="credentials" not in name)
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +201,11 @@ def full_disks(tmp_path_factory):
             mounted.append(disk)
             store = tmp / f"store-{size}"
             store.mkdir()
-            done[name] = (store, subprocess.run(
-                [str(PYTHON), "-m", "lw.run", "model=tiny-pythia", "data=local",
-                 f"data.path={tmp}/good.jsonl", "data.n_prompts=8", "data.max_tokens=32",
-                 f"tracking.uri=sqlite:///{store}/mlflow.db",
-                 f"tracking.artifact_location={disk}/art", f"hydra.run.dir={disk}/run"],
-                cwd=store, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                timeout=600))
+            done[name] = (store, lw_cli(
+                store, "model=tiny-pythia", "data=local", f"data.path={tmp}/good.jsonl",
+                "data.n_prompts=8", "data.max_tokens=32",
+                f"tracking.uri=sqlite:///{store}/mlflow.db",
+                f"tracking.artifact_location={disk}/art", f"hydra.run.dir={disk}/run"))
     finally:
         for disk in mounted:
             subprocess.run(["umount", str(disk)], capture_output=True)

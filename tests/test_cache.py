@@ -205,16 +205,12 @@ def test_a_read_only_cache_folder_is_one_error_line(tmp_path):
 
 
 def test_the_cli_says_a_bad_cache_size_in_one_line_before_the_model_loads(tmp_path, job_args):
-    import subprocess
+    from conftest import lw_cli
 
-    from conftest import PYTHON, cli_env
-
-    done = subprocess.run(
-        [str(PYTHON), "-m", "lw.run", *job_args, "extraction.cache=true",
-         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/a",
-         f"hydra.run.dir={tmp_path}/run"],
-        cwd=tmp_path, env=cli_env(LW_CACHE_MAX_GB="20GB", LW_CACHE_DIR=str(tmp_path / "c")),
-        capture_output=True, text=True, timeout=600)
+    done = lw_cli(tmp_path, *job_args, "extraction.cache=true",
+                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                  f"tracking.artifact_location={tmp_path}/a", f"hydra.run.dir={tmp_path}/run",
+                  env={"LW_CACHE_MAX_GB": "20GB", "LW_CACHE_DIR": str(tmp_path / "c")})
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("[lw] error")]
     assert errors == ["[lw] error: LW_CACHE_MAX_GB='20GB': the activation cache's size limit "

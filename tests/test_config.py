@@ -6,25 +6,24 @@ from __future__ import annotations
 
 import copy
 import re
-import subprocess
 
 import pytest
 import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from conftest import PYTHON, ROOT, cli_env, compose, compose_job, group_options, option_yaml
+from conftest import ROOT, compose, compose_job, group_options, lw_cli, option_yaml
 from lw.config.schema import (
     DATA_SOURCES,
     METRIC_NAMES,
     MODEL_FAMILIES,
     MODEL_SOURCES,
     PERTURBATIONS,
-    ConfigError,
     LwConfig,
     ModelConfig,
     validate,
 )
+from lw.errors import ConfigError
 from lw.loading.architectures import ARCHITECTURES
 
 GROUPS = ("model", "data", "perturbation", "tracking")
@@ -196,9 +195,7 @@ def test_unknown_option_lists_the_options():
 
 
 def test_cli_unknown_option_is_short_and_lists_the_options(tmp_path):
-    proc = subprocess.run(
-        [str(PYTHON), "-m", "lw.run", "model=pythai"], cwd=tmp_path, env=cli_env(),
-        capture_output=True, text=True, timeout=120)
+    proc = lw_cli(tmp_path, "model=pythai")
     assert proc.returncode != 0
     err = proc.stderr
     assert "Could not find 'model/pythai'" in err

@@ -3,14 +3,12 @@ different widths, and a real sweep of two models whose parent run gets the matri
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, cli_env, compose_job
+from conftest import compose_job, lw_cli
 from lw.metrics.cka import cka_between
 from test_cka import hsic_biased, hsic_unbiased
 
@@ -45,12 +43,11 @@ def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, monkeypatc
 
     monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
     job = ["data.n_prompts=8", "data.max_tokens=32", "metrics=[cka]", "extraction.cache=true"]
-    done = subprocess.run(
-        [str(PYTHON), "-m", "lw.run", "-m", "model=tiny-pythia,tiny-mamba", *job,
-         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-         f"tracking.artifact_location={tmp_path}/art", f"hydra.sweep.dir={tmp_path}/multirun"],
-        cwd=tmp_path, env=cli_env(LW_CACHE_DIR=str(tmp_path / "cache")), capture_output=True,
-        text=True, timeout=900)
+    done = lw_cli(tmp_path, "-m", "model=tiny-pythia,tiny-mamba", *job,
+                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                  f"tracking.artifact_location={tmp_path}/art",
+                  f"hydra.sweep.dir={tmp_path}/multirun",
+                  env={"LW_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("lw").experiment_id

@@ -7,14 +7,13 @@ says which field changed, and each run carries its ``config/identity.json``."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 import lw.loading.hub
-from conftest import PYTHON, cli_env, compose_job, wiki_records
+from conftest import compose_job, lw_cli, wiki_records
 from lw.errors import LwError
 from lw.job.identity import (
     embedding_hash,
@@ -149,14 +148,11 @@ def test_the_mteb_cache_key_sees_every_knob_that_changes_an_embedding(hub_cache)
 
 # --- the CLI, a real local MLflow store ---------------------------------------------------
 
-def lw_run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [str(PYTHON), "-m", "lw.run", *overrides,
-               f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/art",
-               f"hydra.run.dir={tmp}/run"]
+def lw_run(tmp: Path, *overrides: str):
     # HOME is the test's folder (~ paths); the model cache stays where smollm2 was dequantized
-    return subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=600,
-                          env=cli_env(HOME=str(tmp), LW_CACHE_DIR=str(cache_dir()),
-                                      OMP_NUM_THREADS="1"))
+    return lw_cli(tmp, *overrides, f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                  f"tracking.artifact_location={tmp}/art", f"hydra.run.dir={tmp}/run",
+                  env={"HOME": str(tmp), "LW_CACHE_DIR": str(cache_dir())})
 
 
 def test_an_edited_file_reruns_its_job_and_says_which_field_changed(tmp_path):

@@ -5,7 +5,6 @@ forward pass of transformers' causal LM, and the per-subject correlations agains
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import PYTHON, ROOT, cli_env, compose_job, model_option
+from conftest import ROOT, compose_job, lw_cli, model_option
 from lw.config.schema import DataConfig
 from lw.errors import ConfigError, LwError
 from lw.loading.answers import output_embedding
@@ -173,10 +172,8 @@ def smollm2_job(tmp_path_factory):
                  "data.multiple_choice=true", "data.n_prompts=6", "data.min_tokens=1",
                  "data.max_tokens=96", "metrics=[prompt_entropy,mc_accuracy]",
                  "metric.normalizations=[max]"]
-    done = subprocess.run(
-        [str(PYTHON), "-m", "lw.run", *overrides, f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-         f"tracking.artifact_location={tmp}/artifacts", f"hydra.run.dir={tmp}/out"],
-        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    done = lw_cli(ROOT, *overrides, f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                  f"tracking.artifact_location={tmp}/artifacts", f"hydra.run.dir={tmp}/out")
     assert done.returncode == 0, done.stderr[-3000:]
     results = tmp / "out" / "results"
     return {"job": compose_job(overrides), "table": pd.read_csv(results / "table.csv"),

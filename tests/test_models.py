@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, cli_env, compose_job, load_option, model_option
+from conftest import compose_job, load_option, lw_cli, model_option
 from lw.errors import LwError
 from lw.job.extract import all_layers
 from lw.loading.models import load_model, load_tokenizer_of, offline_models
@@ -39,12 +38,10 @@ def test_hub_model_fails_fast_offline(hub, request):
 def test_cli_sweep_of_hub_models_fails_fast_and_clearly(tmp_path):
     """Every job of the sweep fails with "[lw] error in job #N: <what and why>" (no traceback);
     the parent run's callback reports the failed jobs and exits 1."""
-    proc = subprocess.run(
-        [str(PYTHON), "-m", "lw.run", "-m", "model=pythia,mamba", "data=wikitext,medical",
-         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-         f"tracking.artifact_location={tmp_path}/artifacts", f"hydra.sweep.dir={tmp_path}/mr"],
-        cwd=tmp_path, env=cli_env(HF_ENDPOINT="http://127.0.0.1:9"),
-        capture_output=True, text=True, timeout=180)  # a hang (retries on the hub) fails here
+    proc = lw_cli(tmp_path, "-m", "model=pythia,mamba", "data=wikitext,medical",
+                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                  f"tracking.artifact_location={tmp_path}/artifacts",
+                  f"hydra.sweep.dir={tmp_path}/mr", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 1, (out, err)
     assert "Traceback" not in err, err

@@ -7,9 +7,6 @@ Two tiny random-init models (a GPT-NeoX and a Mamba) x two local files the test 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import reference as ref
-from conftest import load_option, wiki_records
-from lw.loading.paths import PROJECT_ROOT
+from conftest import load_option, lw_cli, wiki_records
 
 N_PROMPTS = 5
 MAX_TOKENS = 40
@@ -34,13 +30,10 @@ def wiki_texts(n: int) -> list[str]:
     return [r["extract"] for r in wiki_records()[:n]]
 
 
-def sweep(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "HYDRA_FULL_ERROR": "0"}
-    command = [sys.executable, "-m", "lw.run", "-m", *overrides,
-               f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-               f"tracking.artifact_location={tmp}/artifacts", f"hydra.sweep.dir={tmp}/multirun"]
-    return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
-                          timeout=600)
+def sweep(tmp: Path, *overrides: str):
+    return lw_cli(tmp, "-m", *overrides, f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                  f"tracking.artifact_location={tmp}/artifacts",
+                  f"hydra.sweep.dir={tmp}/multirun")
 
 
 @pytest.fixture(scope="module")

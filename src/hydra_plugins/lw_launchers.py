@@ -183,8 +183,8 @@ class _ResumingLauncher:
         """The job's run, left RUNNING by its killed process: KILLED, with why (the sweep's
         summary lists it). Returns how many runs it closed."""
         from lw.tracking.resume import HASH_TAG, mark_killed
-        from lw.tracking.sweep_state import current
         from lw.tracking.store import client_for, experiment_id
+        from lw.tracking.sweep_state import current
 
         if job.digest is None or job.tracking is None:
             return 0

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from lw.config.tracking import TrackingConfig
 from lw.errors import LwError
+from lw.tracking import sweep_state
 from lw.tracking.jobdir import RUN_FILE, read_record, upload_job, write_record
 from lw.tracking.resume import HASH_TAG
-from lw.tracking import sweep_state
 from lw.tracking.store import client_for, experiment_id
 
 SYNCED_TAG = "lw.synced_from"

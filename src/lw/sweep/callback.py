@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lw.errors import LwError
 from lw.sweep.names import sweep_name
-from lw.tracking.health import fail_run
 from lw.tracking import sweep_state
+from lw.tracking.health import fail_run
 from lw.tracking.resume import Heartbeat, owner_tags, reap
 from lw.tracking.runs import PARAM_LIMIT, git_commit, lw_version, source_tags
 from lw.tracking.store import _tracking, client_for, experiment_id, runs_link, tracking_uri

@@ -13,14 +13,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lw.loading.paths import PROJECT_ROOT
-from lw.tracking.health import fail_run
 from lw.tracking import sweep_state
+from lw.tracking.health import fail_run
 from lw.tracking.jobdir import upload_files, write_config, write_record
 from lw.tracking.resume import HASH_TAG, KEY_TAG, owner_tags
 from lw.tracking.store import _tracking, experiment_id, tracking_uri
-
-
-
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
 
