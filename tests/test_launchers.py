@@ -81,13 +81,19 @@ def test_joblib_runs_jobs_in_parallel_into_one_store_losing_no_point(tmp_path):
     assert logged_points == expected_points > 200
 
 
-def test_joblib_workers_report_failures_when_tracking_itself_fails(tmp_path):
+def test_joblib_workers_compute_and_report_kept_jobs_when_tracking_itself_fails(tmp_path):
+    """No server: the good job still computes in its worker, the one with a missing file
+    fails for that; the sweep lists the failure, counts the job whose results wait for
+    lw.sync (its folder's lw_kept.txt) in its last line, and exits 1."""
     uri = f"http://127.0.0.1:{free_port()}"  # no server there: every job fails to track
     done = sweep(tmp_path, "seed=0", "tracking=server", f"tracking.uri={uri}",
                  "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     assert done.returncode == 1
     failed = [line for line in done.stdout.splitlines() if line.startswith("[lw] FAILED job #")]
-    assert len(failed) == 2 and all("unreachable" in line for line in failed), done.stdout
+    assert len(failed) == 1 and "missing.txt" in failed[0], done.stdout
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("[lw] 1 job of ") and "`python -m lw.sync " in last, done.stdout
+    assert [p.parent.name for p in tmp_path.rglob("lw_kept.txt")] == ["0"]
 
 
 def test_joblib_sweep_in_the_default_folder_counts_a_job_that_failed_before_its_run(tmp_path):

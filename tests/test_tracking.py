@@ -3,6 +3,7 @@ never reach params or artifacts, and an unreachable server fails fast and clearl
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -76,12 +77,31 @@ def test_a_job_logs_to_the_server_and_keeps_credentials_out(server, tmp_path):
     assert not [p for p in files if SECRET.encode() in p.read_bytes()]
 
 
-def test_an_unreachable_server_fails_fast_naming_it(tmp_path):
+def tiny_job(tmp: Path) -> list[str]:
+    data = tmp / "prompts.txt"
+    data.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:3]))
+    return ["data=local", f"data.path={data}", "data.n_prompts=3", "data.max_tokens=24",
+            "metrics=[prompt_entropy]"]
+
+
+def test_a_job_without_its_server_computes_and_says_where_its_results_are_kept(tmp_path):
+    """Nothing listens at the server's address: the job computes all the same (its folder
+    holds every file, lw_run.json without a run id), its last line names the server, the
+    folder and `python -m lw.sync`, and it exits 1."""
     uri = f"http://127.0.0.1:{free_port()}"                      # nothing listens there
-    done = run_lw(tmp_path, "model=tiny-pythia", "tracking=server", MLFLOW_TRACKING_URI=uri)
+    done = run_lw(tmp_path, "model=tiny-pythia", *tiny_job(tmp_path), "tracking=server",
+                  MLFLOW_TRACKING_URI=uri)
     assert done.returncode == 1
-    assert f"tracking server {uri} is unreachable" in done.stderr
+    out = tmp_path / "out"
+    assert done.stderr.splitlines()[-1] == (
+        f"[lw] job: tracking server {uri} is unreachable (Connection refused): the job's "
+        f"results are kept in {out}; `python -m lw.sync {out}` logs them once the server is "
+        "back"), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+    record = json.loads((out / "lw_run.json").read_text())
+    assert "run_id" not in record and record["result_tags"] and record["params"]
+    for name in ("results/table.csv", "figures/metrics_vs_depth.png", "config/config.yaml"):
+        assert (out / name).stat().st_size > 0, name
 
 
 def test_credentials_in_the_uri_are_refused_without_echoing_them(tmp_path):
@@ -92,13 +112,34 @@ def test_credentials_in_the_uri_are_refused_without_echoing_them(tmp_path):
     assert SECRET not in done.stderr + done.stdout
 
 
-def test_a_sweep_without_its_server_exits_1_and_says_which_jobs_failed(tmp_path):
+def test_a_sweep_without_its_server_computes_every_job_and_lw_sync_logs_them(server, tmp_path):
+    """The server is down from the sweep's start (no parent run): both jobs compute into their
+    folders, the sweep exits 1 with one last line saying 2 jobs wait for lw.sync; lw.sync
+    then logs both, once, as FINISHED plain runs."""
     uri = f"http://127.0.0.1:{free_port()}"
-    done = run_lw(tmp_path, "-m", "model=tiny-pythia,tiny-mamba", "tracking=server",
-                  MLFLOW_TRACKING_URI=uri)
-    assert done.returncode == 1
-    failed = [line for line in done.stdout.splitlines() if line.startswith("[lw] FAILED job #")]
-    assert len(failed) == 2 and all("unreachable" in line for line in failed)
+    done = run_lw(tmp_path, "-m", "model=tiny-pythia", "seed=0,1", *tiny_job(tmp_path),
+                  "tracking=server", "tracking.experiment=lw-offline", MLFLOW_TRACKING_URI=uri)
+    assert done.returncode == 1, done.stderr[-3000:]
+    sweep_dir = tmp_path / "multirun"
+    assert done.stdout.splitlines()[-1] == (
+        f"[lw] 2 jobs of {sweep_dir} computed without their tracking server: results kept in "
+        f"{sweep_dir}/<job #>/; `python -m lw.sync {sweep_dir}` logs them once the server is "
+        "back"), done.stdout[-3000:]
+    assert "FAILED" not in done.stdout and "Traceback" not in done.stderr
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "results" / "table.csv").exists()
+    live, _ = server
+    synced = subprocess.run([str(PYTHON), "-m", "lw.sync", str(sweep_dir), "--uri", live],
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert synced.stdout.splitlines()[-1] == "[lw] sync: 2 of 2 job folders in the store"
+    client = MlflowClient(live)
+    runs = client.search_runs([client.get_experiment_by_name("lw-offline").experiment_id])
+    assert sorted(r.data.tags["lw.seed"] for r in runs) == ["0", "1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert not [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    for run in runs:
+        assert len(client.get_metric_history(run.info.run_id, "prompt_entropy/max")) == 7
 
 
 def local_store(tmp: Path) -> list[str]:

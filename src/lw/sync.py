@@ -6,8 +6,11 @@ name, params, tags, the run's id once created; ``config/``, ``results/``, ``figu
 the store failed (a server that died), this logs the folder as the job's run: into the run the
 job created if the store has it, else into a new run with the same name, params and tags. The
 metric points carry the job's own timestamp, so the run equals the one an uninterrupted job
-logs. A job that already has a FINISHED run with its ``lw.job_hash`` is left alone: syncing
-twice creates no second run, and a re-run of the sweep then skips the job.
+logs. A job whose server was away from its start has no run id in ``lw_run.json``: it is
+logged as a new run (a child of its sweep's parent run when that exists, else a plain run).
+A job that already has a FINISHED run with its ``lw.job_hash`` is left alone (its own run, if
+left RUNNING, is closed KILLED): syncing twice creates no second run, and a re-run of the
+sweep then skips the job.
 
     python -m lw.sync multirun/2026-12-01/01-02-03            # every job of a sweep
     python -m lw.sync multirun/2026-12-01/01-02-03/0 --uri http://mlflow.example.org:5000
@@ -22,6 +25,7 @@ from pathlib import Path
 from lw.config.tracking import TrackingConfig
 from lw.errors import LwError
 from lw.tracking import sweep_state
+from lw.tracking.health import KEPT_FILE
 from lw.tracking.jobdir import RUN_FILE, read_record, upload_job, write_record
 from lw.tracking.resume import HASH_TAG
 from lw.tracking.store import client_for, experiment_id
@@ -72,9 +76,17 @@ def sync_job(folder: Path, uri: str | None = None) -> str:
     done = client.search_runs(
         [experiment], filter_string=f"attributes.status = 'FINISHED' and "
         f"tags.`{HASH_TAG}` = '{record['job_hash']}'", max_results=1)
-    if done:
-        return f"{folder}: already FINISHED in run {done[0].info.run_id}, nothing to do"
     run = _run_or_none(client, record.get("run_id"))
+    if done:
+        closed = ""
+        if run is not None and run.info.run_id != done[0].info.run_id and \
+                run.info.status == "RUNNING":  # the job's own run, left by a dead server
+            client.set_tag(run.info.run_id, "lw.killed_by", f"lw.sync: {done[0].info.run_id} "
+                           "holds this job's results")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed = f" (its own run {run.info.run_id} closed KILLED)"
+        (folder / KEPT_FILE).unlink(missing_ok=True)
+        return f"{folder}: already FINISHED in run {done[0].info.run_id}, nothing to do{closed}"
     if run is not None and run.info.experiment_id == experiment:
         run_id = run.info.run_id
         if "lw.error" in run.data.tags:  # what failed was the store, not the job
@@ -93,6 +105,7 @@ def sync_job(folder: Path, uri: str | None = None) -> str:
     upload_job(client, run_id, folder, ("config", "results", "figures"))
     client.set_tag(run_id, SYNCED_TAG, str(folder.resolve()))
     client.set_terminated(run_id, "FINISHED")
+    (folder / KEPT_FILE).unlink(missing_ok=True)
     return f"{folder}: logged as run {run_id} (FINISHED) in {tracking.uri}"
 
 

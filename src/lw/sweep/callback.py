@@ -4,6 +4,7 @@ jobs wherever they ran are gathered, and the sweep exits 1 when any job failed."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from lw.errors import LwError
 from lw.sweep.names import sweep_name
 from lw.tracking import sweep_state
-from lw.tracking.health import fail_run
+from lw.tracking.health import KEPT_FILE, fail_run, store_lost
 from lw.tracking.resume import Heartbeat, owner_tags, reap
 from lw.tracking.runs import PARAM_LIMIT, git_commit, lw_version, source_tags
 from lw.tracking.store import _tracking, client_for, experiment_id, runs_link, tracking_uri
@@ -113,24 +114,33 @@ class ParentRunCallback(Callback):
         if not current_ranks().is_main:  # one parent per sweep, however many ranks
             return
         sweep_dir = str(config.hydra.sweep.dir)
-        for name in (FAILED_FILE, SKIPPED_FILE):  # a re-run into the same sweep folder
+        for name in (FAILED_FILE, SKIPPED_FILE, KEPT_FILE):  # a re-run into the same sweep folder
             for old in Path(sweep_dir).rglob(name):
                 old.unlink()
+        varied = sweep_values(config)
+        # what the jobs read (lw.tracking.sweep_state), a parent run or not; its workers die
+        # with it (lw.resume)
+        state = sweep_state.SweepState(models=tuple(varied.get("model", [])),
+                                       varies=tuple(varied), pid=os.getpid())
+        sweep_state.begin(state)
         tracking = _tracking(config)
-        client = client_for(tracking)
-        experiment = experiment_id(client, tracking)
+        try:
+            client = client_for(tracking)
+            experiment = experiment_id(client, tracking)
+        except Exception as error:  # noqa: BLE001 - a store that is away stops no job
+            if not store_lost(error, tracking_uri(tracking)):
+                raise
+            print(f"[lw] tracking server {tracking_uri(tracking)} is unreachable: the sweep's "
+                  f"jobs compute into {sweep_dir}/<job #>/ without a parent run", flush=True)
+            return
         # a killed earlier sweep's parent and children: KILLED, not RUNNING forever
         reap(client, experiment, f"sweep {sweep_dir}")
-        varied = sweep_values(config)
         run = client.create_run(
             experiment, run_name=sweep_name(varied, Path(sweep_dir).name),
             tags={"lw.sweep_dir": sweep_dir, "lw.git_commit": git_commit(),
                   "lw.version": lw_version(), **owner_tags(), **source_tags(client.tracking_uri),
                   "lw.overrides": " ".join(config.hydra.overrides.task)[:PARAM_LIMIT]})
-        # what the jobs read (lw.tracking.sweep_state); its workers die with it (lw.resume)
-        sweep_state.begin(sweep_state.SweepState(
-            parent=run.info.run_id, models=tuple(varied.get("model", [])),
-            varies=tuple(varied), pid=os.getpid()))
+        sweep_state.begin(dataclasses.replace(state, parent=run.info.run_id))
         print(f"[lw] sweep {run.info.run_id} started; its runs: "
               f"{runs_link(client.tracking_uri, experiment)}", flush=True)
         HERE.heartbeats.append(Heartbeat(client, run.info.run_id).start())
@@ -152,6 +162,7 @@ class ParentRunCallback(Callback):
         sweep_dir = str(config.hydra.sweep.dir)
         failed_here = sorted(set(failed_here) | set(_job_files(sweep_dir, FAILED_FILE)))
         skipped = _job_files(sweep_dir, SKIPPED_FILE)
+        kept = len(_job_files(sweep_dir, KEPT_FILE))  # computed, waiting for lw.sync
         try:
             if parent is None:
                 raise LwError("no parent run")
@@ -177,8 +188,8 @@ class ParentRunCallback(Callback):
         except Exception:  # noqa: BLE001 - tracking is what failed: say what the jobs reported
             for line in failed_here:
                 print(f"[lw] FAILED job {line}")
-            print(folders_line(sweep_dir, store_failed=True))
-            if failed_here:
+            print(folders_line(sweep_dir, store_failed=True, kept=kept))
+            if failed_here or kept:
                 raise SystemExit(1) from None
             return
         # jobs that failed before their run was opened (a bad value, a task killed before
@@ -198,14 +209,19 @@ class ParentRunCallback(Callback):
                   f"{run.data.tags.get('lw.error', run.info.status)}")
         for line in uncovered:
             print(f"[lw] FAILED job {line}")
-        print(folders_line(sweep_dir, store_failed=bool(unfinished)))
-        if failed or failed_here or unfinished:
+        print(folders_line(sweep_dir, store_failed=bool(unfinished), kept=kept))
+        if failed or failed_here or unfinished or kept:
             raise SystemExit(1)
 
 
 
-def folders_line(sweep_dir: str, store_failed: bool) -> str:
-    """The sweep's last line: where every job's files are (and how to log them later)."""
+def folders_line(sweep_dir: str, store_failed: bool, kept: int = 0) -> str:
+    """The sweep's last line: where every job's files are, and how many of them wait for
+    ``lw.sync`` (jobs that computed while their store was away: KEPT_FILE in their folder)."""
+    if kept:
+        return (f"[lw] {kept} job{'s' if kept != 1 else ''} of {sweep_dir} computed without "
+                f"their tracking server: results kept in {sweep_dir}/<job #>/; "
+                f"`python -m lw.sync {sweep_dir}` logs them once the server is back")
     line = f"[lw] every job's files (results/, figures/, config/) are in {sweep_dir}/<job #>/"
     if store_failed:
         line += (f"; the store lacks some: `python -m lw.sync {sweep_dir}` logs those once the "

@@ -1,9 +1,12 @@
 """A logged job, the one way there is (``python -m lw.run`` and ``lw.measure(log=True)``): claim
 the job's run (identity, lock, resume: lw.tracking.resume.claim), compute, write the job folder,
-upload it, finish; a failure leaves the run FAILED and is raised."""
+upload it, finish; a failure leaves the run FAILED and is raised. A store that is away, at the
+start or at the end, interrupts nothing: the job computes into its folder and raises
+ResultsKept at its end (``python -m lw.sync`` logs the folder later)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +20,10 @@ from lw.job.plots import figures_of
 from lw.job.results import JobResult
 from lw.sweep.callback import SKIPPED_FILE
 from lw.sweep.names import RUN_NAME_MAX
-from lw.tracking.health import ServerWatch, fail_run
-from lw.tracking.jobdir import save_job_files, upload_job
+from lw.tracking.health import fail_run, results_kept, server_refuses, store_lost
+from lw.tracking.jobdir import read_record, save_job_files, upload_job
 from lw.tracking.resume import Claim, Heartbeat, claim
-from lw.tracking.runs import start_job_run
+from lw.tracking.runs import job_record, start_job_run
 from lw.tracking.store import client_for, experiment_id, tracking_uri
 
 
@@ -50,26 +53,38 @@ def logged_job(cfg: DictConfig, job: LwConfig, name: str, overrides: list[str], 
     name = short_name(name)
     client = found = None
     run_id: str | None = None
+    uri = tracking_uri(job.tracking)
+    away = None  # why the store is away: the job computes into its folder all the same
     with together("opening the MLflow run", ranks):
         if ranks.is_main:
-            client = client_for(job.tracking)
             identity, key = job_identity(job), job_key(job)
             digest = stable_hash(identity)  # = lw.identity.job_hash(job)
-            experiment = experiment_id(client, job.tracking)
-            found = claim(client, job.tracking, experiment, digest, label,
-                          lambda: start_job_run(client, cfg, name, overrides, digest, identity,
-                                                key, folder, experiment), key, identity)
-            run_id = found.run_id
-            if run_id is None:
-                print(found.said(label, digest), file=sys.stderr)
-                if in_sweep:
-                    note_skipped(found, label, folder)
+            try:
+                client = client_for(job.tracking)
+                experiment = experiment_id(client, job.tracking)
+                found = claim(client, job.tracking, experiment, digest, label,
+                              lambda: start_job_run(client, cfg, name, overrides, digest,
+                                                    identity, key, folder, experiment),
+                              key, identity)
+            except Exception as error:
+                if not store_lost(error, uri):
+                    raise
+                away = server_refuses(uri) or "connection failed"
+                found = None
+                run_id = offline_record(cfg, name, overrides, digest, identity, key, folder)
+                print(f"[lw] {label}: tracking server {uri} is unreachable ({away}); "
+                      f"computing into {folder} all the same", file=sys.stderr)
+            else:
+                run_id = found.run_id
+                if run_id is None:
+                    print(found.said(label, digest), file=sys.stderr)
+                    if in_sweep:
+                        note_skipped(found, label, folder)
     if from_main(found.done if found is not None else None, ranks) is not None:
         return None, found
-    uri = tracking_uri(job.tracking)
     try:
-        # rank 0: the run shows it is alive (lw.resume), and a dead server ends the job
-        with Heartbeat(client, run_id), ServerWatch(uri if ranks.is_main else ""):
+        # rank 0: the run shows it is alive (lw.resume); a dead server interrupts nothing
+        with Heartbeat(client if away is None else None, run_id):
             result = work()
             with together("saving and logging the results", ranks):
                 if ranks.is_main:
@@ -77,10 +92,32 @@ def logged_job(cfg: DictConfig, job: LwConfig, name: str, overrides: list[str], 
                     # nothing, and lw.sync can log the folder later.
                     save_job_files(result, figures_of(result, name),
                                    {"lw.output_dir": str(folder)}, folder)
-                    upload_job(client, run_id, folder)
-                    client.set_terminated(run_id, "FINISHED")
+                    away = away or server_refuses(uri)
+                    if away is None:
+                        try:
+                            upload_job(client, run_id, folder)
+                            client.set_terminated(run_id, "FINISHED")
+                        except Exception as error:
+                            if not store_lost(error, uri):
+                                raise
+                            away = server_refuses(uri) or "connection failed"
+                    if away is not None:
+                        raise results_kept(uri, folder, away)
         return result, found
     except BaseException as error:
-        if run_id is not None:
+        if run_id is not None and away is None:
             fail_run(client, run_id, error, uri, folder)
         raise
+
+
+def offline_record(cfg: DictConfig, name: str, overrides: list[str], digest: str,
+                   identity: dict, key: str, folder: Path) -> str | None:
+    """The job's record when its store is away: the run it opened before its server went away
+    (lw.sync reuses it), else the record of the run it would be (no run id)."""
+    record = read_record(folder)
+    mine = record.get("job_hash") == digest and \
+        record.get("tags", {}).get("lw.pid") == str(os.getpid())
+    if mine:
+        return record.get("run_id")
+    job_record(cfg, name, overrides, digest, identity, key, folder)
+    return None

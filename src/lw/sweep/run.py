@@ -26,7 +26,7 @@ from lw.sweep.callback import record_failure
 from lw.sweep.checks import user_error
 from lw.sweep.logged import logged_job, short_name
 from lw.sweep.names import run_name
-from lw.tracking.health import tracking_lost
+from lw.tracking.health import ResultsKept
 from lw.tracking.resume import die_with_sweep
 
 register_configs()
@@ -66,9 +66,15 @@ def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
     except Exception as caught:
-        # a tracking server that went away: one line, naming it and where the results are
-        error = tracking_lost(caught, str(cfg.tracking.uri or ""),
-                              HydraConfig.get().runtime.output_dir) or user_error(caught, cfg)
+        kept = caught if isinstance(caught, ResultsKept) else caught.__cause__
+        if isinstance(kept, ResultsKept):
+            # computed, its store away: the job's last line says where its results wait
+            job = f" #{HydraConfig.get().job.num}" if multirun else ""
+            print(f"[lw] job{job}: {kept}", file=sys.stderr, flush=True)
+            if not multirun:
+                sys.exit(1)
+            return  # the sweep counts its folder (KEPT_FILE) and exits non-zero
+        error = user_error(caught, cfg)
         if isinstance(error, LwError):  # the user's to fix: the message says what and how
             job = f" in job #{HydraConfig.get().job.num}" if multirun else ""
             print(f"[lw] error{job}: {error}", file=sys.stderr)

@@ -1,27 +1,38 @@
-"""A tracking server's health: whether it refuses connections, a watch that notices it dying,
-the one-line error for a job that lost it, and marking a run FAILED."""
+"""A tracking server's health: whether it refuses connections, whether an error is a store
+that went away, the one line a job whose results stay in its folder ends with, and marking a
+run FAILED.
+
+A store that is away never stops a computation (docs/DESIGN.md): a job computes to the end
+into its folder whatever its server does; if the store is unreachable when the job ends (or was
+at its start), the job says where its results are kept and exits non-zero, and `python -m
+lw.sync <folder>` logs them later. How long a job waits on a dead server at its end is bounded
+by lw.tracking.store.SERVER_RETRIES (about 15 s per refused request), and a job checks
+:func:`server_refuses` (``REFUSED_PROBE_S``) before it starts its uploads.
+"""
 
 
 from __future__ import annotations
 
-import signal
+import os
 import socket
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from lw.errors import LwError
 
-PROBE_S = 3.0        # how often a job checks that its tracking server accepts connections
+# How long one probe of the server (a TCP connect) may take before it counts as "slow, not
+# dead"; LW_REFUSED_PROBE_S makes it shorter (tests).
+REFUSED_PROBE_S = float(os.environ.get("LW_REFUSED_PROBE_S", "5"))
 
 
 
-DEAD_AFTER_S = 12.0  # refused that long (several probes in a row): the server is dead
+# In a job's folder: the line saying its results wait for lw.sync (removed by lw.sync once it
+# logged them); the sweep counts these files for its last line.
+KEPT_FILE = "lw_kept.txt"
 
 
 
-def server_refuses(uri: str, timeout: float = 5.0) -> str | None:
+def server_refuses(uri: str, timeout: float | None = None) -> str | None:
     """Why the tracking server at ``uri`` is dead (connection refused or reset, host
     unreachable), or None: it accepts connections, or is only slow (a timeout), or the store
     is not a server."""
@@ -30,7 +41,8 @@ def server_refuses(uri: str, timeout: float = 5.0) -> str | None:
         return None
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https"
-                                                             else 80)), timeout=timeout).close()
+                                                             else 80)),
+                                 timeout=timeout or REFUSED_PROBE_S).close()
     except TimeoutError:
         return None
     except OSError as error:
@@ -39,55 +51,8 @@ def server_refuses(uri: str, timeout: float = 5.0) -> str | None:
 
 
 
-class TrackingLost(LwError):
-    """The tracking server died while a job ran (ServerWatch)."""
-
-
-
-class ServerWatch:
-    """Ends the job once its tracking server has refused connections for ``dead_after``
-    seconds, whatever the job is doing (a forward pass, a metric, an upload): a probe every
-    ``every`` seconds from a daemon thread, then TrackingLost raised in the main thread. A
-    slow server (probes time out, requests take minutes) is waited for."""
-
-    def __init__(self, uri: str, every: float = PROBE_S, dead_after: float = DEAD_AFTER_S):
-        self.uri, self.every, self.dead_after = uri, every, dead_after
-        self.dead: str | None = None
-        self.lock, self.stop_event = threading.Lock(), threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True, name="lw-server-watch")
-        self.previous_handler = None
-
-    def _watch(self) -> None:
-        refused_since = None
-        while not self.stop_event.wait(self.every):
-            why = server_refuses(self.uri, timeout=self.every)
-            if why is None:
-                refused_since = None
-                continue
-            refused_since = refused_since or time.monotonic() - self.every
-            if time.monotonic() - refused_since >= self.dead_after:
-                with self.lock:
-                    if not self.stop_event.is_set():
-                        self.dead = why
-                        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-                return
-
-    def _raise(self, *_) -> None:
-        raise TrackingLost(f"tracking server {self.uri} is unreachable ({self.dead}) for "
-                           f"{self.dead_after:.0f} s")
-
-    def __enter__(self) -> ServerWatch:
-        watched = urlparse(self.uri).scheme in ("http", "https")
-        if watched and threading.current_thread() is threading.main_thread():
-            self.previous_handler = signal.signal(signal.SIGUSR1, self._raise)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with self.lock:
-            self.stop_event.set()
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGUSR1, self.previous_handler)
+class StoreUnreachable(LwError):
+    """The tracking server refused the connection (client_for, or a job's end)."""
 
 
 
@@ -97,7 +62,7 @@ def is_connection_failure(error: BaseException) -> bool:
 
     seen = 0
     while error is not None and seen < 20:
-        if isinstance(error, (TrackingLost, requests.exceptions.ConnectionError,
+        if isinstance(error, (StoreUnreachable, requests.exceptions.ConnectionError,
                               ConnectionRefusedError, ConnectionResetError)):
             return True
         text = str(error)
@@ -109,22 +74,34 @@ def is_connection_failure(error: BaseException) -> bool:
 
 
 
-def tracking_lost(error: BaseException, uri: str, folder: Path) -> LwError | None:
-    """The one-line error for a job whose tracking server went away (None for other errors):
-    the URI, and where the job's results are kept (lw.sync puts them in the store)."""
-    if isinstance(error, LwError) and not isinstance(error, TrackingLost):
-        return None  # already says what to do (client_for's unreachable server included)
-    if not is_connection_failure(error) or server_refuses(uri) is None and \
-            not isinstance(error, TrackingLost):
-        return None
-    results = Path(folder) / "results" / "table.csv"
-    kept = (f"its results are kept in {folder}; `python -m lw.sync {folder}` logs them once "
-            "the server is back" if results.exists() else
-            "the job did not finish; run it again once the server is back")
-    if isinstance(error, TrackingLost):
-        return LwError(f"{error}: {kept}")
-    return LwError(f"tracking server {uri} is unreachable "
-                   f"({server_refuses(uri) or 'connection failed'}): {kept}")
+def store_lost(error: BaseException, uri: str) -> bool:
+    """Whether ``error`` is the store that went away (a refused connection, a server that
+    now refuses), not the job's own failure."""
+    if isinstance(error, StoreUnreachable):
+        return True
+    if isinstance(error, LwError):
+        return False
+    return is_connection_failure(error) or server_refuses(uri) is not None and \
+        any(s in type(error).__name__ for s in ("Mlflow", "Connection", "HTTP"))
+
+
+
+class ResultsKept(LwError):
+    """The job computed to the end, its store is away: its results wait in its folder."""
+
+
+
+def results_kept(uri: str, folder: Path, why: str | None = None) -> ResultsKept:
+    """The job's last line when its store is away: its results are kept in its folder, and
+    the command that logs them. Written to the folder too (KEPT_FILE: the sweep counts it)."""
+    why = why or server_refuses(uri) or "connection failed"
+    line = (f"tracking server {uri} is unreachable ({why}): the job's results are kept in "
+            f"{folder}; `python -m lw.sync {folder}` logs them once the server is back")
+    try:
+        (Path(folder) / KEPT_FILE).write_text(line + "\n")
+    except OSError:
+        pass
+    return ResultsKept(line)
 
 
 

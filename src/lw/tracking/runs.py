@@ -112,20 +112,18 @@ def lw_version() -> str:
 
 
 
-def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
-                  job_hash: str, identity: dict | None = None, job_key: str = "",
-                  folder: Path | None = None, experiment: str | None = None) -> str:
-    """Create the job's run (a child when a sweep's parent exists) with params and tags,
-    its ``lw.job_hash`` and its owner (lw.resume: host, pid, heartbeat); the identity the
-    hash was taken of goes to ``config/identity.json``, its resolved commits to tags. With
-    ``folder`` (the job's Hydra folder), what the run is made of is written there first
-    (``config/``, ``lw_run.json``: what lw.sync needs). A failure after the run exists leaves
-    it FAILED. ``experiment``: its id where the caller has looked it up (one request less)."""
+def job_record(cfg: DictConfig, run_name: str, overrides: list[str], job_hash: str,
+               identity: dict | None = None, job_key: str = "",
+               folder: Path | None = None) -> tuple[Path, dict]:
+    """What the job's run is made of (name, params, tags with its ``lw.job_hash`` and owner),
+    written to ``folder`` (the job's Hydra folder) before any of it goes to the store:
+    ``config/`` and ``lw_run.json``, without a run id (lw.sync logs it from there). Needs no
+    store: a job whose server is away at its start computes with this record."""
     from lw.job.perturb import perturbation_tags  # torch: not on lw.sync's import path
 
     container = OmegaConf.to_container(cfg, resolve=True)
     tracking = _tracking(cfg)
-    exp = experiment or experiment_id(client, tracking)
+    uri = tracking_uri(tracking)
     tags = {
         HASH_TAG: job_hash, **owner_tags(),
         "lw.model": cfg.model.name, "lw.model.id": cfg.model.id,
@@ -135,25 +133,39 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
         "lw.version": lw_version(), "lw.git_commit": git_commit(),
         "lw.overrides": " ".join(overrides)[:PARAM_LIMIT],
         **identity_tags(identity or {}, job_key),
-        "mlflow.runColor": run_color(cfg.model.name), **source_tags(client.tracking_uri),
+        "mlflow.runColor": run_color(cfg.model.name), **source_tags(uri),
     }
     parent = sweep_state.current().parent
     if parent:
         tags["mlflow.parentRunId"] = parent
-    params = flatten(container)
     folder = Path(folder or tempfile.mkdtemp(prefix="lw-job-"))
     write_config(cfg, overrides, folder, identity)
-    record = {"run_name": run_name, "experiment": tracking.experiment,
-              "tracking_uri": tracking_uri(tracking), "job_hash": job_hash,
-              "tags": tags, "params": params}
+    record = {"run_name": run_name, "experiment": tracking.experiment, "tracking_uri": uri,
+              "job_hash": job_hash, "tags": tags, "params": flatten(container)}
     write_record(folder, record)
-    run = client.create_run(exp, run_name=run_name, tags=tags)
+    return folder, record
+
+
+
+def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
+                  job_hash: str, identity: dict | None = None, job_key: str = "",
+                  folder: Path | None = None, experiment: str | None = None) -> str:
+    """Create the job's run (a child when a sweep's parent exists) from its record
+    (:func:`job_record`, written to ``folder`` first; the run's id is added to it once the
+    run exists), with params, tags and the config files (``config/identity.json``: what the
+    hash was taken of). A failure after the run exists leaves it FAILED (or, on a dead server,
+    RUNNING until lw.sync logs the folder). ``experiment``: its id where the caller has looked
+    it up (one request less)."""
+    folder, record = job_record(cfg, run_name, overrides, job_hash, identity, job_key, folder)
+    tracking = _tracking(cfg)
+    exp = experiment or experiment_id(client, tracking)
+    run = client.create_run(exp, run_name=run_name, tags=record["tags"])
     run_id = run.info.run_id
     write_record(folder, {**record, "run_id": run_id})
     try:
         from mlflow.entities import Param
 
-        params_list = [Param(k, v) for k, v in params.items()]
+        params_list = [Param(k, v) for k, v in record["params"].items()]
         for start in range(0, len(params_list), 100):  # MLflow: at most 100 params per batch
             client.log_batch(run_id, params=params_list[start:start + 100])
         upload_files(client, run_id, folder, ["config"])
@@ -161,9 +173,6 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
         fail_run(client, run_id, error, tracking_uri(tracking), folder)
         raise
     return run_id
-
-
-
 
 
 

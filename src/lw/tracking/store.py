@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lw.config.tracking import TrackingConfig
 from lw.errors import LwError
 from lw.loading.paths import PROJECT_ROOT
+from lw.tracking.health import StoreUnreachable
 
 
 def telemetry_off(env=os.environ) -> None:
@@ -60,8 +61,9 @@ def artifact_location(cfg: TrackingConfig) -> str | None:
 # A slow server is waited for, a dead one is not: a request may take up to 180 s (a busy server
 # answering in 2 minutes fails nothing); a refused connection or a timeout is retried 4 times
 # with exponential backoff (about 15 s in all when refused; at most 5 x 180 s + 15 s when every
-# try times out). ServerWatch ends a job within DEAD_AFTER_S + PROBE_S of a server's death
-# whatever step it is in. The user's own MLFLOW_HTTP_REQUEST_* settings win.
+# try times out). A server's death never interrupts a job's computation; at its end a job
+# waits at most one refused request's retries (about 15 s) before it says its results are kept
+# (lw.tracking.health). The user's own MLFLOW_HTTP_REQUEST_* settings win.
 SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "180"}
@@ -84,14 +86,14 @@ def client_for(cfg: TrackingConfig):
         # exponential backoff: minutes); the user's own settings win.
         for name, value in SERVER_RETRIES.items():
             os.environ.setdefault(name, value)
-        # urllib3 logs a warning per retry; lw says in one line what failed (tracking_lost)
+        # urllib3 logs a warning per retry; lw says in one line what failed (results_kept)
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
             socket.create_connection((url.hostname, port), timeout=5).close()
         except OSError as error:
-            raise LwError(f"tracking server {uri} is unreachable ({error}); start it, fix "
-                          "tracking.uri, or use tracking=local") from None
+            raise StoreUnreachable(f"tracking server {uri} is unreachable ({error}); start "
+                                   "it, fix tracking.uri, or use tracking=local") from None
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     # MLflow creates a new SQLite store's tables on first use, and two processes doing it at
