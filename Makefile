@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The default sweep: real offline weights x real offline text.
 SWEEP  ?= model=smollm2,minilm data=wiki-vital,medical-hpo
 
-.PHONY: install run test ui server lint bench bench-sweep bench-report clean
+.PHONY: install run test test-fast ui server lint bench bench-sweep bench-report clean
 
 $(STAMP): pyproject.toml offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/lint-imports  # the layers contract (pyproject.toml [tool.importlinter])
 	$(PY) -m pytest -q --durations=15  # the slowest tests, to keep the suite's time in view
+
+# While working: the tests that start no service and run no whole sweep (marker `slow`)
+test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow" --durations=5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -59,6 +59,7 @@ def store():
     return {"uri": uri, "parent": parent, "logged": logged}
 
 
+@pytest.mark.slow
 def test_load_sweep_is_tidy_and_reads_back_every_value(store):
     frame = lw.load_sweep(uri=store["uri"])   # the latest sweep: not the older, empty one
     assert frame.attrs["parent"] == store["parent"]
@@ -76,6 +77,7 @@ def test_load_sweep_is_tidy_and_reads_back_every_value(store):
     assert minilm["depth"].max() == 1.0 and minilm["layer"].max() == 6
 
 
+@pytest.mark.slow
 def test_load_runs_gives_tags_and_summaries(store):
     runs = lw.load_runs(store["parent"], uri=store["uri"])
     assert len(runs) == 3 and set(runs["status"]) == {"FINISHED"}
@@ -83,6 +85,7 @@ def test_load_runs_gives_tags_and_summaries(store):
     assert (runs["summary/curvature/max_layer"] == 3.0).all()
 
 
+@pytest.mark.slow
 def test_measure_a_model_option_and_the_same_model_loaded_agree():
     texts = [r["extract"] for r in wiki_records()[:6]]
     knobs = dict(metrics=["prompt_entropy", "curvature"], data__max_tokens=24)
@@ -107,6 +110,7 @@ def test_measure_names_a_bad_knob():
     assert str(raised.value) == "data.n_prompts=-5: must be >= 1"  # the value and the range
 
 
+@pytest.mark.slow
 def test_measure_log_is_lw_run_one_claim_one_run(tmp_path, monkeypatch, capfd):
     """measure(log=True) logs as `python -m lw.run` does (identity, job key, resume): twice is
     one FINISHED run, the second call given its values; lw.run's run of the same job holds the

@@ -193,9 +193,9 @@ def test_a_read_only_cache_folder_is_one_error_line(tmp_path):
 
     folder = tmp_path / "ro"
     folder.mkdir(mode=0o555)
-    code = ("from lw import cache, config\n"
+    code = ("from lw import errors\nfrom lw.job import cache\n"
             "try:\n    cache.check()\n"
-            "except config.LwError as error:\n    print(f'[lw] error: {error}')\n")
+            "except errors.LwError as error:\n    print(f'[lw] error: {error}')\n")
     done = subprocess.run(without_privileges([str(PYTHON), "-c", code]), capture_output=True,
                           text=True, env=cli_env(LW_CACHE_DIR=str(folder)), timeout=300, cwd="/")
     lines = done.stdout.splitlines()
@@ -248,7 +248,7 @@ WORKER = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
 from conftest import compose_job
-from lw.job import compute
+from lw.job.stages import compute
 args, seeds, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
 jobs = [compose_job([*args, "extraction.cache=true", f"seed={{s}}"]) for s in seeds]
 (out / "ready").write_text("")
@@ -259,6 +259,7 @@ tables = [compute(job).table.to_dict(orient="list") for job in jobs]
 """
 
 
+@pytest.mark.slow
 def test_many_processes_storing_and_evicting_at_once(cache_home, job_args, tmp_path):
     """4 processes on the same job and 4 on different jobs, each job twice, with a limit so
     small that every store evicts every other entry: all exit 0 with an uncached run's values."""

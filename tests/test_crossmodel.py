@@ -12,6 +12,8 @@ from conftest import compose_job, lw_cli
 from lw.metrics.cka import cka_between
 from test_cka import hsic_biased, hsic_unbiased
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 
 @pytest.mark.parametrize("debiased", [False, True])
 def test_cka_between_models_of_different_widths_matches_reference(debiased):

@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from conftest import PYTHON, cli_env, compose_job, free_port, wiki_records
 from lw.job.stages import compute
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 BIN = PYTHON.parent
 METRICS = "[prompt_entropy,curvature,dataset_entropy,dip,infonce,dime,lidar]"
 # Batch mates change with the split (padding, matmul shapes): float32 states then differ in the

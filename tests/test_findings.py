@@ -12,6 +12,8 @@ import pytest
 from conftest import compose_job
 from lw.job.stages import compute
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 BASE = ["model=smollm2", "data=wiki-vital", "data.n_prompts=8", "data.min_tokens=32",
         "data.max_tokens=32", "metrics=[prompt_entropy]", "metric.normalizations=[max]"]
 

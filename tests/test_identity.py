@@ -155,6 +155,7 @@ def lw_run(tmp: Path, *overrides: str):
                   env={"HOME": str(tmp), "LW_CACHE_DIR": str(cache_dir())})
 
 
+@pytest.mark.slow
 def test_an_edited_file_reruns_its_job_and_says_which_field_changed(tmp_path):
     write_lines(tmp_path / "p.jsonl", [json.dumps({"text": r["extract"]})
                                        for r in wiki_records()[:6]])

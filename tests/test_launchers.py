@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF, PYTHON, cli_env, free_port, wiki_records
 from lw.config.schema import register_configs
+
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
 
 
 def sweep(tmp: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:

@@ -76,6 +76,7 @@ def test_lens_products_match_numpy_reference(last_normed):
         np.testing.assert_allclose(got["logit_lens/kl"][-1, :2].numpy(), 0.0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
     from transformers import AutoModelForCausalLM
 

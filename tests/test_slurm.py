@@ -19,6 +19,8 @@ from lw.config.tracking import TrackingConfig
 from lw.tracking.store import client_for
 from slurm_cluster import SlurmCluster, why_not
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 
 def _cluster(accounting: bool):
     reason = why_not(accounting)

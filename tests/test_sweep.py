@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 import reference as ref
 from conftest import load_option, lw_cli, wiki_records
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 N_PROMPTS = 5
 MAX_TOKENS = 40
 METRICS = "[prompt_entropy,curvature,dataset_entropy,dip,infonce,dime,lidar]"

@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import PYTHON, cli_env, free_port, wiki_records
 
+pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
+
 SECRET = "s3cret-password-for-test"
 
 

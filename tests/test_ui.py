@@ -27,8 +27,9 @@ try:
     import selenium  # noqa: F401
 except ImportError:
     MISSING.append("selenium (pip install -e '.[docs]')")
-pytestmark = pytest.mark.skipif(bool(MISSING), reason="no " + ", ".join(MISSING)
-                                + " (apt-get install -y chromium chromium-driver)")
+pytestmark = [pytest.mark.slow,  # services or whole sweeps: not in make test-fast
+              pytest.mark.skipif(bool(MISSING), reason="no " + ", ".join(MISSING)
+                                 + " (apt-get install -y chromium chromium-driver)")]
 sys.path.insert(0, str(ROOT / "docs" / "ui"))
 
 
