@@ -27,7 +27,7 @@ from typing import Any
 
 from lw.config.schema import DataConfig
 from lw.errors import LwError
-from lw.loading.sources import SOURCE_READERS, corpus_config
+from lw.loading.data_sources import SOURCE_READERS, corpus_config
 from lw.metrics.functional.choice import LETTERS
 
 TOKENIZE_CHUNK = 256
