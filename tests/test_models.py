@@ -15,7 +15,8 @@ import torch
 from conftest import PYTHON, cli_env, compose_job, load_option, model_option
 from lw.errors import LwError
 from lw.job.extract import all_layers
-from lw.loading.models import load_model, load_tokenizer_of, offline_models
+from lw.loading.model_sources import load_tokenizer_of, offline_models
+from lw.loading.models import load_model
 
 CPU = torch.device("cpu")
 
