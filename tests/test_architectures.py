@@ -23,7 +23,8 @@ from lw.config.schema import ModelConfig
 from lw.errors import LwError
 from lw.job.extract import all_layers
 from lw.loading.architectures import ARCHITECTURES, architecture, check_layer_convention
-from lw.loading.models import load_model, load_tokenizer_of
+from lw.loading.model_sources import load_tokenizer_of
+from lw.loading.models import load_model
 
 CPU = torch.device("cpu")
 N_PROMPTS = 5

@@ -14,8 +14,8 @@ import pytest
 import lw.loading.hub
 from lw.config.schema import DataConfig
 from lw.errors import LwError
+from lw.loading.data_sources import MEDICAL_TEMPLATE, _hub_table
 from lw.loading.prompts import PromptSet, load_prompts, read_records
-from lw.loading.sources import MEDICAL_TEMPLATE, _hub_table
 
 ROWS = [
     {"text": "the cat sat on the mat", "label": "animal"},

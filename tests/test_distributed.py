@@ -216,7 +216,7 @@ def test_max_memory_needs_a_device_map():
     with pytest.raises(ConfigError, match="model.max_memory needs model.device_map"):
         compose_job(["model=minilm", "+model.max_memory={cpu: 1GiB}"])
     job = compose_job(["model=minilm", "model.device_map=auto", "+model.max_memory.0=2GiB"])
-    from lw.loading.models import placement
+    from lw.loading.model_sources import placement
 
     assert placement(job.model)["max_memory"] == {0: "2GiB"}  # GPU indices as ints
 

@@ -76,7 +76,7 @@ def test_probe_accuracy_matches_scikit_learn_on_the_same_pooled_vectors(labelled
 
 
 def _job_order(job, rows) -> list[int]:
-    from lw.loading.models import load_tokenizer_of
+    from lw.loading.model_sources import load_tokenizer_of
     from lw.loading.prompts import load_prompts
 
     prompts = load_prompts(job.data, load_tokenizer_of("smollm2"))

@@ -81,7 +81,8 @@ def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
     from transformers import AutoModelForCausalLM
 
     from lw.job.stages import compute, plan_job
-    from lw.loading.models import _weights_folder, load_tokenizer
+    from lw.loading.model_sources import model_source
+    from lw.loading.models import load_tokenizer
 
     job = compose_job(["model=smollm2", "data.n_prompts=4", "data.max_tokens=24",
                        "data.min_tokens=8", "metrics=[logit_lens]"])
@@ -93,7 +94,7 @@ def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
     assert (table["logit_lens/kl"].iloc[:-1] > 0).all()
     # the causal LM, loaded independently, on the same prompts: its own mean next-token loss
     plan = plan_job(job, load_tokenizer(job.model))
-    lm = AutoModelForCausalLM.from_pretrained(_weights_folder(job.model)[0]).eval()
+    lm = AutoModelForCausalLM.from_pretrained(model_source(job.model).folder()[0]).eval()
     losses, tokens = 0.0, 0
     with torch.inference_mode():
         for prompt in plan.ids:

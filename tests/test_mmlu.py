@@ -88,7 +88,7 @@ def test_bad_multiple_choice_records_name_the_field(tmp_path):
 
 
 def test_long_questions_are_left_out_not_cut(tmp_path):
-    from lw.loading.models import load_tokenizer_of
+    from lw.loading.model_sources import load_tokenizer_of
 
     tokenizer = load_tokenizer_of("smollm2")
     prompts = load_prompts(mc_data(write_questions(tmp_path / "q.jsonl"), max_tokens=52,
@@ -187,12 +187,13 @@ def test_answer_logprobs_equal_an_unbatched_causal_lm_forward(smollm2_job):
     from transformers import AutoModelForCausalLM
 
     from lw.job.stages import plan_job
-    from lw.loading.models import _weights_folder, load_tokenizer
+    from lw.loading.model_sources import model_source
+    from lw.loading.models import load_tokenizer
 
     job = smollm2_job["job"]
     tokenizer = load_tokenizer(job.model)
     plan = plan_job(job, tokenizer)  # the job's prompts, in its order
-    causal = AutoModelForCausalLM.from_pretrained(_weights_folder(model_option("smollm2"))[0])
+    causal = AutoModelForCausalLM.from_pretrained(model_source(model_option("smollm2")).folder()[0])
     letters = letter_ids(tokenizer, 4)
     with torch.inference_mode():
         expected = torch.stack([

@@ -12,9 +12,16 @@ import pytest
 import torch
 
 from conftest import compose_job, load_option, lw_cli, model_option
+from lw.config.schema import MODEL_SOURCES
 from lw.errors import LwError
 from lw.job.extract import all_layers
-from lw.loading.models import load_model, load_tokenizer_of, offline_models
+from lw.loading.model_sources import (
+    MODEL_SOURCE_CLASSES,
+    load_tokenizer_of,
+    model_source,
+    offline_models,
+)
+from lw.loading.models import load_model
 
 CPU = torch.device("cpu")
 
@@ -153,3 +160,33 @@ def test_unknown_tokenizer_or_arch_lists_the_options():
     with pytest.raises(LwError, match="rwkv.*gpt_neox.*mamba"):
         load_model(cfg, CPU)
     assert {"smollm2", "minilm"} <= set(offline_models())
+
+
+# --- one class per model source -------------------------------------------------------------
+
+def test_every_model_source_has_exactly_one_class():
+    assert set(MODEL_SOURCE_CLASSES) == set(MODEL_SOURCES)
+    classes = list(MODEL_SOURCE_CLASSES.values())
+    assert len(set(classes)) == len(classes)
+    assert all(cls.name == name for name, cls in MODEL_SOURCE_CLASSES.items())
+    # every source but the hub has an offline option in conf/model/ (tested below)
+    assert {model_option(name).source for name in offline_models()} == set(MODEL_SOURCES) - {"hub"}
+
+
+@pytest.mark.parametrize("name", offline_models())
+def test_each_offline_option_loads_through_its_source_class(name, monkeypatch):
+    cfg = model_option(name)
+    cls = MODEL_SOURCE_CLASSES[cfg.source]
+    assert type(model_source(cfg)) is cls
+    calls, load = [], cls.load
+
+    def spy(self, seed):
+        calls.append(type(self))
+        return load(self, seed)
+
+    monkeypatch.setattr(cls, "load", spy)
+    loaded = load_model(cfg, CPU)
+    assert calls == [cls] and loaded.info.source == cfg.source
+    ids = torch.tensor([[1, 2, 3]])
+    hidden = all_layers(loaded, ids, torch.ones_like(ids, dtype=torch.bool))
+    assert hidden.shape[0] == loaded.info.n_layers + 1 and hidden.isfinite().all()

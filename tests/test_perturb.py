@@ -21,7 +21,7 @@ from lw.job.perturb import (
     repetition,
     special_ids,
 )
-from lw.loading.models import load_tokenizer_of
+from lw.loading.model_sources import load_tokenizer_of
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

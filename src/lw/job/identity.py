@@ -25,9 +25,9 @@ from pathlib import Path
 
 from lw.config.schema import DataConfig, LwConfig
 from lw.loading.assets import package_file_identity
+from lw.loading.data_sources import PACKAGED_FILES, corpus_config, hub_data_commit
 from lw.loading.models import weights_identity
 from lw.loading.paths import file_sha256
-from lw.loading.sources import PACKAGED_FILES, corpus_config, hub_data_commit
 
 # Bump when the forward products change meaning (a new product layout, a pooling fix), so
 # that old cache entries and old runs are not taken for new ones.

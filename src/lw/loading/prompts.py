@@ -27,7 +27,7 @@ from typing import Any
 
 from lw.config.schema import DataConfig
 from lw.errors import LwError
-from lw.loading.sources import SOURCE_READERS, corpus_config
+from lw.loading.data_sources import SOURCE_READERS, corpus_config
 from lw.metrics.functional.choice import LETTERS
 
 TOKENIZE_CHUNK = 256
@@ -106,9 +106,31 @@ def read_records(cfg: DataConfig) -> list[dict]:
     Records with a blank text, and with no label when ``data.label_field`` is set, are left out.
     """
     table = SOURCE_READERS[cfg.source](cfg)
-    rows, columns = table.rows, table.columns
-    if not rows:
+    if not table.rows:
         raise LwError(f"data {cfg.name!r} (source {cfg.source}, path {cfg.path!r}) has no records")
+    template = _check_fields(cfg, table)
+    records, blank = [], 0
+    for number, row in enumerate(table.rows, start=1):
+        if not _has_label(cfg, row):
+            continue
+        text, question, fields = _prompt(cfg, row, number, template, table.columns)
+        if text is None or _is_blank(str(text)):
+            blank += text is not None
+            continue
+        record = {"text": _with_answer(cfg, str(text), fields),
+                  "label": str(row[cfg.label_field]) if cfg.label_field else None}
+        if question is not None:
+            record["question"] = question
+        records.append(record)
+    _check_kept(cfg, records, len(table.rows), blank)
+    return records
+
+
+def _check_fields(cfg: DataConfig, table) -> str | None:
+    """The template the texts are formatted with (``data.template``, else the source's default
+    when ``data.text_field`` is not a column; None: the text field as it is), after checking
+    that every field the config names is a column of the records."""
+    columns = table.columns
     template = cfg.template
     if template is None and cfg.text_field not in columns:
         template = table.default_template
@@ -121,43 +143,55 @@ def read_records(cfg: DataConfig) -> list[dict]:
     if not cfg.multiple_choice and template is None and cfg.text_field not in columns:
         raise LwError(f"data.text_field={cfg.text_field!r} is not a field of data {cfg.name!r}; "
                       f"fields: {', '.join(columns)}")
-    suffix = {"direct": cfg.direct_template, "cot": cfg.cot_template}.get(cfg.answer)
     if cfg.label_field is not None and cfg.label_field not in columns:
         raise LwError(f"data.label_field={cfg.label_field!r} is not a field of data "
                       f"{cfg.name!r}; fields: {', '.join(columns)}")
-    records, blank = [], 0
-    for number, row in enumerate(rows, start=1):
-        label = row.get(cfg.label_field) if cfg.label_field else None
-        if cfg.label_field and (label is None or str(label).strip() == ""):
-            continue
-        question, fields = None, row
-        if cfg.multiple_choice:
-            text, question, extra = mmlu_prompt(cfg, row)
-            fields = {**row, **extra}
-        else:
-            text = _format(template, row, columns) if template else row.get(cfg.text_field)
-            if not (template or text is None or isinstance(text, str)):
-                raise LwError(f"data.text_field={cfg.text_field!r}: record {number} holds "
-                              f"{type(text).__name__} {str(text)[:60]!r}, not a string; "
-                              "name a text field, or format fields with data.template")
-        if text is None or _is_blank(str(text)):
-            blank += text is not None
-            continue
-        if suffix is not None:
-            text = str(text) + _format(suffix, fields, list(fields),
-                                       f"data.{cfg.answer}_template")
-        record = {"text": str(text), "label": None if label is None else str(label)}
-        if question is not None:
-            record["question"] = question
-        records.append(record)
+    return template
+
+
+def _has_label(cfg: DataConfig, row: dict[str, Any]) -> bool:
+    """False when ``data.label_field`` is set and the record's label is missing or blank."""
+    if not cfg.label_field:
+        return True
+    label = row.get(cfg.label_field)
+    return label is not None and str(label).strip() != ""
+
+
+def _prompt(cfg: DataConfig, row: dict[str, Any], number: int, template: str | None,
+            columns: list[str]) -> tuple[Any, Question | None, dict[str, Any]]:
+    """A record's prompt text (None: no text), its :class:`Question` (multiple choice only),
+    and the fields an answer template may use: the MMLU prompt for multiple-choice data, else
+    the template formatted over the record, else its text field (a string, or None)."""
+    if cfg.multiple_choice:
+        text, question, extra = mmlu_prompt(cfg, row)
+        return text, question, {**row, **extra}
+    if template:
+        return _format(template, row, columns), None, row
+    text = row.get(cfg.text_field)
+    if not (text is None or isinstance(text, str)):
+        raise LwError(f"data.text_field={cfg.text_field!r}: record {number} holds "
+                      f"{type(text).__name__} {str(text)[:60]!r}, not a string; "
+                      "name a text field, or format fields with data.template")
+    return text, None, row
+
+
+def _with_answer(cfg: DataConfig, text: str, fields: dict[str, Any]) -> str:
+    """``text`` with the answer appended (``data.answer``: direct or cot; none: as it is)."""
+    suffix = {"direct": cfg.direct_template, "cot": cfg.cot_template}.get(cfg.answer)
+    if suffix is None:
+        return text
+    return text + _format(suffix, fields, list(fields), f"data.{cfg.answer}_template")
+
+
+def _check_kept(cfg: DataConfig, records: list[dict], n_rows: int, blank: int) -> None:
+    """LwError when no record is left; a warning when some were left out as blank."""
     if not records:
-        raise LwError(f"data {cfg.name!r} has {len(rows)} rows but none with a non-blank text"
+        raise LwError(f"data {cfg.name!r} has {n_rows} rows but none with a non-blank text"
                       + (f" and a {cfg.label_field!r} label" if cfg.label_field else "")
                       + " (blank: only spaces and invisible characters such as U+200B)")
     if blank:
-        warnings.warn(f"data {cfg.name!r}: {blank} of {len(rows)} records have a blank text "
-                      "(only spaces and invisible characters); left out", stacklevel=2)
-    return records
+        warnings.warn(f"data {cfg.name!r}: {blank} of {n_rows} records have a blank text "
+                      "(only spaces and invisible characters); left out", stacklevel=3)
 
 
 def _is_blank(text: str) -> bool:
