@@ -246,6 +246,7 @@ def test_stale_temporary_folders_go_and_young_ones_count(cache_home, monkeypatch
 
 WORKER = """
 import json, sys, time
+from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import compose_job
 from lw.job.stages import compute

@@ -5,13 +5,15 @@ Lean on purpose: one sweep serves several assertions (each SLURM task is a pytho
 
 from __future__ import annotations
 
-import os
+import contextlib
+import fcntl
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import PYTHON, cli_env, wiki_records
@@ -81,9 +83,26 @@ def arrays_submitted(tmp: Path) -> int:
     return len([p for p in folder.iterdir() if p.is_dir()]) if folder.exists() else 0
 
 
-def cancel_when_running(cluster, tmp: Path, process, n_prompts: str) -> str:
+@contextlib.contextmanager
+def cache_gate(tmp: Path):
+    """The environment of a sweep (with ``extraction.cache=true``) whose jobs wait, after
+    their forward pass, on a lock this holds: the activation cache's eviction lock
+    (lw.job.cache.evict). A job to be cancelled then cannot finish before its cancel lands,
+    however fast it is; the others go on once the gate opens."""
+    cache = tmp / "cache"
+    (cache / "activations").mkdir(parents=True)
+    with open(cache / "activations.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield {"LW_CACHE_DIR": str(cache)}
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cancel_when_running(cluster, tmp: Path, process, n_prompts: str) -> tuple[str, int]:
     """scancel the array task of the job with ``data.n_prompts=n_prompts`` once its run is
-    open (RUNNING) and computing; returns the task id."""
+    open (RUNNING) and it waits at the sweep's cache gate; returns the task id and the job's
+    pid."""
     deadline = time.monotonic() + 300
     while True:
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -96,27 +115,39 @@ def cancel_when_running(cluster, tmp: Path, process, n_prompts: str) -> str:
     tasks = {i: s for i, s in cluster.jobs().items() if s == "RUNNING"}
     # job #0 is the array's task 0 (submitit submits the jobs in order)
     task = next(i for i in tasks if i.endswith("_0"))
-    # frozen, the job cannot finish in the KillWait seconds SLURM gives it after the cancel
-    # (a tiny job can: its run is then rightly FINISHED, not what this test is about)
-    os.kill(int(mine[0].data.tags["lw.pid"]), signal.SIGSTOP)
     cluster.run("scancel", task)
-    return task
+    return task, int(mine[0].data.tags["lw.pid"])
+
+
+def wait_gone(pid: int) -> None:
+    """Until the process ``pid`` has ended (a cancelled job: SLURM's SIGTERM, then SIGKILL)."""
+    deadline = time.monotonic() + 300
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"the cancelled job (pid {pid}) never ended"
+        time.sleep(0.2)
 
 
 def test_a_sweep_with_a_failing_job_and_a_cancelled_task_then_its_rerun(slurm, tmp_path):
     # jobs: #0 6 prompts (cancelled), #1 48 prompts, #2 a bad value (fails in its task)
-    grid = [f"data.path={tmp_path / 'good.txt'}", "data.n_prompts=6,48,-5"]
-    running = sweep(slurm, tmp_path, *grid, wait=False, LW_SLURM_GPUS="0",
-                    LW_SLURM_LOST_AFTER_S="5")
-    try:
-        task = cancel_when_running(slurm, tmp_path, running, "6")
-        # the sweep looks again only once the controller has forgotten the cancelled task
-        # (MinJobAge): with no sacct, nothing can tell how it ended, so it must be lost
-        running.send_signal(signal.SIGSTOP)
-        deadline = time.monotonic() + 300
-        while task in slurm.jobs():
-            assert time.monotonic() < deadline, "squeue never forgot the cancelled task"
-            time.sleep(0.5)
+    grid = [f"data.path={tmp_path / 'good.txt'}", "data.n_prompts=6,48,-5",
+            "extraction.cache=true"]  # (not part of a job's identity)
+    with cache_gate(tmp_path) as gated:
+        running = sweep(slurm, tmp_path, *grid, wait=False, LW_SLURM_GPUS="0",
+                        LW_SLURM_LOST_AFTER_S="5", **gated)
+        try:
+            task, pid = cancel_when_running(slurm, tmp_path, running, "6")
+            # the sweep looks again only once the controller has forgotten the cancelled
+            # task (MinJobAge): with no sacct, nothing can tell how it ended: it is lost
+            running.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 300
+            while task in slurm.jobs():
+                assert time.monotonic() < deadline, "squeue never forgot the cancelled task"
+                time.sleep(0.5)
+            wait_gone(pid)
+        except BaseException:
+            running.kill()
+            raise
+    try:  # the gate open: the other job finishes
         running.send_signal(signal.SIGCONT)
         out, err = running.communicate(timeout=600)
     finally:
@@ -135,7 +166,7 @@ def test_a_sweep_with_a_failing_job_and_a_cancelled_task_then_its_rerun(slurm, t
     parent = next(r for r in runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FINISHED" and parent.data.tags["lw.failed_jobs"] == "1"
 
-    again = sweep(slurm, tmp_path, *grid, LW_SLURM_GPUS="0")
+    again = sweep(slurm, tmp_path, *grid, LW_SLURM_GPUS="0", **gated)  # the gate open
     assert again.returncode == 1, again.stderr[-3000:]
     assert "job #1 (" in again.stderr and "not submitted" in again.stderr, again.stderr[-3000:]
     finished = [r for r in jobs_of(tmp_path) if r.info.status == "FINISHED"]
@@ -148,7 +179,7 @@ def test_a_sweep_with_a_failing_job_and_a_cancelled_task_then_its_rerun(slurm, t
 
     # both good jobs done: a re-run submits nothing at all
     arrays = arrays_submitted(tmp_path)
-    done = sweep(slurm, tmp_path, grid[0], "data.n_prompts=6,48", LW_SLURM_GPUS="0")
+    done = sweep(slurm, tmp_path, grid[0], "data.n_prompts=6,48", LW_SLURM_GPUS="0", **gated)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("not submitted") == 2
     assert arrays_submitted(tmp_path) == arrays
@@ -169,10 +200,17 @@ def test_gpus_asked_of_a_node_without_gpus_fail_before_submission(slurm, tmp_pat
 def test_with_accounting_a_cancelled_task_is_reported_with_its_state(slurm_with_accounting,
                                                                      tmp_path):
     cluster = slurm_with_accounting
-    running = sweep(cluster, tmp_path, f"data.path={tmp_path / 'good.txt'}",
-                    "data.n_prompts=6,48", wait=False, LW_SLURM_GPUS="0")
-    try:
-        task = cancel_when_running(cluster, tmp_path, running, "6")
+    with cache_gate(tmp_path) as gated:
+        running = sweep(cluster, tmp_path, f"data.path={tmp_path / 'good.txt'}",
+                        "data.n_prompts=6,48", "extraction.cache=true", wait=False,
+                        LW_SLURM_GPUS="0", **gated)
+        try:
+            task, pid = cancel_when_running(cluster, tmp_path, running, "6")
+            wait_gone(pid)
+        except BaseException:
+            running.kill()
+            raise
+    try:  # the gate open: the other job finishes
         out, err = running.communicate(timeout=600)
     finally:
         running.kill()
