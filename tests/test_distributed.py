@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, cli_env, compose_job, free_port, wiki_records
+from conftest import PYTHON, cli_env, compose_job, free_port, read_runs, wiki_records
 from lw.job.stages import compute
 
 pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
@@ -47,11 +47,6 @@ def launch(launcher: list[str], tmp: Path, *overrides: str,
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
 ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def runs(tmp: Path) -> list:
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    return client.search_runs([client.get_experiment_by_name("lw").experiment_id])
 
 
 def curves(tmp: Path, run) -> dict[str, np.ndarray]:
@@ -104,7 +99,7 @@ def torchrun_sweep(tmp_path_factory):
 def test_two_process_sweep_is_one_parent_with_two_children(torchrun_sweep):
     tmp, done = torchrun_sweep["tmp"], torchrun_sweep["done"]
     assert done.returncode == 1, done.stderr[-3000:]  # a job failed
-    found = runs(tmp)  # one run per job, not one per rank
+    found = read_runs(tmp)  # one run per job, not one per rank
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
@@ -124,7 +119,7 @@ def test_two_process_sweep_is_one_parent_with_two_children(torchrun_sweep):
 def test_two_processes_log_what_one_process_logs(torchrun_sweep):
     """Job #1 ran after job #0 failed on rank 0 alone: its values are the 1-process values."""
     tmp, seed = torchrun_sweep["tmp"], "1"
-    (run,) = [r for r in runs(tmp) if r.data.params.get("seed") == seed]
+    (run,) = [r for r in read_runs(tmp) if r.data.params.get("seed") == seed]
     assert run.data.metrics["n_prompts"] == 12
     assert_logged_as_one_process(curves(tmp, run), [*tiny_job(torchrun_sweep["path"]),
                                                     f"seed={seed}"])
@@ -136,7 +131,7 @@ def test_accelerate_launch_logs_what_one_process_logs(tmp_path):
            "data.max_tokens=48", "extraction.batch_size=4"]
     done = launch(ACCELERATE, tmp_path, *job)
     assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = runs(tmp_path)
+    (run,) = read_runs(tmp_path)
     assert run.info.status == "FINISHED"
     assert (tmp_path / "run" / "results" / "table.csv").exists()
     assert_logged_as_one_process(curves(tmp_path, run), job)
@@ -164,7 +159,7 @@ def test_a_failure_on_one_rank_ends_both_and_fails_the_run(tmp_path):
     assert [p.returncode for p in processes] == [1, 1], outputs
     for _, stderr in outputs:
         assert "rank 1 of 2 failed in planning the prompts" in stderr
-    (run,) = runs(tmp_path)
+    (run,) = read_runs(tmp_path)
     assert run.info.status == "FAILED"
     assert "rank 1 of 2 failed" in run.data.tags["lw.error"]
 
@@ -244,6 +239,6 @@ def test_two_ranks_complete_a_partial_cache_entry(tmp_path, monkeypatch):
     for mode in ("paper", "official"):
         spectra = held[f"spectrum/{mode}"]                         # (N, L+1, m)
         assert (spectra.sum(-1) > 0).all(), mode                   # no prompt left empty
-    (run,) = runs(tmp_path)
+    (run,) = read_runs(tmp_path)
     uncached = [o for o in official if o != "extraction.cache=true"]
     assert_logged_as_one_process(curves(tmp_path, run), uncached)
