@@ -308,4 +308,3 @@ class SlurmLauncher(_ResumingLauncher, plugin.SlurmLauncher):
 
 class LocalLauncher(_ResumingLauncher, plugin.LocalLauncher):
     _what = "local task"
-

@@ -160,8 +160,6 @@ class ExtractionConfig:
                "cuda:<index>")
 
 
-
-
 @dataclass
 class LwConfig:
     model: ModelConfig = MISSING

@@ -89,8 +89,6 @@ def token_norm_diagnostic(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str,
             "token_norm/argmax_position": (position - first_real).double()}
 
 
-
-
 def pool(hidden: torch.Tensor, kept: torch.Tensor, how: str = "mean") -> torch.Tensor:
     """One vector per prompt and layer from token states.
 

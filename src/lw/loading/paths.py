@@ -11,16 +11,13 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # src/lw/loading/paths.py -> the checkout
 
 
-
 def cache_dir() -> Path:
     return Path(os.environ.get("LW_CACHE_DIR", Path.home() / ".cache" / "lw"))
-
 
 
 def file_sha256(path: Path) -> str:
     stat = Path(path).stat()
     return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-
 
 
 @lru_cache(maxsize=64)

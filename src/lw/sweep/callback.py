@@ -42,7 +42,6 @@ def sweep_values(config: DictConfig) -> dict[str, list[str]]:
     return varied
 
 
-
 @dataclass
 class InProcess:
     """What the sweep keeps in its own process, beside what it shares (lw.tracking.sweep_state):
@@ -61,11 +60,9 @@ class InProcess:
 HERE = InProcess()
 
 
-
 # The same, and the jobs skipped as already done, as files in each job's folder: jobs of the
 # joblib and submitit launchers run in other processes (or on other machines).
 FAILED_FILE, SKIPPED_FILE = "lw_failed.txt", "lw_skipped.txt"
-
 
 
 def record_failure(line: str, output_dir: str | Path) -> None:
@@ -74,7 +71,6 @@ def record_failure(line: str, output_dir: str | Path) -> None:
         (Path(output_dir) / FAILED_FILE).write_text(line + "\n")
     except OSError:  # a read-only or full folder: this process still counts it
         pass
-
 
 
 def _close_parent_at_exit(config: DictConfig) -> None:
@@ -95,13 +91,8 @@ def _close_parent_at_exit(config: DictConfig) -> None:
         pass
 
 
-
 def _job_files(sweep_dir: str, name: str) -> list[str]:
     return sorted(p.read_text().strip() for p in Path(sweep_dir).rglob(name))
-
-
-
-
 
 
 class ParentRunCallback(Callback):
@@ -212,7 +203,6 @@ class ParentRunCallback(Callback):
         print(folders_line(sweep_dir, store_failed=bool(unfinished), kept=kept))
         if failed or failed_here or unfinished or kept:
             raise SystemExit(1)
-
 
 
 def folders_line(sweep_dir: str, store_failed: bool, kept: int = 0) -> str:

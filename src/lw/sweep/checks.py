@@ -21,17 +21,14 @@ from lw.errors import LwError
 _CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s@,]+@", re.IGNORECASE)
 
 
-
 # What a folder lw or Hydra must write to can fail with: the user's to fix.
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
                errno.ENOTDIR, errno.EEXIST)
 
 
-
 def _refuse(message: str) -> None:
     print(f"[lw] error: {message}", file=sys.stderr)
     sys.exit(1)
-
 
 
 def _writable(folder: str, knob: str) -> None:
@@ -43,7 +40,6 @@ def _writable(folder: str, knob: str) -> None:
     except OSError as error:
         _refuse(f"{knob}={folder}: cannot write there ({error.strerror or error}); choose a "
                 "writable folder")
-
 
 
 class StartChecks(Callback):
@@ -67,7 +63,6 @@ class StartChecks(Callback):
         _writable(str(config.hydra.sweep.dir), "hydra.sweep.dir")
 
 
-
 def _knob_of(path: str, cfg: DictConfig) -> str:
     """The setting that chose where ``path`` is (for the error line), or ""."""
     tracking = cfg.get("tracking", {})
@@ -82,7 +77,6 @@ def _knob_of(path: str, cfg: DictConfig) -> str:
     return ""
 
 
-
 def _full_disk(error: BaseException | None) -> bool:
     """A full disk anywhere in the chain: writers that name no file (shutil's copy into the
     artifact store, pyarrow) raise ENOSPC without a filename, or only say it in words."""
@@ -92,7 +86,6 @@ def _full_disk(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
-
 
 
 def user_error(error: Exception, cfg: DictConfig) -> Exception:

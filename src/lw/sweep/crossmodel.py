@@ -30,7 +30,6 @@ def job_of_run(client, run) -> LwConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LwConfig), loaded))
 
 
-
 def pooled_of(job: LwConfig) -> torch.Tensor | None:
     """``(N, L+1, D)`` the job's pooled vectors from the activation cache, or None."""
     from lw.job import cache
@@ -40,7 +39,6 @@ def pooled_of(job: LwConfig) -> torch.Tensor | None:
     return None if found is None else found.prompts.pooled
 
 
-
 def prompts_key(job: LwConfig) -> str:
     """What must agree for two jobs to have measured the same prompts: all but the model."""
     from lw.job.identity import forward_identity, stable_hash
@@ -48,13 +46,11 @@ def prompts_key(job: LwConfig) -> str:
     return stable_hash({k: v for k, v in forward_identity(job).items() if k != "model"})
 
 
-
 def prompt_texts(job: LwConfig) -> list[str]:
     from lw.job.stages import plan_job
     from lw.loading.models import load_tokenizer
 
     return plan_job(job, load_tokenizer(job.model)).texts
-
 
 
 def common_rows(texts_a: list[str], texts_b: list[str]) -> tuple[list[int], list[int]]:
@@ -71,13 +67,11 @@ def common_rows(texts_a: list[str], texts_b: list[str]) -> tuple[list[int], list
     return rows_a, rows_b
 
 
-
 def group_label(run_name: str, model: str) -> str:
     """What tells a sweep's groups of jobs apart, from a run name ("smollm2 skip_first=1"):
     the name without the model, as a file name."""
     rest = [part for part in run_name.split() if part != model]
     return "_".join(rest).replace("/", "-").replace("=", "-") or "jobs"  # a metric name
-
 
 
 def depth_table(matrix: torch.Tensor) -> pd.DataFrame:
@@ -89,13 +83,11 @@ def depth_table(matrix: torch.Tensor) -> pd.DataFrame:
     return table
 
 
-
 def depth_diagonal(matrix: torch.Tensor) -> float:
     """Mean CKA of each row layer with the column layer at the nearest relative depth."""
     rows, cols = matrix.shape
     nearest = np.rint(np.arange(rows) / (rows - 1) * (cols - 1)).astype(int)
     return float(np.nanmean(matrix.numpy()[np.arange(rows), nearest]))
-
 
 
 def heat_map(matrix: torch.Tensor, a: str, b: str, name: str = "cka"):
@@ -110,7 +102,6 @@ def heat_map(matrix: torch.Tensor, a: str, b: str, name: str = "cka"):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
-
 
 
 def cross_model(client, parent: str, name: str = "cka", runs: list | None = None,
@@ -172,7 +163,6 @@ def cross_model(client, parent: str, name: str = "cka", runs: list | None = None
                 Metric(f"{label}/{key}/n_prompts", float(len(rows_a)), stamp, 0)])
             found[key] = matrix
     return found
-
 
 
 def after_sweep(client, parent: str, runs: list) -> None:

@@ -18,7 +18,6 @@ def short_value(key: str, value: str) -> str:
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
-
 def sweep_name(varied: dict[str, list[str]], folder: str) -> str:
     """A parent run named after what the sweep varies: "sweep smollm2,minilm x wiki-vital"."""
     parts = []
@@ -31,7 +30,6 @@ def sweep_name(varied: dict[str, list[str]], folder: str) -> str:
 
 
 RUN_NAME_MAX = 250  # runs.name is VARCHAR(250) in MLflow's SQL stores (PostgreSQL enforces it)
-
 
 
 def run_name(job: LwConfig, overrides: list[str]) -> str:

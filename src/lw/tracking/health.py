@@ -25,11 +25,9 @@ from lw.errors import LwError
 REFUSED_PROBE_S = float(os.environ.get("LW_REFUSED_PROBE_S", "5"))
 
 
-
 # In a job's folder: the line saying its results wait for lw.sync (removed by lw.sync once it
 # logged them); the sweep counts these files for its last line.
 KEPT_FILE = "lw_kept.txt"
-
 
 
 def server_refuses(uri: str, timeout: float | None = None) -> str | None:
@@ -50,10 +48,8 @@ def server_refuses(uri: str, timeout: float | None = None) -> str | None:
     return None
 
 
-
 class StoreUnreachable(LwError):
     """The tracking server refused the connection (client_for, or a job's end)."""
-
 
 
 def is_connection_failure(error: BaseException) -> bool:
@@ -73,7 +69,6 @@ def is_connection_failure(error: BaseException) -> bool:
     return False
 
 
-
 def store_lost(error: BaseException, uri: str) -> bool:
     """Whether ``error`` is the store that went away (a refused connection, a server that
     now refuses), not the job's own failure."""
@@ -85,10 +80,8 @@ def store_lost(error: BaseException, uri: str) -> bool:
         any(s in type(error).__name__ for s in ("Mlflow", "Connection", "HTTP"))
 
 
-
 class ResultsKept(LwError):
     """The job computed to the end, its store is away: its results wait in its folder."""
-
 
 
 def results_kept(uri: str, folder: Path, why: str | None = None) -> ResultsKept:
@@ -102,7 +95,6 @@ def results_kept(uri: str, folder: Path, why: str | None = None) -> ResultsKept:
     except OSError:
         pass
     return ResultsKept(line)
-
 
 
 def fail_run(client, run_id: str, error: BaseException, uri: str, folder: Path | None) -> None:

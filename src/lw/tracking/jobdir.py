@@ -15,10 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 DEPTH_PREFIX = "depth/"  # per-layer curves again, keyed by depth per-mille (log_result)
 
 
-
 IDENTITY_FILE = "identity.json"  # artifact config/identity.json: what lw.job_hash was taken of
 RUN_FILE = "lw_run.json"  # in the job folder: the run's name, params, tags and id (lw.sync)
-
 
 
 def write_config(cfg: DictConfig, overrides: list[str], folder: Path,
@@ -32,11 +30,9 @@ def write_config(cfg: DictConfig, overrides: list[str], folder: Path,
             json.dumps(identity, indent=2, default=str))
 
 
-
 def read_record(folder: Path) -> dict:
     path = Path(folder) / RUN_FILE
     return json.loads(path.read_text()) if path.exists() else {}
-
 
 
 def write_record(folder: Path, record: dict) -> None:
@@ -45,7 +41,6 @@ def write_record(folder: Path, record: dict) -> None:
     part = path.with_name(path.name + ".part")
     part.write_text(json.dumps(record, indent=1))
     part.replace(path)
-
 
 
 def save_job_files(result, figures: dict[str, Any], extra_tags: dict[str, str],
@@ -69,9 +64,7 @@ def save_job_files(result, figures: dict[str, Any], extra_tags: dict[str, str],
     write_record(folder, {**record, "result_tags": tags, "logged_at": int(time.time() * 1000)})
 
 
-
 LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
-
 
 
 def result_metrics(folder: Path, timestamp: int) -> list:
@@ -99,7 +92,6 @@ def result_metrics(folder: Path, timestamp: int) -> list:
     return metrics
 
 
-
 def upload_job(client, run_id: str, folder: Path,
                subfolders: tuple[str, ...] = ("results", "figures")) -> None:
     """Put a job folder's results into its run: metric points and result tags in batches
@@ -120,7 +112,6 @@ def upload_job(client, run_id: str, folder: Path,
     upload_files(client, run_id, folder, list(subfolders))
 
 
-
 def upload_files(client, run_id: str, folder: Path, subfolders: list[str]) -> None:
     """Every file of ``folder/<sub>`` as the run's artifact ``<sub>/...``, a few at once (a
     slow server costs one round trip, not one per file)."""
@@ -135,14 +126,12 @@ def upload_files(client, run_id: str, folder: Path, subfolders: list[str]) -> No
         list(pool.map(lambda item: client.log_artifact(run_id, str(item[0]), item[1]), files))
 
 
-
 def log_result(client, run_id: str, result, figures: dict[str, Any],
                extra_tags: dict[str, str], folder: Path | None = None) -> None:
     """A finished job's files written to ``folder`` (its Hydra folder), then put in its run."""
     folder = Path(folder or tempfile.mkdtemp(prefix="lw-job-"))
     save_job_files(result, figures, extra_tags, folder)
     upload_job(client, run_id, folder)
-
 
 
 def save_result_files(result, folder: Path) -> None:

@@ -30,7 +30,6 @@ def open_store(uri: str | None = None):
     return client_for(TrackingConfig(uri=uri))
 
 
-
 def latest_parent(client, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -42,7 +41,6 @@ def latest_parent(client, experiment: str) -> str:
     return runs[0].info.run_id
 
 
-
 @dataclass
 class SweepResults:
     runs: list                              # the finished child runs read (MLflow Run objects)
@@ -51,7 +49,6 @@ class SweepResults:
     per_prompt: dict[str, pd.DataFrame]     # run_id -> per-prompt rows (prompt, layer, ...)
     tables: dict[str, pd.DataFrame]         # run_id -> per-layer table
     missing: list[str] = field(default_factory=list)  # "run name: what could not be read"
-
 
 
 def children(client, parent: str) -> list:
@@ -68,10 +65,8 @@ def children(client, parent: str) -> list:
             return found
 
 
-
 def finished_children(client, parent: str) -> list:
     return [r for r in children(client, parent) if r.info.status == "FINISHED"]
-
 
 
 def read_sweep(client, parent: str, per_prompt: bool = True) -> SweepResults:
@@ -131,7 +126,6 @@ def read_sweep(client, parent: str, per_prompt: bool = True) -> SweepResults:
     return SweepResults(read, curves, prompts, tables, missing)
 
 
-
 def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
     """Long rows, one per (child run, metric, layer): run tags, layer, depth_pct, value."""
     curves = read_sweep(client, parent, per_prompt=False).curves
@@ -139,7 +133,6 @@ def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
     if rows.empty:
         raise LwError(f"no finished child run of {parent} logged {', '.join(metrics)}")
     return rows.reset_index(drop=True)
-
 
 
 def run_results(client, run_id: str) -> tuple[pd.DataFrame, dict, dict]:

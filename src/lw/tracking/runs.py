@@ -22,16 +22,11 @@ from lw.tracking.store import _tracking, experiment_id, tracking_uri
 PARAM_LIMIT = 6000  # MLflow's longest param value
 
 
-
 # Run colours in the UI's charts (tag mlflow.runColor): a fixed palette, the slot from a hash
 # of the model name, so a model keeps its colour across sweeps (the UI's own colour comes
 # from a hash of the run id: two models often share one).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#8C564B",
            "#F0E442", "#7F7F7F", "#000000")
-
-
-
-
 
 
 def run_colors(models: list[str]) -> dict[str, str]:
@@ -52,10 +47,8 @@ def run_colors(models: list[str]) -> dict[str, str]:
     return taken
 
 
-
 def run_color(model: str) -> str:
     return run_colors([*sweep_state.current().models, model])[model]
-
 
 
 def run_user(uri: str) -> str:
@@ -71,11 +64,9 @@ def run_user(uri: str) -> str:
         return "unknown"
 
 
-
 def source_tags(uri: str) -> dict[str, str]:
     return {"mlflow.user": run_user(uri), "mlflow.source.name": "lw.run",
             "mlflow.source.type": "LOCAL"}
-
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -86,7 +77,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): str(tree)[:PARAM_LIMIT]}
-
 
 
 def git_commit() -> str:
@@ -101,7 +91,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-
 def lw_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -109,7 +98,6 @@ def lw_version() -> str:
         return version("lw")
     except PackageNotFoundError:
         return "unknown"
-
 
 
 def job_record(cfg: DictConfig, run_name: str, overrides: list[str], job_hash: str,
@@ -146,7 +134,6 @@ def job_record(cfg: DictConfig, run_name: str, overrides: list[str], job_hash: s
     return folder, record
 
 
-
 def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
                   job_hash: str, identity: dict | None = None, job_key: str = "",
                   folder: Path | None = None, experiment: str | None = None) -> str:
@@ -173,7 +160,6 @@ def start_job_run(client, cfg: DictConfig, run_name: str, overrides: list[str],
         fail_run(client, run_id, error, tracking_uri(tracking), folder)
         raise
     return run_id
-
 
 
 def identity_tags(identity: dict, job_key: str) -> dict[str, str]:

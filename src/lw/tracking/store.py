@@ -32,9 +32,7 @@ def telemetry_off(env=os.environ) -> None:
         env["MLFLOW_DISABLE_TELEMETRY"] = env["DO_NOT_TRACK"] = "true"
 
 
-
 telemetry_off()  # before any MLflow client exists (lw imports mlflow lazily, after this)
-
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -43,7 +41,6 @@ def tracking_uri(cfg: TrackingConfig) -> str:
         return cfg.uri
     (PROJECT_ROOT / "mlruns").mkdir(exist_ok=True)
     return f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
-
 
 
 def artifact_location(cfg: TrackingConfig) -> str | None:
@@ -57,7 +54,6 @@ def artifact_location(cfg: TrackingConfig) -> str | None:
     return (database.parent / "artifacts").as_uri()
 
 
-
 # A slow server is waited for, a dead one is not: a request may take up to 180 s (a busy server
 # answering in 2 minutes fails nothing); a refused connection or a timeout is retried 4 times
 # with exponential backoff (about 15 s in all when refused; at most 5 x 180 s + 15 s when every
@@ -67,7 +63,6 @@ def artifact_location(cfg: TrackingConfig) -> str | None:
 SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "180"}
-
 
 
 def client_for(cfg: TrackingConfig):
@@ -105,7 +100,6 @@ def client_for(cfg: TrackingConfig):
     return client
 
 
-
 @contextlib.contextmanager
 def store_lock(cfg: TrackingConfig):
     """An exclusive lock on a local SQLite store (a file beside it: every process on this
@@ -127,7 +121,6 @@ def store_lock(cfg: TrackingConfig):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-
 # The experiment kind MLflow documents for training runs. MLflow 3.17.2's UI ignores it: a
 # feature flag compiled on makes the top-left "GenAI / Model training" switch decide the view
 # (the URL's ?workflowType=, else the browser's localStorage `mlflow.workflowType_v1`, else
@@ -135,7 +128,6 @@ def store_lock(cfg: TrackingConfig):
 # that; the links lw gives (README, `make ui`, `python -m lw.server`) end in
 # `#/experiments/<id>?workflowType=machine_learning`.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
 
 
 def experiment_id(client, cfg: TrackingConfig) -> str:
@@ -147,7 +139,6 @@ def experiment_id(client, cfg: TrackingConfig) -> str:
                                         tags=EXPERIMENT_KIND)
     except Exception:  # another job of the sweep created it first
         return client.get_experiment_by_name(cfg.experiment).experiment_id
-
 
 
 def _tracking(cfg: DictConfig) -> TrackingConfig:

@@ -16,7 +16,6 @@ from lw.metrics.functional.entropy import check_compat, compact, prep
 ZERO_STEP = 1e-12
 
 
-
 def curvature(h: Tensor, mask: Tensor | None, compat: str = "paper") -> Tensor:
     """Mean turning angle between successive steps of the prepped token trajectory.
 
@@ -39,7 +38,6 @@ def curvature(h: Tensor, mask: Tensor | None, compat: str = "paper") -> Tensor:
     return prepped_curvature(prep(h, mask), mask, compat)
 
 
-
 def prepped_curvature(z: Tensor, mask: Tensor | None, compat: str = "paper") -> Tensor:
     """:func:`curvature` of already prepped rows ``z = prep(h, mask)`` (``mask`` bool), for
     callers that share one prep between metrics."""
@@ -47,13 +45,11 @@ def prepped_curvature(z: Tensor, mask: Tensor | None, compat: str = "paper") -> 
     return _mean_angle(*_turning_cosines(z, mask), compat)
 
 
-
 def prepped_curvatures(z: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
     """``{"paper": C, "official": C}`` of prepped rows, sharing the costly part (the step
     cosines), so that both modes can be kept (the activation cache serves either)."""
     cos, valid = _turning_cosines(z, mask)
     return {compat: _mean_angle(cos, valid, compat) for compat in ("paper", "official")}
-
 
 
 def _turning_cosines(z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -68,7 +64,6 @@ def _turning_cosines(z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     norms = lengths[..., 1:] * lengths[..., :-1]
     valid = real_step[..., 1:] & real_step[..., :-1]
     return (dots / torch.where(valid, norms, 1.0)).clamp(-1.0, 1.0), valid
-
 
 
 def _mean_angle(cos: Tensor, valid: Tensor, compat: str) -> Tensor:
