@@ -183,6 +183,30 @@ def option_yaml(group: str, name: str) -> dict:
 
 
 @pytest.fixture(scope="session")
+def shared_models() -> Path:
+    """The lw cache of this test run's environment, holding what lw derives once from packaged
+    weights: smollm2's tokenizer (the tiny models borrow it) is made here if it is not."""
+    from lw.loading.model_sources import load_tokenizer_of
+    from lw.loading.paths import cache_dir
+
+    load_tokenizer_of("smollm2")
+    return cache_dir()
+
+
+@pytest.fixture
+def lw_cache(tmp_path, shared_models) -> Path:
+    """A test's own lw cache (for LW_CACHE_DIR): no activations, no prompts, and links to the
+    model folders lw derived already (content-named, never written again), so a test that
+    isolates its activation cache does not dequantize a model or rebuild a tokenizer."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    for entry in shared_models.iterdir():
+        if entry.is_dir() and "-" in entry.name and not entry.name.startswith("."):
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_pythia():
     return load_option("tiny-pythia")
 

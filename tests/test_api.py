@@ -15,7 +15,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import lw
-from conftest import PYTHON, cli_env, load_option, wiki_records
+from conftest import PYTHON, cli_env, load_option, lw_cli, wiki_records
 
 
 def test_import_lw_loads_no_torch():
@@ -111,11 +111,11 @@ def test_measure_names_a_bad_knob():
 
 
 @pytest.mark.slow
-def test_measure_log_is_lw_run_one_claim_one_run(tmp_path, monkeypatch, capfd):
+def test_measure_log_is_lw_run_one_claim_one_run(tmp_path, lw_cache, monkeypatch, capfd):
     """measure(log=True) logs as `python -m lw.run` does (identity, job key, resume): twice is
     one FINISHED run, the second call given its values; lw.run's run of the same job holds the
     same values, and a measure into lw.run's store finds lw.run's run."""
-    monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))  # the logged prompts file
+    monkeypatch.setenv("LW_CACHE_DIR", str(lw_cache))  # the logged prompts file
     texts = [r["extract"] for r in wiki_records()[:6]]
     knobs = dict(metrics=["prompt_entropy", "curvature"], data__max_tokens=24, log=True,
                  tracking__uri=f"sqlite:///{tmp_path}/m.db",
@@ -136,14 +136,12 @@ def test_measure_log_is_lw_run_one_claim_one_run(tmp_path, monkeypatch, capfd):
                                                                               "config")]
 
     # the same job through `python -m lw.run`, into a store of its own
-    path = next(Path(tmp_path / "cache" / "prompts").glob("*.txt"))
-    done = subprocess.run(
-        [str(PYTHON), "-m", "lw.run", "model=tiny-pythia", "data=local", f"data.path='{path}'",
-         "data.n_prompts=6", "data.max_tokens=24", "metrics=[prompt_entropy,curvature]",
-         f"tracking.uri=sqlite:///{tmp_path}/cli.db",
-         f"tracking.artifact_location={tmp_path}/cli-art", f"hydra.run.dir={tmp_path}/run"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=cli_env(LW_CACHE_DIR=str(tmp_path / "cache")))
+    path = next(Path(lw_cache / "prompts").glob("*.txt"))
+    done = lw_cli(tmp_path, "model=tiny-pythia", "data=local", f"data.path='{path}'",
+                  "data.n_prompts=6", "data.max_tokens=24", "metrics=[prompt_entropy,curvature]",
+                  f"tracking.uri=sqlite:///{tmp_path}/cli.db",
+                  f"tracking.artifact_location={tmp_path}/cli-art",
+                  f"hydra.run.dir={tmp_path}/run", env={"LW_CACHE_DIR": str(lw_cache)})
     assert done.returncode == 0, done.stderr[-3000:]
     cli = MlflowClient(f"sqlite:///{tmp_path}/cli.db")
     cli_run = cli.search_runs([cli.get_experiment_by_name("lw").experiment_id])[0]

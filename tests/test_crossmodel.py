@@ -40,16 +40,16 @@ def test_pairs_are_compared_on_the_prompts_both_measured_matched_by_text():
         "pooling-last_skip_first-0"
 
 
-def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, monkeypatch):
+def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, lw_cache, monkeypatch):
     from lw.sweep.crossmodel import pooled_of
 
-    monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LW_CACHE_DIR", str(lw_cache))
     job = ["data.n_prompts=8", "data.max_tokens=32", "metrics=[cka]", "extraction.cache=true"]
     done = lw_cli(tmp_path, "-m", "model=tiny-pythia,tiny-mamba", *job,
                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                   f"tracking.artifact_location={tmp_path}/art",
                   f"hydra.sweep.dir={tmp_path}/multirun",
-                  env={"LW_CACHE_DIR": str(tmp_path / "cache")})
+                  env={"LW_CACHE_DIR": str(lw_cache)})
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("lw").experiment_id

@@ -73,11 +73,11 @@ def test_layer_distance_job_matches_plain_forward_pass():
         f"blocks {start + 1}-{start + 2} ")
 
 
-def test_layer_distance_products_are_cached_and_a_larger_max_n_runs_the_pass(tmp_path,
+def test_layer_distance_products_are_cached_and_a_larger_max_n_runs_the_pass(lw_cache,
                                                                              monkeypatch):
     from lw.job.stages import compute
 
-    monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LW_CACHE_DIR", str(lw_cache))
     job = ["model=tiny-pythia", "data.n_prompts=6", "data.max_tokens=32",
            "metrics=[layer_distance]", "extraction.cache=true"]
     first = compute(compose_job([*job, "metric.layer_distance.max_n=2"]))

@@ -84,12 +84,12 @@ def arrays_submitted(tmp: Path) -> int:
 
 
 @contextlib.contextmanager
-def cache_gate(tmp: Path):
+def cache_gate(cache: Path):
     """The environment of a sweep (with ``extraction.cache=true``) whose jobs wait, after
     their forward pass, on a lock this holds: the activation cache's eviction lock
     (lw.job.cache.evict). A job to be cancelled then cannot finish before its cancel lands,
-    however fast it is; the others go on once the gate opens."""
-    cache = tmp / "cache"
+    however fast it is; the others go on once the gate opens. ``cache``: the sweep's lw cache
+    (conftest.lw_cache)."""
     (cache / "activations").mkdir(parents=True)
     with open(cache / "activations.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -127,11 +127,12 @@ def wait_gone(pid: int) -> None:
         time.sleep(0.2)
 
 
-def test_a_sweep_with_a_failing_job_and_a_cancelled_task_then_its_rerun(slurm, tmp_path):
+def test_a_sweep_with_a_failing_job_and_a_cancelled_task_then_its_rerun(slurm, tmp_path,
+                                                                       lw_cache):
     # jobs: #0 6 prompts (cancelled), #1 48 prompts, #2 a bad value (fails in its task)
     grid = [f"data.path={tmp_path / 'good.txt'}", "data.n_prompts=6,48,-5",
             "extraction.cache=true"]  # (not part of a job's identity)
-    with cache_gate(tmp_path) as gated:
+    with cache_gate(lw_cache) as gated:
         running = sweep(slurm, tmp_path, *grid, wait=False, LW_SLURM_GPUS="0",
                         LW_SLURM_LOST_AFTER_S="5", **gated)
         try:
@@ -198,9 +199,9 @@ def test_gpus_asked_of_a_node_without_gpus_fail_before_submission(slurm, tmp_pat
 
 
 def test_with_accounting_a_cancelled_task_is_reported_with_its_state(slurm_with_accounting,
-                                                                     tmp_path):
+                                                                     tmp_path, lw_cache):
     cluster = slurm_with_accounting
-    with cache_gate(tmp_path) as gated:
+    with cache_gate(lw_cache) as gated:
         running = sweep(cluster, tmp_path, f"data.path={tmp_path / 'good.txt'}",
                         "data.n_prompts=6,48", "extraction.cache=true", wait=False,
                         LW_SLURM_GPUS="0", **gated)

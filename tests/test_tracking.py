@@ -35,7 +35,8 @@ def server(tmp_path_factory):
         [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp}/server.db",
          "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # no GenAI job runners
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
                MLFLOW_FLASK_SERVER_SECRET_KEY=env.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
                or secrets.token_hex(32))
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's GenAI job runner (huey consumer processes, each importing all of MLflow) runs
+    # nothing lw logs: off unless the team turns it on
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # MLflow's workers leave lock files in the temp folder (db_init_lock-<hash>): theirs is
     # one of lw.server's own, removed when the server stops
     import tempfile

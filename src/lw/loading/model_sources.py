@@ -118,6 +118,11 @@ class GgufPackageSource(_PackagedSource):
     def folder(self) -> tuple[Path, str]:
         return _dequantized_gguf(self.cfg)
 
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(_gguf_tokenizer_folder(self.cfg))
+
 
 class RandomSource(ModelSource):
     """Random initialisation of ``model.arch`` (seeded by the job), borrowing the tokenizer of
@@ -233,13 +238,11 @@ def offline_models() -> list[str]:
 
 def load_tokenizer_of(name: str):
     """Tokenizer of an offline model option (random-init models borrow one)."""
-    from transformers import AutoTokenizer
-
     path = PROJECT_ROOT / "conf" / "model" / f"{name}.yaml"
     if not path.exists():
         raise LwError(f"model.tokenizer={name!r}: choose one of {', '.join(offline_models())}")
     cfg = ModelConfig(**yaml.safe_load(path.read_text()))
-    return AutoTokenizer.from_pretrained(model_source(cfg).folder()[0])
+    return model_source(cfg).tokenizer()
 
 
 def placement(cfg: ModelConfig) -> dict:
@@ -255,44 +258,78 @@ def placement(cfg: ModelConfig) -> dict:
     return kwargs
 
 
-def _dequantized_gguf(cfg: ModelConfig) -> tuple[Path, str]:
-    """Folder with the GGUF model dequantized and saved in safetensors (made once, ~30 s)."""
+def _gguf_file(cfg: ModelConfig) -> tuple[Path, str]:
     gguf = package_folder(cfg.module, cfg.package) / cfg.file
     if not gguf.exists():
         raise LwError(f"{gguf} not found in package {cfg.package}")
-    sha = file_sha256(gguf)
-    folder = cache_dir() / f"{cfg.name}-{sha[:16]}"
-    if not (folder / "config.json").exists():
+    return gguf, file_sha256(gguf)
+
+
+def _made_once(folder: Path, marker: str, what: str, make) -> Path:
+    """``folder`` in the lw cache (complete when it holds ``marker``), written by
+    ``make(tmp)`` the first time it is asked for into a temporary folder renamed at the end:
+    a half-written one is never picked up."""
+    if (folder / marker).exists():
+        return folder
+    try:  # said before the seconds of making it
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
+    except OSError as error:
+        raise LwError(f"LW_CACHE_DIR={cache_dir()}: {what} is made once into it, and it "
+                      f"cannot be written ({error.strerror or error}); set LW_CACHE_DIR to a "
+                      "writable folder") from None
+    try:
+        make(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(folder)
+    except OSError:
+        # Another job (a parallel sweep) finished the same folder first: keep theirs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / marker).exists():
+            raise
+    return folder
+
+
+def _dequantized_gguf(cfg: ModelConfig) -> tuple[Path, str]:
+    """Folder with the GGUF model dequantized and saved in safetensors (made once, ~30 s)."""
+    gguf, sha = _gguf_file(cfg)
+
+    def make(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:  # said before the ~30 s of dequantizing
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
-        except OSError as error:
-            raise LwError(f"LW_CACHE_DIR={cache_dir()}: model {cfg.name} is dequantized once "
-                          f"into it, and it cannot be written ({error.strerror or error}); "
-                          "set LW_CACHE_DIR to a writable folder") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            # Saving a model that still carries the GGUF quantizer would write a config that
-            # asks for GGUF again; the weights are plain float tensors by now.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        try:
-            tmp.rename(folder)  # atomic: a half-written cache is never picked up
-        except OSError:
-            # Another job (a parallel sweep) finished the same cache first: keep theirs.
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (folder / "config.json").exists():
-                raise
-    return folder, sha
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Saving a model that still carries the GGUF quantizer would write a config that
+        # asks for GGUF again; the weights are plain float tensors by now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _made_once(cache_dir() / f"{cfg.name}-{sha[:16]}", "config.json",
+                      f"model {cfg.name}", make), sha
+
+
+def _gguf_tokenizer_folder(cfg: ModelConfig) -> Path:
+    """The GGUF model's tokenizer alone: the dequantized folder's when it is made, else read
+    from the GGUF's metadata and saved once (~5 s instead of dequantizing every weight, for
+    the random-init models that borrow it)."""
+    gguf, sha = _gguf_file(cfg)
+    whole = cache_dir() / f"{cfg.name}-{sha[:16]}"
+    if (whole / "config.json").exists():
+        return whole
+
+    def make(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _made_once(whole.with_name(whole.name + "-tokenizer"), "tokenizer_config.json",
+                      f"the tokenizer of {cfg.name}", make)
 
 
 def hub_commit(cfg: ModelConfig) -> str:
