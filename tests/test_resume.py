@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import test_tracking
-from conftest import PYTHON, cli_env, compose_job
+from conftest import PYTHON, cli_env, compose_job, lw_cli
 from lw.config.tracking import TrackingConfig
 from lw.job.identity import job_hash
 from lw.tracking.resume import (
@@ -180,16 +180,16 @@ def test_resume_and_rerun_on_a_tracking_server(server, tmp_path):
         **owner_tags(), "lw.pid": str(_exited_pid()),
         HASH_TAG: job_hash(compose_job(job))})
     args = [*job, f"hydra.run.dir={tmp_path}/run"]
-    first = lw_run(tmp_path, *args, MLFLOW_TRACKING_URI=uri)
+    first = lw_cli(tmp_path, *args, env={"MLFLOW_TRACKING_URI": uri})
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"run {dead.info.run_id} (killed) was left RUNNING" in first.stderr
     assert client.get_run(dead.info.run_id).info.status == "KILLED"
-    second = lw_run(tmp_path, *args, MLFLOW_TRACKING_URI=uri)
+    second = lw_cli(tmp_path, *args, env={"MLFLOW_TRACKING_URI": uri})
     assert second.returncode == 0 and "skipped, already FINISHED" in second.stderr
     runs = client.search_runs([experiment])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
     assert socket.gethostname() == runs[0].data.tags["lw.host"]
-    forced = lw_run(tmp_path, *args, "tracking.rerun=true", MLFLOW_TRACKING_URI=uri)
+    forced = lw_cli(tmp_path, *args, "tracking.rerun=true", env={"MLFLOW_TRACKING_URI": uri})
     assert forced.returncode == 0 and "skipped" not in forced.stderr
     runs = client.search_runs([experiment])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]

@@ -23,7 +23,15 @@ import pandas as pd
 import pytest
 import requests
 
-from conftest import PYTHON, cli_env, free_port, wiki_records, without_privileges
+from conftest import (
+    PYTHON,
+    CliResult,
+    cli_env,
+    free_port,
+    lw_cli,
+    wiki_records,
+    without_privileges,
+)
 
 pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
 
@@ -143,8 +151,11 @@ class Server:
 
 
 def sweep(tmp: Path, uri: str, *overrides: str, user=("alice", ALICE_PW),
-          wait: bool = True, timeout: float = 400, out: str = "out", **extra_env: str):
-    """``python -m lw.run`` on tiny models and real text, logging to ``uri`` as ``user``."""
+          wait: bool = True, timeout: float = 400, out: str = "out", in_process: bool = False,
+          **extra_env: str):
+    """``python -m lw.run`` on tiny models and real text, logging to ``uri`` as ``user``: a
+    process of its own (the password in its environment only), or with ``in_process`` in
+    this one (conftest.lw_cli) where what it logs is all a test reads."""
     data = tmp / "prompts.txt"
     if not data.exists():
         data.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:8]))
@@ -154,8 +165,11 @@ def sweep(tmp: Path, uri: str, *overrides: str, user=("alice", ALICE_PW),
                "metrics=[prompt_entropy,dataset_entropy,dip]", "tracking=server",
                *[o for o in overrides if o != "-m"],
                f"hydra.run.dir={tmp}/{out}", f"hydra.sweep.dir={tmp}/multirun"]
-    env = cli_env(MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME=user[0],
-                  MLFLOW_TRACKING_PASSWORD=user[1], **extra_env)
+    env = dict(MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME=user[0],
+               MLFLOW_TRACKING_PASSWORD=user[1], **extra_env)
+    if in_process:
+        return lw_cli(tmp, *command[3:], env=env, timeout=timeout)
+    env = cli_env(**env)
     if not wait:
         return subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -519,7 +533,7 @@ class SlowProxy:
 
 # Longer than any timeout of lw's own (a probe's connect: 5 s), far below MLflow's request
 # timeout (180 s, SERVER_RETRIES): a slow answer is waited for, whatever its length between.
-SLOW_S = 8.0
+SLOW_S = 6.0
 
 
 def test_four_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_point(
@@ -564,6 +578,29 @@ def test_four_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_
             assert sorted(values) == table["layer"].tolist(), column
             assert all(same(values[layer], v) for layer, v in zip(table["layer"], table[column],
                                                                    strict=True))
+
+
+def sync_as_alice(uri: str, folder: Path) -> CliResult:
+    """``python -m lw.sync folder`` logging to ``uri`` as alice, in this process."""
+    import contextlib
+    import io
+
+    from lw import sync
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    os.environ.update(MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME="alice",
+                      MLFLOW_TRACKING_PASSWORD=ALICE_PW)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            sync.main([str(folder)])
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if isinstance(stop.code, str):
+            err.write(stop.code)
+    finally:
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(name, None)
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 def run_as_alice(uri: str, artifacts: Path | None = None) -> dict:
@@ -637,7 +674,10 @@ def test_a_server_killed_mid_job_stops_nothing_and_lw_sync_logs_it_once(postgres
         "".join(r["extract"] + "\n" for r in wiki_records()[:32]))
     knobs = ("model=tiny-pythia", "data.n_prompts=32", "data.max_tokens=64",
              "metrics=[prompt_entropy,curvature,dataset_entropy,dip]")
-    running = sweep(tmp_path, server.uri, "seed=0", *knobs, wait=False, out="killed")
+    # one retry of a refused request instead of lw's four (a user's own setting wins): the
+    # job's end comes seconds after the server's death, not ~15 s
+    running = sweep(tmp_path, server.uri, "seed=0", *knobs, wait=False, out="killed",
+                    MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
     job0 = tmp_path / "killed"
     try:
         deadline = time.monotonic() + 300
@@ -669,10 +709,7 @@ def test_a_server_killed_mid_job_stops_nothing_and_lw_sync_logs_it_once(postgres
     # The server back (same database, artifacts and address): sync the job folder, twice.
     server = Server(db, folder, port=server.port)
     try:
-        env = cli_env(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW)
-        synced = [subprocess.run([str(PYTHON), "-m", "lw.sync", str(job0)], env=env,
-                                 capture_output=True, text=True, timeout=300)
-                  for _ in range(2)]
+        synced = [sync_as_alice(server.uri, job0) for _ in range(2)]
         assert [s.returncode for s in synced] == [0, 0], [s.stderr[-2000:] for s in synced]
         assert f"logged as run {created} (FINISHED)" in synced[0].stdout, synced[0].stdout
         assert "already FINISHED" in synced[1].stdout, synced[1].stdout
@@ -682,7 +719,7 @@ def test_a_server_killed_mid_job_stops_nothing_and_lw_sync_logs_it_once(postgres
         assert finished_as_alice(server.uri, record["job_hash"]) == created
         # an uninterrupted run of job #0 logs what lw.sync logged
         reference = sweep(tmp_path, server.uri, "seed=0", *knobs, "tracking.rerun=true",
-                          "run_name=reference")
+                          "run_name=reference", in_process=True)
         assert reference.returncode == 0, reference.stderr[-3000:]
         store = run_as_alice(server.uri, tmp_path)
     finally:

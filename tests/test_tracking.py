@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, cli_env, free_port, wiki_records
+from conftest import PYTHON, cli_env, free_port, lw_cli, wiki_records
 
 pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
 
 SECRET = "s3cret-password-for-test"
 
 
-def run_lw(tmp: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PYTHON), "-m", "lw.run", *overrides,
-                           f"hydra.run.dir={tmp}/out", f"hydra.sweep.dir={tmp}/multirun"],
-                          cwd=tmp, env=cli_env(**env), capture_output=True, text=True,
-                          timeout=300)
+def run_lw(tmp: Path, *overrides: str, in_process: bool = True, **env: str):
+    """``python -m lw.run`` from ``tmp`` (conftest.lw_cli); a new process where a secret in
+    its environment is what the test is about."""
+    return lw_cli(tmp, *overrides, f"hydra.run.dir={tmp}/out", f"hydra.sweep.dir={tmp}/multirun",
+                  env=env, in_process=in_process, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_a_job_logs_to_the_server_and_keeps_credentials_out(server, tmp_path):
     data.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:3]))
     done = run_lw(tmp_path, "model=tiny-pythia", "data=local", f"data.path={data}",
                   "data.n_prompts=3", "data.max_tokens=24", "metrics=[prompt_entropy]",
-                  "tracking=server", MLFLOW_TRACKING_URI=uri,
+                  "tracking=server", MLFLOW_TRACKING_URI=uri, in_process=False,
                   MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=SECRET)
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(uri)
@@ -108,7 +108,7 @@ def test_a_job_without_its_server_computes_and_says_where_its_results_are_kept(t
 
 
 def test_credentials_in_the_uri_are_refused_without_echoing_them(tmp_path):
-    done = run_lw(tmp_path, "model=tiny-pythia", "tracking=server",
+    done = run_lw(tmp_path, "model=tiny-pythia", "tracking=server", in_process=False,
                   MLFLOW_TRACKING_URI=f"http://alice:{SECRET}@127.0.0.1:5000")
     assert done.returncode == 1
     assert "MLFLOW_TRACKING_PASSWORD" in done.stderr
@@ -173,7 +173,8 @@ def test_a_sweep_stopped_before_its_end_leaves_its_parent_failed(tmp_path):
     on_multirun_end; its parent run is FAILED, not RUNNING."""
     (tmp_path / "multirun").mkdir()
     (tmp_path / "multirun" / "0").write_text("in the way")
-    done = run_lw(tmp_path, "-m", *local_store(tmp_path))
+    # a process of its own: the parent is closed as the interpreter exits (atexit)
+    done = run_lw(tmp_path, "-m", *local_store(tmp_path), in_process=False)
     assert done.returncode == 1
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
