@@ -19,9 +19,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m lw.run -m $(SWEEP)
 
+# Two workers, one test module at a time each (a module's services start once), the modules
+# with the most slow tests first (tests/conftest.py); the 15 slowest tests printed.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/lint-imports  # the layers contract (pyproject.toml [tool.importlinter])
-	$(PY) -m pytest -q --durations=15  # the slowest tests, to keep the suite's time in view
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # While working: the tests that start no service and run no whole sweep (marker `slow`)
 test-fast: $(STAMP)

@@ -4,6 +4,7 @@ packaged) weights."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def lw_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
     from lw.sweep import run as command
 
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
+    saved_handlers, saved_level = logging.root.handlers[:], logging.root.level
     out, err, code = io.StringIO(), io.StringIO(), 0
     os.environ.clear()
     os.environ.update(cli_env(**(env or {})))
@@ -146,6 +148,12 @@ def lw_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
                 code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     finally:
         GlobalHydra.instance().clear()
+        # Hydra's log file handler (in the job's folder) is closed as a process's exit would
+        for handler in logging.root.handlers:
+            if handler not in saved_handlers:
+                handler.close()
+        logging.root.handlers[:] = saved_handlers
+        logging.root.setLevel(saved_level)
         os.chdir(saved_cwd)
         sys.argv = saved_argv
         os.environ.clear()
@@ -180,6 +188,20 @@ def group_options(group: str) -> list[str]:
 
 def option_yaml(group: str, name: str) -> dict:
     return yaml.safe_load((CONF / group / f"{name}.yaml").read_text()) or {}
+
+
+# The modules that take longest (make test's per-module time, measured), longest first:
+# make test's two workers (pytest-xdist, one module at a time each, so that a module's services
+# start once) begin with them, and the quick modules fill the end. A module not named runs
+# after these, in name order.
+LONGEST_FIRST = ("test_server", "test_resume", "test_slurm", "test_launchers",
+                 "test_distributed", "test_ui", "test_report", "test_tracking", "test_cache",
+                 "test_notebook", "test_bad_input", "test_registry", "test_api", "test_sweep")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(item.path.stem, len(rank)), item.path.name))
 
 
 @pytest.fixture(scope="session")

@@ -228,3 +228,45 @@ def test_sweep_names_say_what_varies():
     assert short_value("data", "wiki-vital") == "wiki-vital"
     assert short_value("model.revision", "step1000") == "step1000"
     assert short_value("data.path", "/data/set/prompts.jsonl") == "prompts.jsonl"
+
+
+def test_a_new_sqlite_store_is_a_copy_of_mlflows_own_empty_store(tmp_path, monkeypatch):
+    """lw makes a new SQLite store by copying an empty one it keeps per MLflow version: the
+    copy has MLflow's schema at its latest migration, the Default experiment MLflow would have
+    made (artifacts under ./mlruns where it is opened), and takes runs."""
+    import sqlite3
+
+    import mlflow
+
+    from lw.config.tracking import TrackingConfig
+    from lw.tracking.store import client_for
+
+    monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/first.db"))  # makes the empty one
+    empty = tmp_path / "cache" / "mlflow-stores" / f"empty-{mlflow.__version__}.db"
+    assert empty.exists()
+    ours = client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/ours.db"))
+    MlflowClient(f"sqlite:///{tmp_path}/theirs.db").search_experiments()
+
+    def contents(name: str) -> dict:
+        with sqlite3.connect(tmp_path / name) as db:
+            tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = "
+                                               "'table' ORDER BY name")]
+            # each statement's clauses as a set: MLflow's migrations order a table's
+            # constraints differently from run to run
+            return {"schema": {(kind, name, frozenset((sql or "").replace(",", "\n").split("\n")))
+                               for kind, name, sql in db.execute("SELECT type, name, sql FROM "
+                                                                 "sqlite_master")},
+                    "rows": {t: db.execute(f"SELECT * FROM {t}").fetchall() for t in tables
+                             if t != "experiments"},
+                    "default": db.execute("SELECT experiment_id, name, artifact_location, "
+                                          "lifecycle_stage FROM experiments").fetchall()}
+
+    assert contents("ours.db") == contents("theirs.db")
+    assert contents("ours.db")["default"] == [(0, "Default", str(tmp_path / "mlruns" / "0"),
+                                               "active")]
+    run = ours.create_run(ours.create_experiment("x"))
+    ours.log_metric(run.info.run_id, "m", 1.0)
+    ours.set_terminated(run.info.run_id)
+    assert ours.get_run(run.info.run_id).info.status == "FINISHED"

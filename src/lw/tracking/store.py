@@ -95,9 +95,49 @@ def client_for(cfg: TrackingConfig):
     # once break it (`table _alembic_tmp_latest_metrics already exists`): one creates them
     # under a lock beside the database, the others then find them.
     with store_lock(cfg):
+        database = Path(uri[len("sqlite:///"):])
+        if not database.exists():
+            copy_empty_store(database)
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # the store (and its tables) exist now
     return client
+
+
+def copy_empty_store(database: Path) -> None:
+    """A new SQLite store as a copy of an empty one that lw keeps in its cache per MLflow
+    version: MLflow makes a store through its ~60 schema migrations, 1-2 s that were most of a
+    small job's start. The copy's Default experiment then gets the artifact folder and times
+    MLflow would have given it. Where the cache cannot be written, MLflow makes the store."""
+    import shutil
+    import sqlite3
+    import tempfile
+    import time
+
+    import mlflow
+    from mlflow.utils.uri import append_to_uri_path, resolve_uri_if_local
+
+    from lw.loading.paths import cache_dir
+
+    empty = cache_dir() / "mlflow-stores" / f"empty-{mlflow.__version__}.db"
+    try:
+        if not empty.exists():
+            from mlflow.tracking import MlflowClient
+
+            empty.parent.mkdir(parents=True, exist_ok=True)
+            fd, made = tempfile.mkstemp(prefix=".empty-", suffix=".db", dir=empty.parent)
+            os.close(fd)
+            os.unlink(made)
+            MlflowClient(f"sqlite:///{made}").search_experiments(max_results=1)
+            os.replace(made, empty)  # atomic: another process's copy, if first, is the same
+        shutil.copyfile(empty, database)
+    except OSError:
+        return
+    now = int(time.time() * 1000)
+    # MLflow's own default for a SQLite store's artifacts: ./mlruns where the store is opened
+    default = append_to_uri_path(resolve_uri_if_local("./mlruns"), "0")
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, "
+                   "last_update_time = ? WHERE experiment_id = 0", (default, now, now))
 
 
 @contextlib.contextmanager
