@@ -154,6 +154,10 @@ def lw_cli(cwd: Path, *args: str, env: dict[str, str] | None = None,
                 handler.close()
         logging.root.handlers[:] = saved_handlers
         logging.root.setLevel(saved_level)
+        if "joblib" in sys.modules:  # a sweep's workers end with it, as with a process of its
+            from joblib.externals.loky import get_reusable_executor  # own (they hold its env)
+
+            get_reusable_executor().shutdown(wait=True)
         os.chdir(saved_cwd)
         sys.argv = saved_argv
         os.environ.clear()

@@ -5,7 +5,6 @@ user adapts it from the environment."""
 from __future__ import annotations
 
 import json
-import subprocess
 from itertools import pairwise
 from pathlib import Path
 
@@ -14,22 +13,23 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF, PYTHON, cli_env, free_port, wiki_records
+from conftest import CONF, free_port, lw_cli, wiki_records
 from lw.config.schema import register_configs
 
 pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
 
 
-def sweep(tmp: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+def sweep(tmp: Path, *overrides: str, **env: str):
+    """The sweep in this process (conftest.lw_cli); its launcher runs the jobs in processes
+    of their own."""
     good = tmp / "good.txt"
     good.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:6]))
-    command = [str(PYTHON), "-m", "lw.run", "-m", "model=tiny-pythia", "data=local",
-               f"data.path={good},{tmp / 'missing.txt'}", "data.n_prompts=6",
-               "data.max_tokens=32", "metrics=[prompt_entropy,curvature,dataset_entropy,dip]",
-               f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/art",
-               f"hydra.sweep.dir={tmp}/multirun", *overrides]
-    return subprocess.run(command, cwd=tmp, env=cli_env(**env), capture_output=True, text=True,
-                          timeout=600)
+    return lw_cli(tmp, "-m", "model=tiny-pythia", "data=local",
+                  f"data.path={good},{tmp / 'missing.txt'}", "data.n_prompts=6",
+                  "data.max_tokens=32", "metrics=[prompt_entropy,curvature,dataset_entropy,dip]",
+                  f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                  f"tracking.artifact_location={tmp}/art", f"hydra.sweep.dir={tmp}/multirun",
+                  *overrides, env=env)
 
 
 def store(tmp: Path):
@@ -105,13 +105,10 @@ def test_joblib_sweep_in_the_default_folder_counts_a_job_that_failed_before_its_
     data.n_prompts=-5 fails before any run is opened, so only its failure file tells."""
     good = tmp_path / "good.txt"
     good.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:6]))
-    done = subprocess.run(
-        [str(PYTHON), "-m", "lw.run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-         "model=tiny-pythia", "data=local", f"data.path={good}", "data.n_prompts=6,-5",
-         "data.max_tokens=32", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-         f"tracking.artifact_location={tmp_path}/art"],
-        cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-        timeout=600)
+    done = lw_cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                  "model=tiny-pythia", "data=local", f"data.path={good}", "data.n_prompts=6,-5",
+                  "data.max_tokens=32", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                  f"tracking.artifact_location={tmp_path}/art", env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 1, done.stderr[-3000:]
     assert "1 of 2 jobs finished" in done.stdout, done.stdout
     (listed,) = [line for line in done.stdout.splitlines() if line.startswith("[lw] FAILED")]

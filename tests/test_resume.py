@@ -80,7 +80,7 @@ def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path):
                        if r.info.status == "FINISHED"}
     stale = {r.info.run_id for r in before if r.info.status == "RUNNING"}
 
-    again = lw_run(tmp_path, *sweep)
+    again = lw_cli(tmp_path, *sweep)
     assert again.returncode == 0, again.stderr[-3000:]
     for seed, run_id in finished_before.items():  # said per job, naming the run it found
         assert any(f"job #{seed} (" in line and "skipped" in line and run_id in line

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PYTHON, cli_env, wiki_records
+from conftest import PYTHON, cli_env, lw_cli, wiki_records
 from lw.config.tracking import TrackingConfig
 from lw.tracking.store import client_for
 from slurm_cluster import SlurmCluster, why_not
@@ -56,15 +56,14 @@ def sweep(cluster: SlurmCluster, tmp: Path, *overrides: str, wait: bool = True, 
                "metrics=[prompt_entropy]", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
                f"tracking.artifact_location={tmp}/art", f"hydra.sweep.dir={tmp}/multirun",
                *overrides]
-    env = cli_env(SLURM_CONF=cluster.env["SLURM_CONF"], PATH=cluster.env["PATH"],
-                  LW_SLURM_CPUS="1", LW_SLURM_MEM_GB="1", LW_SLURM_TIME_MIN="20",
-                  OMP_NUM_THREADS="1", **env)
-    process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return process
-    out, err = process.communicate(timeout=600)
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    env = dict(SLURM_CONF=cluster.env["SLURM_CONF"], PATH=cluster.env["PATH"],
+               LW_SLURM_CPUS="1", LW_SLURM_MEM_GB="1", LW_SLURM_TIME_MIN="20",
+               OMP_NUM_THREADS="1", **env)
+    if wait:  # the sweep in this process (conftest.lw_cli); SLURM runs its jobs
+        return lw_cli(tmp, *command[3:], env=env)
+    # a process of its own: the tests stop and continue it (SIGSTOP, SIGCONT)
+    return subprocess.Popen(command, cwd=tmp, env=cli_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def runs(tmp: Path) -> list:
