@@ -63,7 +63,7 @@ ui: $(STAMP)
 	rows = sqlite3.connect(db).execute("select experiment_id, name from experiments where lifecycle_stage = ?", ("active",)).fetchall() if os.path.exists(db) else []; \
 	print("[lw] the runs of each experiment (or pick \"Model training\" top left, once per browser):"); \
 	[print(f"    http://127.0.0.1:5000/#/experiments/{i}?workflowType=machine_learning   {n}") for i, n in rows]'
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
 
 clean:

@@ -12,6 +12,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+# One OpenMP thread per test process and per process a test starts (set before torch is
+# imported; a value the caller set wins): make test runs two workers on two cores, and torch's
+# default of a thread per core had its idle threads spin against the other worker's (measured:
+# 16.8 -> 14.2 CPU-minutes, 9 min 48 s -> 8 min 34 s for the whole suite).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import yaml
 

@@ -1,5 +1,6 @@
 """One job over 2 processes (a gloo group on this CPU), launched as users launch it: torchrun,
-accelerate launch, or ranks started by hand. Each logs to a temporary MLflow store, and what it
+accelerate launch, or ranks started by hand; each launch serves several assertions (a launch
+is three python starts). Each logs to a temporary MLflow store, and what it
 logs is compared with the 1-process run of the same job."""
 
 from __future__ import annotations
@@ -125,18 +126,6 @@ def test_two_processes_log_what_one_process_logs(torchrun_sweep):
                                                     f"seed={seed}"])
 
 
-def test_accelerate_launch_logs_what_one_process_logs(tmp_path):
-    path = data_file(tmp_path)
-    job = ["model=minilm", "data=local", f"data.path={path}", "data.n_prompts=12",
-           "data.max_tokens=48", "extraction.batch_size=4"]
-    done = launch(ACCELERATE, tmp_path, *job)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = read_runs(tmp_path)
-    assert run.info.status == "FINISHED"
-    assert (tmp_path / "run" / "results" / "table.csv").exists()
-    assert_logged_as_one_process(curves(tmp_path, run), job)
-
-
 def test_a_failure_on_one_rank_ends_both_and_fails_the_run(tmp_path):
     """Ranks started by hand, as a launcher would, with rank 1 on a machine whose cache folder
     is broken (a file where the folder should be): loading the tokenizer fails there only."""
@@ -216,10 +205,11 @@ def test_max_memory_needs_a_device_map():
     assert placement(job.model)["max_memory"] == {0: "2GiB"}  # GPU indices as ints
 
 
-def test_two_ranks_complete_a_partial_cache_entry(tmp_path, monkeypatch):
-    """An entry with the paper-mode spectra only, asked for official mode by a 2-rank job:
-    every rank must compute the union (rank 0 alone read the entry), so that the rewritten
-    entry holds both modes for every prompt, and the job logs what one process computes."""
+def test_accelerate_launch_completes_a_partial_cache_entry(tmp_path, monkeypatch):
+    """An entry with the paper-mode spectra only, asked for official mode by a 2-rank job
+    (`accelerate launch`, as users launch it): every rank must compute the union (rank 0 alone
+    read the entry), so that the rewritten entry holds both modes for every prompt, and the
+    job logs what one process computes (uncached)."""
     from lw.job import cache
     from lw.job.identity import forward_hash
 
@@ -229,10 +219,7 @@ def test_two_ranks_complete_a_partial_cache_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("LW_CACHE_DIR", str(tmp_path / "cache"))
     compute(compose_job(job))                                       # paper spectra only
     official = [*job, "metric.compat=official"]
-    done = subprocess.run(
-        [*TORCHRUN, "-m", "lw.run", *official, *store_args(tmp_path)], cwd=tmp_path,
-        env=cli_env(OMP_NUM_THREADS="1", LW_CACHE_DIR=str(tmp_path / "cache")),
-        capture_output=True, text=True, timeout=600)
+    done = launch(ACCELERATE, tmp_path, *official, LW_CACHE_DIR=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "lacks spectrum/official" in done.stderr
     held = cache.load(forward_hash(compose_job(official))).prompts.per_prompt
@@ -240,5 +227,7 @@ def test_two_ranks_complete_a_partial_cache_entry(tmp_path, monkeypatch):
         spectra = held[f"spectrum/{mode}"]                         # (N, L+1, m)
         assert (spectra.sum(-1) > 0).all(), mode                   # no prompt left empty
     (run,) = read_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert (tmp_path / "run" / "results" / "table.csv").exists()
     uncached = [o for o in official if o != "extraction.cache=true"]
     assert_logged_as_one_process(curves(tmp_path, run), uncached)

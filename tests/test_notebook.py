@@ -3,11 +3,9 @@ smollm2 + minilm sweep logged to a temporary SQLite store named by MLFLOW_TRACKI
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from conftest import PYTHON, ROOT, cli_env
+from conftest import ROOT, cli_env, lw_cli
 
 pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
 
@@ -18,13 +16,10 @@ def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
     import nbformat
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    done = subprocess.run([str(PYTHON), "-m", "lw.run", "-m", "model=smollm2,minilm",
-                           "data=wiki-vital", "data.n_prompts=8", "data.max_tokens=32",
-                           "metrics=[prompt_entropy]", f"tracking.uri={uri}",
-                           f"tracking.artifact_location={tmp_path}/artifacts",
-                           f"hydra.sweep.dir={tmp_path}/multirun"],
-                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
-                          timeout=900)
+    done = lw_cli(tmp_path, "-m", "model=smollm2,minilm", "data=wiki-vital",
+                  "data.n_prompts=8", "data.max_tokens=32", "metrics=[prompt_entropy]",
+                  f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/artifacts",
+                  f"hydra.sweep.dir={tmp_path}/multirun")
     assert done.returncode == 0, done.stderr[-3000:]
     for key, value in cli_env(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1").items():
         monkeypatch.setenv(key, value)     # the kernel's environment

@@ -140,6 +140,33 @@ def test_one_metric_report_names_a_missing_tag(sweep_store, tmp_path):
                 "--out", str(tmp_path / "c.png")])
 
 
+def finished_children(uri: str, experiment_id: str, parent: str,
+                      tags: list[dict[str, str]]) -> list[str]:
+    """FINISHED child runs of ``parent`` with ``tags``, written in one transaction into
+    MLflow's own tables (its ORM models): through MlflowClient, 1,002 runs take ~20 s of
+    requests. Their ids, in order."""
+    import uuid
+
+    from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    client = MlflowClient(uri)
+    location = client.get_experiment(experiment_id).artifact_location
+    store = SqlAlchemyStore(uri, location)
+    now = int(time.time() * 1000)
+    ids = [uuid.uuid4().hex for _ in tags]
+    with store.ManagedSessionMaker(read_only=False) as session:
+        for run_id, run_tags in zip(ids, tags, strict=True):
+            session.add(SqlRun(
+                run_uuid=run_id, name=run_tags["mlflow.runName"], source_type="LOCAL",
+                source_name="", entry_point_name="", user_id="test", status="FINISHED",
+                start_time=now, end_time=now, source_version="", lifecycle_stage="active",
+                artifact_uri=f"{location}/{run_id}/artifacts", experiment_id=int(experiment_id)))
+            session.add_all([SqlTag(key=k, value=v, run_uuid=run_id)
+                             for k, v in {**run_tags, "mlflow.parentRunId": parent}.items()])
+    return ids
+
+
 def test_a_sweep_of_more_than_1000_children_is_reported_whole(tmp_path, capsys, monkeypatch):
     """1,001 children with results (one search page holds 1,000) and one whose upload failed
     (no results/table.csv): every readable child is in the report, the other is named. The
@@ -148,22 +175,22 @@ def test_a_sweep_of_more_than_1000_children_is_reported_whole(tmp_path, capsys, 
     client = MlflowClient(uri)
     experiment = client.create_experiment("lw", artifact_location=(tmp_path / "a").as_uri())
     parent = client.create_run(experiment, run_name="sweep", tags={"lw.jobs": "1002"}).info.run_id
+    models = [("smollm2", "minilm")[i % 2] for i in range(1002)]
+    children = finished_children(uri, experiment, parent, [
+        {"mlflow.runName": f"{model} job{i}", "lw.model": model, "lw.data": "wiki-vital",
+         "lw.seed": str(i)} for i, model in enumerate(models)])
     layers = np.arange(4)
     table = pd.DataFrame({"layer": layers, "depth_pct": 100 * layers / 3})
-    (tmp_path / "results").mkdir()
     expected = {}
-    for i in range(1002):
-        model = ("smollm2", "minilm")[i % 2]
-        run = client.create_run(experiment, run_name=f"{model} job{i}", tags={
-            "mlflow.parentRunId": parent, "lw.model": model, "lw.data": "wiki-vital",
-            "lw.seed": str(i)}).info.run_id
-        if i < 1001:  # the last child's upload "failed"
-            table["curvature"] = i + layers  # each run's own values: the mean sees every run
-            table.to_csv(tmp_path / "results" / "table.csv", index=False)
-            client.log_artifact(run, str(tmp_path / "results" / "table.csv"), "results")
-            expected.setdefault(model, []).append(table["curvature"].to_numpy().copy())
-        client.set_terminated(run, "FINISHED")
+    for i, (model, run_id) in enumerate(zip(models[:1001], children, strict=False)):
+        # the last child's upload "failed"; each run's own values: the mean sees every run
+        table["curvature"] = i + layers
+        results = tmp_path / "a" / run_id / "artifacts" / "results"
+        results.mkdir(parents=True)
+        table.to_csv(results / "table.csv", index=False)
+        expected.setdefault(model, []).append(table["curvature"].to_numpy().copy())
     client.set_terminated(parent, "FINISHED")
+    assert len(client.search_runs([experiment], max_results=2000)) == 1003  # MLflow reads them
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "report"
     report(["--all", "--no-log", "--out", str(out)])

@@ -54,19 +54,19 @@ def runs_of(client) -> list:
 
 
 def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path):
-    sweep = ["-m", *JOB, "seed=0,1,2,3", *store_args(tmp_path)]
+    sweep = ["-m", *JOB, "seed=0,1,2", *store_args(tmp_path)]
     running = lw_run(tmp_path, *sweep, wait=False)
     client = None
     try:
         deadline = time.monotonic() + 300
-        while True:  # kill it once the 3rd job's run is open and the job computing
+        while True:  # kill it once the 2nd job's run is open and the job computing
             assert running.poll() is None, running.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the 3rd job never started"
-            if (tmp_path / "multirun" / "2").is_dir():
+            assert time.monotonic() < deadline, "the 2nd job never started"
+            if (tmp_path / "multirun" / "1").is_dir():
                 client = client or client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/"
                                                              "mlflow.db"))
-                third = [r for r in runs_of(client) if r.data.params.get("seed") == "2"]
-                if third and third[0].info.status == "RUNNING":
+                second = [r for r in runs_of(client) if r.data.params.get("seed") == "1"]
+                if second and second[0].info.status == "RUNNING":
                     break
             time.sleep(0.05)
         running.send_signal(signal.SIGKILL)
@@ -75,7 +75,7 @@ def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path):
         running.kill()
     before = runs_of(client)
     status = {r.data.params.get("seed", "parent"): r.info.status for r in before}
-    assert status == {"parent": "RUNNING", "0": "FINISHED", "1": "FINISHED", "2": "RUNNING"}
+    assert status == {"parent": "RUNNING", "0": "FINISHED", "1": "RUNNING"}
     finished_before = {r.data.params["seed"]: r.info.run_id for r in before
                        if r.info.status == "FINISHED"}
     stale = {r.info.run_id for r in before if r.info.status == "RUNNING"}
@@ -88,7 +88,7 @@ def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path):
     after = runs_of(client)
     assert not [r for r in after if r.info.status == "RUNNING"]
     jobs = [r for r in after if "seed" in r.data.params]
-    for seed in "0123":
+    for seed in "012":
         done = [r for r in jobs if r.data.params["seed"] == seed and r.info.status == "FINISHED"]
         assert len(done) == 1, seed
     # the jobs that had finished did not run again; the killed job and parent are KILLED
@@ -101,7 +101,7 @@ def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path):
     new_parent = next(r for r in after if "seed" not in r.data.params
                       and r.info.run_id not in stale)
     assert new_parent.info.status == "FINISHED"
-    assert new_parent.data.tags["lw.skipped_jobs"] == "2" and new_parent.data.tags["lw.jobs"] == "2"
+    assert new_parent.data.tags["lw.skipped_jobs"] == "1" and new_parent.data.tags["lw.jobs"] == "2"
     # every job run carries the hash of its config
     for run in jobs:
         expected = job_hash(compose_job([*JOB, f"seed={run.data.params['seed']}"]))
@@ -158,18 +158,6 @@ def test_a_live_run_keeps_beating_and_stops_when_told(tmp_path):
     assert client.get_run(run.info.run_id).data.tags[HEARTBEAT_TAG] == "stopped"
 
 
-def test_three_sweeps_creating_one_new_store_at_once(tmp_path):
-    started = [lw_run(tmp_path, "-m", *JOB, f"seed={i}", *store_args(tmp_path)[:2],
-                      f"hydra.sweep.dir={tmp_path}/multirun{i}", wait=False) for i in range(3)]
-    done = [(p.communicate(timeout=600)[1], p.returncode)[::-1] for p in started]
-    assert [rc for rc, _ in done] == [0, 0, 0], [err[-2000:] for _, err in done]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # usable after
-    runs = runs_of(client)
-    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
-    assert sorted(r.data.params["seed"] for r in runs if "seed" in r.data.params) == ["0", "1",
-                                                                                      "2"]
-
-
 def test_resume_and_rerun_on_a_tracking_server(server, tmp_path):
     uri, _ = server
     client = MlflowClient(uri)
@@ -199,8 +187,10 @@ def test_resume_and_rerun_on_a_tracking_server(server, tmp_path):
 
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_two_launches_of_one_sweep_compute_each_job_once(tmp_path, store, request):
-    """Two launches started together: on SQLite one lock orders them; on a server both may
-    create a run for a job, and the oldest live one goes on while the other steps aside."""
+    """Two launches started together: on SQLite one lock orders them (and the store is new:
+    they race to create it, which once broke it with `table _alembic_tmp_latest_metrics
+    already exists`); on a server both may create a run for a job, and the oldest live one
+    goes on while the other steps aside."""
     if store == "sqlite":
         where, env = store_args(tmp_path)[:2], {}
         client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -215,7 +205,9 @@ def test_two_launches_of_one_sweep_compute_each_job_once(tmp_path, store, reques
     done = [(p.communicate(timeout=600)[1], p.returncode) for p in started]
     assert [rc for _, rc in done] == [0, 0], [err[-2000:] for err, _ in done]
     experiment = client.get_experiment_by_name("lw" if store == "sqlite" else "lw-two-launches")
-    jobs = [r for r in client.search_runs([experiment.experiment_id]) if "seed" in r.data.params]
+    found = client.search_runs([experiment.experiment_id])
+    assert len([r for r in found if "seed" not in r.data.params]) == 2  # a parent per launch
+    jobs = [r for r in found if "seed" in r.data.params]
     # one run per job, FINISHED: the other launch skipped it, RUNNING or already FINISHED
     assert sorted((r.data.params["seed"], r.info.status) for r in jobs) == [
         ("0", "FINISHED"), ("1", "FINISHED")]

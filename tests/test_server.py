@@ -531,9 +531,10 @@ class SlowProxy:
         self.listener.close()
 
 
-# Longer than any timeout of lw's own (a probe's connect: 5 s), far below MLflow's request
-# timeout (180 s, SERVER_RETRIES): a slow answer is waited for, whatever its length between.
-SLOW_S = 6.0
+# Longer than any timeout of lw's own (a probe's connect, LW_REFUSED_PROBE_S: 1 s in this
+# test, 5 s by default), far below MLflow's request timeout (180 s, SERVER_RETRIES): a slow
+# answer is waited for, whatever its length between.
+SLOW_S = 2.0
 
 
 def test_four_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_point(
@@ -549,7 +550,7 @@ def test_four_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_
         folders[i].mkdir()
         return sweep(folders[i], proxy.uri, "model=tiny-pythia" if i % 2 else "model=tiny-mamba",
                      f"seed={i}", "tracking.experiment=lw-concurrent",
-                     f"run_name=concurrent {i}", timeout=1800)
+                     f"run_name=concurrent {i}", timeout=1800, LW_REFUSED_PROBE_S="1")
 
     try:
         with ThreadPoolExecutor(4) as pool:

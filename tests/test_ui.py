@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, ROOT, cli_env, free_port, wiki_records
+from conftest import PYTHON, ROOT, cli_env, free_port, lw_cli, wiki_records
 
 ADMIN_PW = "admin-Secret-4711-ui"
 MISSING = [name for name in ("chromium", "chromedriver") if not shutil.which(name)]
@@ -58,13 +58,12 @@ def served(tmp_path_factory):
                 time.sleep(0.5)
         data = tmp / "prompts.txt"
         data.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:4]))
-        done = subprocess.run(
-            [str(PYTHON), "-m", "lw.run", "-m", "model=tiny-pythia,tiny-mamba", "data=local",
-             f"data.path={data}", "data.n_prompts=4", "data.max_tokens=24",
-             "metrics=[prompt_entropy]", "tracking=server", f"hydra.sweep.dir={tmp}/multirun"],
-            cwd=tmp, capture_output=True, text=True, timeout=600,
-            env=cli_env(MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME="admin",
-                        MLFLOW_TRACKING_PASSWORD=ADMIN_PW))
+        done = lw_cli(tmp, "-m", "model=tiny-pythia,tiny-mamba", "data=local",
+                      f"data.path={data}", "data.n_prompts=4", "data.max_tokens=24",
+                      "metrics=[prompt_entropy]", "tracking=server",
+                      f"hydra.sweep.dir={tmp}/multirun",
+                      env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "admin",
+                           "MLFLOW_TRACKING_PASSWORD": ADMIN_PW})
         assert done.returncode == 0, done.stderr[-3000:]
         os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PW)
         try:
@@ -164,18 +163,19 @@ def test_two_models_are_drawn_in_two_colours(served):
         check(b, "depth/prompt_entropy/max", 2, 1000)
 
 
-def test_the_report_page_reads_on_a_laptop_screen(served, tmp_path):
+def test_the_report_page_reads_on_a_laptop_screen(served, tmp_path, monkeypatch):
     """lw.report's page at 1366 x 768: nothing runs off the right edge (the summary table
     scrolls in its own box), the curve figures sit side by side, each titled once."""
     from screenshots import Browser
     from selenium.webdriver.common.by import By
 
-    done = subprocess.run([str(PYTHON), "-m", "lw.report", "--all", "--no-log", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env=cli_env(MLFLOW_TRACKING_URI=served["uri"],
-                                      MLFLOW_TRACKING_USERNAME="admin",
-                                      MLFLOW_TRACKING_PASSWORD=ADMIN_PW))
-    assert done.returncode == 0, done.stderr[-3000:]
+    from lw.report import main as report
+
+    for name, value in (("MLFLOW_TRACKING_URI", served["uri"]),
+                        ("MLFLOW_TRACKING_USERNAME", "admin"),
+                        ("MLFLOW_TRACKING_PASSWORD", ADMIN_PW)):
+        monkeypatch.setenv(name, value)
+    report(["--all", "--no-log", "--out", str(tmp_path)])
     with Browser(1366, 768) as b:
         b.d.get((tmp_path / "index.html").as_uri())
         b.wait(lambda d: d.execute_script(
