@@ -59,6 +59,7 @@ def test_joblib_runs_jobs_in_parallel_into_one_store_losing_no_point(tmp_path):
     done = sweep(tmp_path, "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     client, parents, children = store(tmp_path)
     assert_one_parent_and_failures_listed(done, parents, children, 4)
+    assert parents[0].data.tags["lw.sweep_dir"] == str(tmp_path / "multirun")
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)
     assert any(later[0] < earlier[1] for earlier, later in pairwise(spans)), spans  # overlap
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -84,40 +85,27 @@ def test_joblib_runs_jobs_in_parallel_into_one_store_losing_no_point(tmp_path):
     assert logged_points == expected_points > 200
 
 
-def test_joblib_workers_compute_and_report_kept_jobs_when_tracking_itself_fails(tmp_path):
-    """No server: the good job still computes in its worker, the one with a missing file
-    fails for that; the sweep lists the failure, counts the job whose results wait for
-    lw.sync (its folder's lw_kept.txt) in its last line, and exits 1."""
-    uri = f"http://127.0.0.1:{free_port()}"  # no server there: every job fails to track
-    done = sweep(tmp_path, "seed=0", "tracking=server", f"tracking.uri={uri}",
-                 "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    assert done.returncode == 1
-    failed = [line for line in done.stdout.splitlines() if line.startswith("[lw] FAILED job #")]
-    assert len(failed) == 1 and "missing.txt" in failed[0], done.stdout
-    last = done.stdout.splitlines()[-1]
-    assert last.startswith("[lw] 1 job of ") and "`python -m lw.sync " in last, done.stdout
-    assert [p.parent.name for p in tmp_path.rglob("lw_kept.txt")] == ["0"]
-
-
-def test_joblib_sweep_in_the_default_folder_counts_a_job_that_failed_before_its_run(tmp_path):
-    """The default sweep folder is multirun/${lw_now:...}: workers started seconds later must
-    write their job folders (and failure files) into the parent's, not one of their own clock;
-    data.n_prompts=-5 fails before any run is opened, so only its failure file tells."""
+def test_joblib_workers_in_the_default_folder_keep_results_and_count_every_failure(tmp_path):
+    """No tracking server, the default sweep folder (multirun/${lw_now:...}): the good job still
+    computes in its worker and keeps its results for lw.sync (lw_kept.txt); data.n_prompts=-5
+    fails before any run is opened, so only its failure file tells. Workers started seconds
+    after the sweep write their job folders into its folder, not one of their own clock; the
+    sweep lists the failure, counts the kept job in its last line, and exits 1."""
     good = tmp_path / "good.txt"
     good.write_text("".join(r["extract"] + "\n" for r in wiki_records()[:6]))
+    uri = f"http://127.0.0.1:{free_port()}"  # no server there: every job fails to track
     done = lw_cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                   "model=tiny-pythia", "data=local", f"data.path={good}", "data.n_prompts=6,-5",
-                  "data.max_tokens=32", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                  f"tracking.artifact_location={tmp_path}/art", env={"OMP_NUM_THREADS": "1"})
+                  "data.max_tokens=32", "tracking=server", f"tracking.uri={uri}")
     assert done.returncode == 1, done.stderr[-3000:]
-    assert "1 of 2 jobs finished" in done.stdout, done.stdout
     (listed,) = [line for line in done.stdout.splitlines() if line.startswith("[lw] FAILED")]
-    assert "#1" in listed and "data.n_prompts=-5: must be >= 1" in listed
+    assert "#1" in listed and "data.n_prompts=-5: must be >= 1" in listed, done.stdout
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("[lw] 1 job of ") and "`python -m lw.sync " in last, done.stdout
     (sweep_dir,) = (tmp_path / "multirun").glob("*/*")  # one sweep folder, both jobs in it
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
     assert (sweep_dir / "1" / "lw_failed.txt").exists()
-    _, (parent,), _ = store(tmp_path)
-    assert parent.data.tags["lw.sweep_dir"] == str(sweep_dir.relative_to(tmp_path))
+    assert [p.parent for p in tmp_path.rglob("lw_kept.txt")] == [sweep_dir / "0"]
 
 
 def test_submitit_local_runs_the_sweep_through_submitit(tmp_path):

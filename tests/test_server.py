@@ -537,14 +537,15 @@ class SlowProxy:
 SLOW_S = 2.0
 
 
-def test_four_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_point(
+def test_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_point(
         team, tmp_path):
-    """The answers that create, fill and close runs held (a proxy in front of the server): the
-    jobs wait, none fails, every point is stored."""
+    """The answers that create, fill and close runs held (a proxy in front of the server): two
+    jobs (processes of their own, a transformer and an SSM) log at once; they wait, none
+    fails, every point is stored."""
     server = team["server"]
     proxy = SlowProxy(server.port, delay=SLOW_S,
                       held=(b"runs/create", b"runs/log-batch", b"runs/update"))
-    folders = [tmp_path / f"job{i}" for i in range(4)]
+    folders = [tmp_path / f"job{i}" for i in range(2)]
 
     def job(i: int):
         folders[i].mkdir()
@@ -553,19 +554,19 @@ def test_four_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_
                      f"run_name=concurrent {i}", timeout=1800, LW_REFUSED_PROBE_S="1")
 
     try:
-        with ThreadPoolExecutor(4) as pool:
-            done = list(pool.map(job, range(4)))
+        with ThreadPoolExecutor(2) as pool:
+            done = list(pool.map(job, range(2)))
     finally:
         proxy.close()
     assert all(d.returncode == 0 for d in done), [d.stderr[-2000:] for d in done]
     # each job's held answers: its run's creation, params, points and end (and its parent's)
-    assert proxy.delayed >= 4 * 4
+    assert proxy.delayed >= 2 * 4
     client_auth = ("alice", ALICE_PW)
     experiment = server.api("GET", "2.0/mlflow/experiments/get-by-name", auth=client_auth,
                             params={"experiment_name": "lw-concurrent"}).json()["experiment"]
     runs = server.api("POST", "2.0/mlflow/runs/search", auth=client_auth,
                       json={"experiment_ids": [experiment["experiment_id"]]}).json()["runs"]
-    assert sorted(r["info"]["run_name"] for r in runs) == [f"concurrent {i}" for i in range(4)]
+    assert sorted(r["info"]["run_name"] for r in runs) == [f"concurrent {i}" for i in range(2)]
     assert {r["info"]["status"] for r in runs} == {"FINISHED"}
     for run in runs:
         i = int(run["info"]["run_name"].split()[-1])
