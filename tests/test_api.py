@@ -157,3 +157,7 @@ def test_measure_log_is_lw_run_one_claim_one_run(tmp_path, lw_cache, monkeypatch
     again = lw.measure("tiny-pythia", texts, **{**knobs, "tracking__uri":
                                                 f"sqlite:///{tmp_path}/cli.db"})
     assert again.attrs["run_id"] == cli_run.info.run_id
+    # a single job (lw.run without -m) is read as a sweep of one: the latest in its store
+    frame = lw.load_sweep(uri=f"sqlite:///{tmp_path}/cli.db")
+    assert set(frame["run_id"]) == {cli_run.info.run_id}
+    assert sorted(frame[frame["metric"] == "curvature"]["layer"]) == list(range(7))

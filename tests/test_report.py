@@ -215,3 +215,19 @@ def test_a_store_that_does_not_exist_is_named_not_created(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match=f"no MLflow store at sqlite:///{tmp_path}/none"):
         report(["--all", "--out", str(tmp_path / "report")])
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("command", ["lw.report", "lw.crossmodel"])
+def test_a_parent_that_does_not_exist_is_named_in_one_line(tmp_path, command, capsys):
+    from lw.config.tracking import TrackingConfig
+    from lw.crossmodel import main as crossmodel
+    from lw.tracking.store import client_for
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client_for(TrackingConfig(uri=uri)).create_experiment("lw")
+    args = {"lw.report": ["--parent", "deadbeef", "--out", str(tmp_path / "r.png")],
+            "lw.crossmodel": ["deadbeef"]}[command]
+    run = report if command == "lw.report" else crossmodel
+    with pytest.raises(SystemExit) as stop:
+        run([*args, "--uri", uri])
+    assert str(stop.value) == f"[lw] error: run 'deadbeef' does not exist in {uri}"

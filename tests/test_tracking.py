@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, cli_env, free_port, lw_cli, wiki_records
+from conftest import PYTHON, ROOT, cli_env, free_port, lw_cli, wiki_records
 
 pytestmark = pytest.mark.slow  # services or whole sweeps: not in make test-fast
 
@@ -26,32 +26,58 @@ def run_lw(tmp: Path, *overrides: str, in_process: bool = True, **env: str):
                   env=env, in_process=in_process, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
-    mlflow = PYTHON.parent / "mlflow"
-    process = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp}/server.db",
-         "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # no GenAI job runners
+def serve(command: list[str], port: int) -> subprocess.Popen:
+    """An MLflow server started by ``command`` on ``port``, once it answers."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 120  # a guard, not a measurement
     while time.monotonic() < deadline:
+        assert process.poll() is None, command
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             MlflowClient(uri).search_experiments()
-            break
+            return process
         except Exception:
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not start in 120 s")
-    yield uri, tmp
+    process.kill()
+    pytest.fail(f"{command[0]} did not answer in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A plain `mlflow server` (no GenAI job runners), as a team might run one."""
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    process = serve([str(PYTHON.parent / "mlflow"), "server", "--host", "127.0.0.1",
+                     "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+                     "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"], port)
+    yield f"http://127.0.0.1:{port}", tmp
     process.terminate()
     process.wait(timeout=30)
+
+
+def test_make_ui_serves_the_page_that_opens_on_the_runs(tmp_path):
+    """`make ui`'s command (lw.server_app's lw-ui app on the local store): MLflow's page with
+    lw's default view (the runs), and MLflow's API."""
+    from lw.server_app import DEFAULT_VIEW
+
+    port = free_port()
+    recipe = subprocess.run(["make", "-n", "ui"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    assert "-m lw.server_app server --app-name lw-ui" in recipe
+    process = serve([str(PYTHON), "-m", "lw.server_app", "server", "--app-name", "lw-ui",
+                     "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                     "--default-artifact-root", str(tmp_path / "artifacts"),
+                     "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port)
+    try:
+        import urllib.request
+
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60).read().decode()
+        assert DEFAULT_VIEW in page and "<head>" + DEFAULT_VIEW in page
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_a_job_logs_to_the_server_and_keeps_credentials_out(server, tmp_path):

@@ -20,6 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from lw.loading.paths import CONF_DIR
+
 TIDY = ["run_id", "run_name", "model", "data", "perturbation", "level", "revision", "layer",
         "depth", "metric", "value"]
 LEVEL_TAGS = ("lw.perturbation.p", "lw.perturbation.T", "lw.perturbation.views")
@@ -39,7 +41,7 @@ def load_sweep(parent: str | None = None, experiment: str = "lw",
     none), revision, layer, depth (0 = embeddings, 1 = last layer), metric, value.
 
     parent: the sweep's parent run id (default: the latest sweep of ``experiment``); uri: the
-    tracking URI (default: MLFLOW_TRACKING_URI, else the project's local store). Runs whose
+    tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db). Runs whose
     results cannot be read are left out with a warning naming them."""
     from lw.tracking.read import read_sweep
 
@@ -110,8 +112,7 @@ def compose_overrides(overrides: list[str]):
     from lw.config.schema import register_configs
 
     register_configs()
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
@@ -134,7 +135,7 @@ def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("pro
     overrides = [f"metrics=[{','.join(metrics)}]"]
     if loaded is not None:
         overrides.append("model=tiny-pythia")  # replaced below by the given model
-    elif (Path(__file__).resolve().parents[2] / "conf" / "model" / f"{model}.yaml").exists():
+    elif (CONF_DIR / "model" / f"{model}.yaml").exists():
         overrides.append(f"model={model}")
     else:  # a hub id or a folder
         overrides += ["model=pythia-70m", _override("model.name", Path(str(model)).name),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 
-from lw.config.tracking import TrackingConfig
 from lw.errors import LwError
 from lw.sweep.crossmodel import cross_model, depth_diagonal
 
@@ -29,15 +28,16 @@ from lw.sweep.crossmodel import cross_model, depth_diagonal
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("parent", help="the sweep's parent run id")
-    parser.add_argument("--uri", default=None, help="tracking URI (default: the local store)")
+    parser.add_argument("--uri", default=None,
+                        help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     parser.add_argument("--debiased", action="store_true", help="unbiased HSIC")
     parser.add_argument("--all", action="store_true",
                         help="every job with a cache entry, not only those that ran cka")
     args = parser.parse_args(argv)
-    from lw.tracking.store import client_for
+    from lw.tracking.read import open_store
 
     try:
-        client = client_for(TrackingConfig(uri=args.uri))
+        client = open_store(args.uri)
         found = cross_model(client, args.parent, "cka", only_ran=not args.all,
                             debiased=args.debiased)
     except LwError as error:

@@ -229,8 +229,8 @@ def best_layers(client, parent: str, prefix: str) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lw.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else the "
-                                         "local store in mlruns/)")
+    parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                         "./mlruns/mlflow.db)")
     parser.add_argument("--experiment", default="lw")
     parser.add_argument("--parent", help="parent run id (default: the latest sweep)")
     parser.add_argument("--metric", default="prompt_entropy/max")

@@ -35,8 +35,6 @@ from urllib.parse import unquote, urlparse
 
 from lw.errors import LwError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # lw.models would import torch
-
 ADMIN = "admin"
 # MLflow < 3.5 shipped this admin password in basic_auth.ini; a server must never run with it.
 MLFLOW_OLD_DEFAULT_PASSWORD = "password1234"
@@ -48,10 +46,11 @@ DRIVERS = {"postgresql": ("psycopg", "psycopg"), "mysql": ("pymysql", "pymysql")
 
 def settings(env: dict[str, str]) -> dict[str, str]:
     """The server's stores from the environment: LW_SERVER_DB (SQLAlchemy URI, default a
-    SQLite file in <project>/mlserver/), LW_SERVER_ARTIFACTS (folder or object-store URI),
-    LW_SERVER_AUTH_DB (users and permissions; default beside a SQLite store, else the same
-    database: MLflow's auth tables and version table do not collide with the tracking ones)."""
-    home = PROJECT_ROOT / "mlserver"
+    SQLite file in ./mlserver/ of the folder it runs in), LW_SERVER_ARTIFACTS (folder or
+    object-store URI), LW_SERVER_AUTH_DB (users and permissions; default beside a SQLite
+    store, else the same database: MLflow's auth tables and version table do not collide with
+    the tracking ones)."""
+    home = Path.cwd() / "mlserver"
     db = env.get("LW_SERVER_DB") or f"sqlite:///{home / 'mlflow.db'}"
     artifacts = env.get("LW_SERVER_ARTIFACTS") or str(home / "artifacts")
     if db.startswith("sqlite:///"):

@@ -8,6 +8,7 @@ has none yet: a fresh browser lands on the runs (experiment and run pages), and 
 picks GenAI keeps that choice.
 
     python -m lw.server_app server --app-name basic-auth ...   # what `python -m lw.server` runs
+    python -m lw.server_app server --app-name lw-ui ...        # what `make ui` runs (no auth)
 """
 
 from __future__ import annotations
@@ -69,23 +70,42 @@ def remember_verified_passwords(store_class) -> None:
     store_class.authenticate_user = authenticate_user
 
 
+def runs_page_app():
+    """MLflow's tracking app (Flask) serving lw's index page (index_page)."""
+    from flask import Response
+    from mlflow.server import app
+
+    page = index_page()
+    app.view_functions["serve"] = lambda: Response(page, mimetype="text/html")
+    return app
+
+
+def create_ui_app():
+    """``make ui``'s app (entry point ``lw-ui``): MLflow's own, no auth, with lw's page; under
+    uvicorn (MLflow's default server) wrapped as MLflow wraps its own app."""
+    from mlflow.server.auth import _MLFLOW_SGI_NAME
+    from mlflow.server.fastapi_app import create_fastapi_app
+
+    app = runs_page_app()
+    return create_fastapi_app(app) if _MLFLOW_SGI_NAME.get() == "uvicorn" else app
+
+
 def create_app():
     """MLflow's basic-auth app (mlflow.server.auth.create_app) with lw's index page, and each
     verified password remembered (remember_verified_passwords)."""
-    from flask import Response
-    from mlflow.server import app
     from mlflow.server.auth import create_app as basic_auth_app
     from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
     remember_verified_passwords(SqlAlchemyStore)
-    page = index_page()
-    app.view_functions["serve"] = lambda: Response(page, mimetype="text/html")
-    return basic_auth_app(app)
+    return basic_auth_app(runs_page_app())
+
 
 
 def main(argv: list[str]) -> None:
     """`mlflow <argv>`, with ``--app-name basic-auth`` served by ``create_app`` (MLflow finds
-    apps by entry point; this points its lookup here instead)."""
+    apps by entry point, group ``mlflow.app``; this points its lookup for MLflow's own name
+    here instead). ``lw-ui`` is lw's entry point (pyproject.toml): plain ``mlflow server
+    --app-name lw-ui`` finds it too."""
     import mlflow.server
     from mlflow.cli import cli
 

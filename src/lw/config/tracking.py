@@ -16,8 +16,8 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "
 @dataclass
 class TrackingConfig:
     name: str = "local"
-    uri: str | None = None        # None: sqlite:///<project>/mlruns/mlflow.db
-    artifact_location: str | None = None  # None: <project>/mlruns/artifacts
+    uri: str | None = None        # None: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db
+    artifact_location: str | None = None  # None: beside a SQLite store (./mlruns/artifacts)
     experiment: str = "lw"
     rerun: bool = False           # run a job even if a FINISHED run with its lw.job_hash exists
 

@@ -320,10 +320,9 @@ def job_mteb_scores(job, loaded: LoadedModel, device, tasks: list[str],
     with its batch size, prompt length, pooling and ``skip_first``; results reused per layer
     under ``output_folder`` (None: <project>/mteb-results)."""
     from lw.job.identity import embedding_hash
-    from lw.loading.paths import PROJECT_ROOT
 
     encoder = LayerwiseEncoder(loaded, batch_size=job.extraction.batch_size,
                                max_tokens=job.data.max_tokens,
                                skip_first=job.extraction.skip_first, device=device,
                                pooling=job.extraction.pooling, identity=embedding_hash(job))
-    return run_mteb(encoder, tasks, output_folder=output_folder or PROJECT_ROOT / "mteb-results")
+    return run_mteb(encoder, tasks, output_folder=output_folder or Path.cwd() / "mteb-results")

@@ -235,9 +235,9 @@ def corpus_config(corpus: str, text_field: str = "text") -> DataConfig:
     ``text_field`` column)."""
     import yaml
 
-    from lw.loading.paths import PROJECT_ROOT
+    from lw.loading.paths import CONF_DIR
 
-    option = PROJECT_ROOT / "conf" / "data" / f"{corpus}.yaml"
+    option = CONF_DIR / "data" / f"{corpus}.yaml"
     if option.is_file() and corpus != "local":
         return DataConfig(**yaml.safe_load(option.read_text()))
     if Path(corpus).expanduser().is_file():

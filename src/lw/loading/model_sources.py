@@ -24,7 +24,7 @@ from lw.errors import LwError
 from lw.loading.architectures import ARCHITECTURES, config_class
 from lw.loading.assets import package_file_identity, package_folder
 from lw.loading.hub import hub_reachable, resolve_revision
-from lw.loading.paths import PROJECT_ROOT, cache_dir, file_sha256
+from lw.loading.paths import CONF_DIR, cache_dir, file_sha256
 
 
 class ModelSource:
@@ -230,7 +230,7 @@ def model_source(cfg: ModelConfig) -> ModelSource:
 def offline_models() -> list[str]:
     """Model options in conf/model/ that need no hub."""
     names = []
-    for path in sorted((PROJECT_ROOT / "conf" / "model").glob("*.yaml")):
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
         if yaml.safe_load(path.read_text()).get("source", "hub") != "hub":
             names.append(path.stem)
     return names
@@ -238,7 +238,7 @@ def offline_models() -> list[str]:
 
 def load_tokenizer_of(name: str):
     """Tokenizer of an offline model option (random-init models borrow one)."""
-    path = PROJECT_ROOT / "conf" / "model" / f"{name}.yaml"
+    path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.exists():
         raise LwError(f"model.tokenizer={name!r}: choose one of {', '.join(offline_models())}")
     cfg = ModelConfig(**yaml.safe_load(path.read_text()))

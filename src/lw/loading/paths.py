@@ -1,4 +1,6 @@
-"""Where lw's files are (the checkout, the model cache) and content hashes of files."""
+"""Where lw's files are (its configs, its checkout when it runs from one, the model cache) and
+content hashes of files. What a command writes (mlruns/, outputs/, multirun/) goes under the
+folder it runs in, never under lw's own."""
 
 
 from __future__ import annotations
@@ -8,7 +10,18 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]  # src/lw/loading/paths.py -> the checkout
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../lw
+# lw's configs: in a checkout src/lw/conf links to the top-level conf/; a wheel holds a copy
+CONF_DIR = PACKAGE_DIR / "conf"
+
+
+def checkout() -> Path | None:
+    """The git checkout lw runs from (src layout: <checkout>/src/lw), or None when lw is
+    installed (a venv inside some other git project is not lw's checkout)."""
+    root = PACKAGE_DIR.parents[1]
+    is_checkout = PACKAGE_DIR.parent.name == "src" and (root / "pyproject.toml").is_file() \
+        and (root / ".git").exists()
+    return root if is_checkout else None
 
 
 def cache_dir() -> Path:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from lw.config.schema import LwConfig
 from lw.errors import LwError
 from lw.metrics import registry
+from lw.tracking.read import children
 
 
 def job_of_run(client, run) -> LwConfig:
@@ -117,8 +118,7 @@ def cross_model(client, parent: str, name: str = "cka", runs: list | None = None
                       + ", ".join(m.name for m in registry.every().values() if m.across_models))
     label = f"cross_{name}"
     if runs is None:
-        runs = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        runs = children(client, parent)
     groups: dict[str, list[tuple[str, LwConfig]]] = {}
     for run in runs:
         if run.info.status != "FINISHED" or (

@@ -21,7 +21,7 @@ from lw.errors import LwError
 from lw.job.distributed import current_ranks, shared_now
 from lw.job.results import JobResult
 from lw.job.stages import compute
-from lw.loading.paths import PROJECT_ROOT
+from lw.loading.paths import CONF_DIR
 from lw.sweep.callback import record_failure
 from lw.sweep.checks import user_error
 from lw.sweep.logged import logged_job, short_name
@@ -59,7 +59,7 @@ def run_job(cfg: DictConfig) -> JobResult | None:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     die_with_sweep()  # a worker of the sweep's process ends with it (lw.resume)

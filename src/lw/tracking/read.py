@@ -13,17 +13,15 @@ import pandas as pd
 
 from lw.config.tracking import TrackingConfig
 from lw.errors import LwError
-from lw.tracking.store import client_for
+from lw.tracking.resume import HASH_TAG
+from lw.tracking.store import client_for, default_store_uri
 
 
 def open_store(uri: str | None = None):
-    """An MlflowClient on the store to read: ``uri``, else ``MLFLOW_TRACKING_URI`` (as every
-    MLflow tool), else the project's local store. A reader never creates a store: a SQLite file
-    that does not exist is an error naming it."""
-    from lw.loading.paths import PROJECT_ROOT
-
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") \
-        or f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+    """An MlflowClient on the store to read: ``uri``, else the store every command uses
+    (lw.tracking.store.default_store_uri: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db). A
+    reader never creates a store: a SQLite file that does not exist is an error naming it."""
+    uri = uri or default_store_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise LwError(f"no MLflow store at {uri}: pass --uri (uri=) or set "
                       "MLFLOW_TRACKING_URI to the store the sweep logged to")
@@ -31,14 +29,19 @@ def open_store(uri: str | None = None):
 
 
 def latest_parent(client, experiment: str) -> str:
+    """The latest sweep's parent run, or the latest single job (``lw.run`` without ``-m``: a
+    sweep of one, read as its own child), whichever started last."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise LwError(f"tracking.experiment={experiment!r} does not exist in this store")
-    runs = client.search_runs([found.experiment_id], filter_string="tags.lw.jobs != ''",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise LwError(f"experiment {experiment!r} has no finished sweep (parent run)")
-    return runs[0].info.run_id
+    latest = [run for where in ("tags.lw.jobs != ''",
+                                f"tags.{HASH_TAG} != '' and tags.mlflow.parentRunId IS NULL")
+              for run in client.search_runs([found.experiment_id], filter_string=where,
+                                            order_by=["attributes.start_time DESC"],
+                                            max_results=1)]
+    if not latest:
+        raise LwError(f"experiment {experiment!r} has no sweep and no job")
+    return max(latest, key=lambda run: run.info.start_time).info.run_id
 
 
 @dataclass
@@ -51,18 +54,35 @@ class SweepResults:
     missing: list[str] = field(default_factory=list)  # "run name: what could not be read"
 
 
+def existing_run(client, run_id: str):
+    """The run ``run_id``; one that the store does not hold is an LwError naming it and the
+    store (MLflow's own is a traceback)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise LwError(f"run {run_id!r} does not exist in {client.tracking_uri}") from None
+
+
 def children(client, parent: str) -> list:
-    """Every child run of ``parent``, page by page (a search returns 1,000 at most)."""
-    experiment = client.get_run(parent).info.experiment_id
+    """Every child run of ``parent``, page by page (a search returns 1,000 at most). A single
+    job (a run of ``lw.run`` without ``-m``) is a sweep of one: its own child."""
+    run = existing_run(client, parent)
     found, token = [], None
     while True:
-        page = client.search_runs([experiment],
+        page = client.search_runs([run.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'",
                                   max_results=1000, page_token=token)
         found.extend(page)
         token = page.token
         if not token:
-            return found
+            break
+    if not found and HASH_TAG in run.data.tags and "mlflow.parentRunId" not in run.data.tags:
+        return [run]
+    return found
 
 
 def finished_children(client, parent: str) -> list:

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lw.loading.paths import PROJECT_ROOT
+from lw.loading.paths import checkout
 from lw.tracking import sweep_state
 from lw.tracking.health import fail_run
 from lw.tracking.jobdir import upload_files, write_config, write_record
@@ -80,11 +80,16 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """lw's commit (with -dirty) when it runs from its checkout; "unknown" when installed
+    (its version says which release: lw_version)."""
+    root = checkout()
+    if root is None:
+        return "unknown"
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=PROJECT_ROOT, capture_output=True, text=True,
+                               cwd=root, capture_output=True, text=True,
                                timeout=5).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lw.config.tracking import TrackingConfig
 from lw.errors import LwError
-from lw.loading.paths import PROJECT_ROOT
 from lw.tracking.health import StoreUnreachable
 
 
@@ -35,17 +34,29 @@ def telemetry_off(env=os.environ) -> None:
 telemetry_off()  # before any MLflow client exists (lw imports mlflow lazily, after this)
 
 
+def default_store_uri() -> str:
+    """The store every lw command uses when none is named (tracking.uri, --uri, uri=): the
+    environment's MLFLOW_TRACKING_URI, as in every MLflow tool, else the SQLite file
+    mlruns/mlflow.db in the folder the command runs in (an absolute path)."""
+    named = os.environ.get("MLFLOW_TRACKING_URI")
+    if named:
+        TrackingConfig(uri=named)  # its scheme checked, the error naming the value
+        return named
+    return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """The store's URI; the default SQLite file is absolute, whatever Hydra's cwd is."""
-    if cfg.uri:
-        return cfg.uri
-    (PROJECT_ROOT / "mlruns").mkdir(exist_ok=True)
-    return f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+    """The store a job logs to: tracking.uri, else :func:`default_store_uri` (a local store's
+    folder made here)."""
+    uri = cfg.uri or default_store_uri()
+    if not cfg.uri and uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
 
 
 def artifact_location(cfg: TrackingConfig) -> str | None:
     """Where a new experiment keeps its artifacts: beside a SQLite store's file (by default
-    <project>/mlruns/artifacts); a server decides for itself."""
+    ./mlruns/artifacts); a server decides for itself."""
     if cfg.artifact_location:
         return cfg.artifact_location
     if cfg.uri and not cfg.uri.startswith("sqlite:///"):
