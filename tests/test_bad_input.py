@@ -61,6 +61,10 @@ CASES = {
     "seed 2**70": (["seed=1180591620717411303424"],
                    "seed=1180591620717411303424: must lie in [0, 2**63 - 1]", True),
     "seed -1": (["seed=-1"], "seed=-1: must lie in", True),
+    "a word for a number": (["data.n_prompts=abc"], "data.n_prompts='abc': Value 'abc' of "
+                            "type 'str' could not be converted to Integer", True),
+    "a word in a sweep of numbers": (["-m", "data.n_prompts=8,abc"], "data.n_prompts='abc'",
+                                     True),
     "device_map": (["model.device_map=bogus"], "model.device_map='bogus' is not one of", True),
     "extraction device": (["extraction.device=tpu"], "extraction.device='tpu' is not one of",
                           True),

@@ -1,5 +1,5 @@
-"""Checks made before Hydra writes anything (credentials in a URI, writable folders), and the
-one-line error for a folder or disk that refuses a write."""
+"""Checks made before Hydra writes anything (a value its field cannot hold, credentials in a
+URI, writable folders), and the one-line error for a folder or disk that refuses a write."""
 
 
 from __future__ import annotations
@@ -40,6 +40,45 @@ def _writable(folder: str, knob: str) -> None:
     except OSError as error:
         _refuse(f"{knob}={folder}: cannot write there ({error.strerror or error}); choose a "
                 "writable folder")
+
+
+def check_override_values(args: list[str]) -> None:
+    """Each ``key=value`` of the command line (each value of a ``-m`` list) that the field it
+    sets cannot hold (``data.n_prompts=abc``) refused in one line, before Hydra composes
+    anything (whose message is five lines and a hint about HYDRA_FULL_ERROR). Keys that are
+    not fields of lw's schema (groups, hydra.*, +experiment) are Hydra's to check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, ValidationError
+
+    from lw.config.schema import DataConfig, LwConfig, ModelConfig
+
+    given = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(given)
+    except Exception:  # noqa: BLE001 - a syntax error: Hydra says what it is
+        return
+    schema = OmegaConf.structured(LwConfig)
+    schema.model, schema.data = OmegaConf.structured(ModelConfig), OmegaConf.structured(DataConfig)
+    unset = object()
+    for override in overrides:
+        key = override.key_or_group
+        node = OmegaConf.select(schema, key, default=unset, throw_on_missing=False)
+        if node is unset or OmegaConf.is_config(node) or override.is_delete():
+            continue
+        if override.is_sweep_override():
+            if not override.is_choice_sweep():
+                continue
+            values = list(override.sweep_string_iterator())
+        else:
+            values = [override.value()]
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue  # resolved later, by Hydra
+            try:
+                OmegaConf.update(schema.copy(), key, value, merge=True)
+            except ValidationError as error:
+                reason = str(error).splitlines()[0]
+                _refuse(f"{key}={value!r}: {reason}")
 
 
 class StartChecks(Callback):

@@ -23,7 +23,7 @@ from lw.job.results import JobResult
 from lw.job.stages import compute
 from lw.loading.paths import CONF_DIR
 from lw.sweep.callback import record_failure
-from lw.sweep.checks import user_error
+from lw.sweep.checks import check_override_values, user_error
 from lw.sweep.logged import logged_job, short_name
 from lw.sweep.names import run_name
 from lw.tracking.health import ResultsKept
@@ -59,8 +59,15 @@ def run_job(cfg: DictConfig) -> JobResult | None:
     return result
 
 
+def main() -> None:
+    """The command: the command line's values checked (one line for one that its field cannot
+    hold), then Hydra's run or sweep of :func:`hydra_main`."""
+    check_override_values(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     die_with_sweep()  # a worker of the sweep's process ends with it (lw.resume)
     try:
