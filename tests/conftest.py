@@ -4,6 +4,8 @@ packaged) weights."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -212,6 +214,22 @@ LONGEST_FIRST = ("test_server", "test_resume", "test_slurm", "test_launchers",
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: (rank.get(item.path.stem, len(rank)), item.path.name))
+
+
+@contextlib.contextmanager
+def cache_gate(cache: Path):
+    """The environment of a sweep (with ``extraction.cache=true``) whose jobs wait, after
+    their forward pass and with their run open, on a lock this holds: the activation cache's
+    eviction lock (lw.job.cache.evict). A job to be cancelled or killed then cannot finish
+    before it is, however fast it is; the others go on once the gate opens. ``cache``: the
+    sweep's lw cache (lw_cache)."""
+    (cache / "activations").mkdir(parents=True, exist_ok=True)
+    with open(cache / "activations.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield {"LW_CACHE_DIR": str(cache)}
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import test_tracking
-from conftest import PYTHON, cli_env, compose_job, lw_cli
+from conftest import PYTHON, cache_gate, cli_env, compose_job, lw_cli
 from lw.config.tracking import TrackingConfig
 from lw.job.identity import job_hash
 from lw.tracking.resume import (
@@ -53,53 +53,55 @@ def runs_of(client) -> list:
     return client.search_runs([client.get_experiment_by_name("lw").experiment_id])
 
 
-def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path):
-    sweep = ["-m", *JOB, "seed=0,1,2", *store_args(tmp_path)]
-    running = lw_run(tmp_path, *sweep, wait=False)
-    client = None
-    try:
-        deadline = time.monotonic() + 300
-        while True:  # kill it once the 2nd job's run is open and the job computing
-            assert running.poll() is None, running.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the 2nd job never started"
-            if (tmp_path / "multirun" / "1").is_dir():
-                client = client or client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/"
-                                                             "mlflow.db"))
-                second = [r for r in runs_of(client) if r.data.params.get("seed") == "1"]
-                if second and second[0].info.status == "RUNNING":
+def test_a_sweep_killed_mid_job_resumes_without_redoing_finished_jobs(tmp_path, lw_cache):
+    """Seed 0 finished by an earlier sweep; a sweep of seeds 0-2 skips it and is killed (-9)
+    while job #1's run is open (held at the cache gate, so it cannot end first); the same
+    command again computes jobs #1 and #2 only, and marks the killed runs KILLED."""
+    sweep = ["-m", *JOB, "extraction.cache=true", *store_args(tmp_path)]  # (not identity)
+    env = {"LW_CACHE_DIR": str(lw_cache)}
+    first = lw_cli(tmp_path, *sweep, "seed=0", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client = client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    (finished,) = [r for r in runs_of(client) if r.data.params.get("seed") == "0"]
+    with cache_gate(lw_cache) as gated:
+        running = lw_run(tmp_path, *sweep, "seed=0,1,2", wait=False, **gated)
+        try:
+            deadline = time.monotonic() + 300  # a guard, not a measurement
+            while True:  # job #1's run open, the job held at the gate
+                assert running.poll() is None, running.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "job #1 never started"
+                if [r for r in runs_of(client) if r.data.params.get("seed") == "1"]:
                     break
-            time.sleep(0.05)
-        running.send_signal(signal.SIGKILL)
-        running.communicate(timeout=60)
-    finally:
-        running.kill()
+                time.sleep(0.05)
+            running.send_signal(signal.SIGKILL)
+            running.communicate(timeout=60)
+        finally:
+            running.kill()
     before = runs_of(client)
-    status = {r.data.params.get("seed", "parent"): r.info.status for r in before}
-    assert status == {"parent": "RUNNING", "0": "FINISHED", "1": "RUNNING"}
-    finished_before = {r.data.params["seed"]: r.info.run_id for r in before
-                       if r.info.status == "FINISHED"}
     stale = {r.info.run_id for r in before if r.info.status == "RUNNING"}
+    status = sorted((r.data.params.get("seed", "parent"), r.info.status) for r in before)
+    assert status == [("0", "FINISHED"), ("1", "RUNNING"), ("parent", "FINISHED"),
+                      ("parent", "RUNNING")]
 
-    again = lw_cli(tmp_path, *sweep)
+    again = lw_cli(tmp_path, *sweep, "seed=0,1,2", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    for seed, run_id in finished_before.items():  # said per job, naming the run it found
-        assert any(f"job #{seed} (" in line and "skipped" in line and run_id in line
-                   for line in again.stderr.splitlines()), again.stderr[-3000:]
+    # the job that had finished is said skipped, naming the run it found
+    assert any("job #0 (" in line and "skipped" in line and finished.info.run_id in line
+               for line in again.stderr.splitlines()), again.stderr[-3000:]
     after = runs_of(client)
     assert not [r for r in after if r.info.status == "RUNNING"]
     jobs = [r for r in after if "seed" in r.data.params]
     for seed in "012":
         done = [r for r in jobs if r.data.params["seed"] == seed and r.info.status == "FINISHED"]
         assert len(done) == 1, seed
-    # the jobs that had finished did not run again; the killed job and parent are KILLED
-    assert {s: r.info.run_id for r in jobs for s in finished_before
-            if r.data.params["seed"] == s} == finished_before
+    assert [r.info.run_id for r in jobs if r.data.params["seed"] == "0"] == [
+        finished.info.run_id]  # not run again
     killed = {r.info.run_id for r in after if r.info.status == "KILLED"}
     assert killed == stale
     assert all(r.data.tags["lw.killed_by"].startswith("sweep ") for r in after
                if r.info.run_id in killed)
-    new_parent = next(r for r in after if "seed" not in r.data.params
-                      and r.info.run_id not in stale)
+    (new_parent,) = [r for r in after if "seed" not in r.data.params
+                     and r.info.start_time > max(s.info.start_time for s in before)]
     assert new_parent.info.status == "FINISHED"
     assert new_parent.data.tags["lw.skipped_jobs"] == "1" and new_parent.data.tags["lw.jobs"] == "2"
     # every job run carries the hash of its config

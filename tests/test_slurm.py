@@ -5,8 +5,6 @@ Lean on purpose: one sweep serves several assertions (each SLURM task is a pytho
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import signal
 import subprocess
 import tempfile
@@ -16,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PYTHON, cli_env, lw_cli, wiki_records
+from conftest import PYTHON, cache_gate, cli_env, lw_cli, wiki_records
 from lw.config.tracking import TrackingConfig
 from lw.tracking.store import client_for
 from slurm_cluster import SlurmCluster, why_not
@@ -80,22 +78,6 @@ def jobs_of(tmp: Path) -> list:
 def arrays_submitted(tmp: Path) -> int:
     folder = tmp / "multirun" / ".submitit"
     return len([p for p in folder.iterdir() if p.is_dir()]) if folder.exists() else 0
-
-
-@contextlib.contextmanager
-def cache_gate(cache: Path):
-    """The environment of a sweep (with ``extraction.cache=true``) whose jobs wait, after
-    their forward pass, on a lock this holds: the activation cache's eviction lock
-    (lw.job.cache.evict). A job to be cancelled then cannot finish before its cancel lands,
-    however fast it is; the others go on once the gate opens. ``cache``: the sweep's lw cache
-    (conftest.lw_cache)."""
-    (cache / "activations").mkdir(parents=True)
-    with open(cache / "activations.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield {"LW_CACHE_DIR": str(cache)}
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def cancel_when_running(cluster, tmp: Path, process, n_prompts: str) -> tuple[str, int]:
