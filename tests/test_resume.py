@@ -220,34 +220,39 @@ def test_two_launches_of_one_sweep_compute_each_job_once(tmp_path, store, reques
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_killing_a_sweep_ends_its_workers(tmp_path, launcher):
+def test_killing_a_sweep_ends_its_workers(tmp_path, launcher, lw_cache):
+    """Both jobs held at the cache gate with their runs open, each in a process of its own;
+    the sweep killed with -9: its workers end too."""
     import psutil
 
-    sweep = ["-m", *JOB, "data.n_prompts=256", "seed=0,1", *store_args(tmp_path),
+    sweep = ["-m", *JOB, "extraction.cache=true", "seed=0,1", *store_args(tmp_path),
              f"hydra/launcher={launcher}",
              "hydra.launcher.n_jobs=2" if launcher == "joblib" else "hydra.launcher.timeout_min=20"]
-    running = lw_run(tmp_path, *sweep, wait=False)
-    client = None
-    try:
-        deadline = time.monotonic() + 300
-        while True:  # both jobs started, each in a process of its own, the sweep running
-            assert running.poll() is None, running.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the jobs never started"
-            if (tmp_path / "multirun").is_dir():
-                client = client or client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/"
-                                                             "mlflow.db"))
-                # the sweep makes its folder before its experiment: wait for both
-                made = client.get_experiment_by_name("lw") is not None
-                jobs = [r for r in runs_of(client) if "seed" in r.data.params] if made else []
-                if len(jobs) == 2:
-                    break
+    with cache_gate(lw_cache) as gated:
+        running = lw_run(tmp_path, *sweep, wait=False, **gated)
+        client = None
+        try:
+            deadline = time.monotonic() + 300  # a guard, not a measurement
+            while True:  # both jobs' runs open, the sweep running
+                assert running.poll() is None, running.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "the jobs never started"
+                if (tmp_path / "multirun").is_dir():
+                    client = client or client_for(TrackingConfig(uri=f"sqlite:///{tmp_path}/"
+                                                                 "mlflow.db"))
+                    # the sweep makes its folder before its experiment: wait for both
+                    made = client.get_experiment_by_name("lw") is not None
+                    jobs = [r for r in runs_of(client) if "seed" in r.data.params] if made \
+                        else []
+                    if len(jobs) == 2:
+                        break
+                time.sleep(0.1)
+            workers = [psutil.Process(int(r.data.tags["lw.pid"])) for r in jobs]
+            running.send_signal(signal.SIGKILL)
+            running.communicate(timeout=60)
+        finally:
+            running.kill()
+        # still at the gate: a worker that ends now ends because its sweep did
+        deadline = time.monotonic() + 60
+        while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
+            assert time.monotonic() < deadline, [w.pid for w in workers if w.is_running()]
             time.sleep(0.1)
-        workers = [psutil.Process(int(r.data.tags["lw.pid"])) for r in jobs]
-        running.send_signal(signal.SIGKILL)
-        running.communicate(timeout=60)
-    finally:
-        running.kill()
-    deadline = time.monotonic() + 60
-    while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
-        assert time.monotonic() < deadline, [w.pid for w in workers if w.is_running()]
-        time.sleep(0.1)
