@@ -26,10 +26,11 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports  # the layers contract (pyproject.toml [tool.importlinter])
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
-# While working: the tests that start no service and run no whole sweep (marker `slow`)
+# While working: the tests that start no service and run no whole sweep (marker `slow`), on
+# the same workers (tests are independent: spread one by one)
 test-fast: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow" --durations=5
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --durations=5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
