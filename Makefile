@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 
-# Speed and memory side by side (bench/bench.py); the README shows the latest table.
+# Speed and memory side by side (bench/bench.py); docs/development.md shows the latest table.
 bench: $(STAMP)
 	$(PY) bench/bench.py
 

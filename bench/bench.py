@@ -12,7 +12,7 @@ case's own):
 - +<metric> (cka, layer_distance, logit_lens): the job case with that metric added, on an empty
            cache of its own; "+ / floor" is its cost over the job case, in floors.
 
-    .venv/bin/python bench/bench.py                      # the default table (README)
+    .venv/bin/python bench/bench.py                      # the default table (docs/development.md)
     .venv/bin/python bench/bench.py --models minilm --n 64 --cases floor job warm
 
 Prints a table (seconds, ratio to the floor, prompts/s, peak RSS) and writes it to
