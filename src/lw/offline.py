@@ -24,13 +24,18 @@ def pip_command(quiet: bool = False) -> list[str]:
             "--no-deps", "-r", str(ASSETS)]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command's flags (also the docs' CLI reference)."""
     parser = argparse.ArgumentParser(prog="python -m lw.offline",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--print", action="store_true",
                         help="print the pip command instead of running it")
     parser.add_argument("--quiet", action="store_true", help="pip's --quiet")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.print:
         print(shlex.join(pip_command(args.quiet)))
         return

@@ -269,7 +269,8 @@ def redact(uri: str) -> str:
     return uri
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command's flags (also the docs' CLI reference)."""
     parser = argparse.ArgumentParser(prog="python -m lw.server", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (0.0.0.0: every interface, for a team)")
@@ -288,9 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-cert", help="serve https with this certificate (PEM; with "
                         "--tls-key), or put a TLS reverse proxy in front (README)")
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags = parser()
+    args = flags.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
-        parser.error("--tls-cert and --tls-key go together")
+        flags.error("--tls-cert and --tls-key go together")
     env = dict(os.environ)
     try:
         password = admin_password(env)

@@ -109,12 +109,17 @@ def sync_job(folder: Path, uri: str | None = None) -> str:
     return f"{folder}: logged as run {run_id} (FINISHED) in {tracking.uri}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command's flags (also the docs' CLI reference)."""
     parser = argparse.ArgumentParser(prog="python -m lw.sync",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", help="job folders, or sweep folders")
     parser.add_argument("--uri", help="the store to log to (default: the one each job used)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     sweep_state.end()  # its runs are logged as they were, not as children of a sweep here
     failed = 0
     try:
