@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The default sweep: real offline weights x real offline text.
 SWEEP  ?= model=smollm2,minilm data=wiki-vital,medical-hpo
 
-.PHONY: install run test test-fast ui server lint bench bench-sweep bench-report clean
+.PHONY: install run test test-fast ui server lint bench bench-sweep bench-report screenshots clean
 
 $(STAMP): pyproject.toml offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,6 +66,10 @@ ui: $(STAMP)
 	[print(f"    http://127.0.0.1:5000/#/experiments/{i}?workflowType=machine_learning   {n}") for i, n in rows]'
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(PY) -m lw.server_app server --app-name lw-ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+
+# docs/ui/*.png from a small real sweep served as `make ui` serves it, in headless chromium
+screenshots: $(STAMP)
+	$(PY) docs/ui/screenshots.py
 
 clean:
 	rm -rf multirun outputs .pytest_cache

@@ -2,24 +2,27 @@
 relative depth, taken by driving Debian's chromium, headless, the way a new user clicks.
 
     apt-get install -y chromium chromium-driver
-    .venv/bin/pip install -e '.[docs]'                 # selenium
-    .venv/bin/python docs/ui/screenshots.py            # writes docs/ui/*.png
+    make screenshots                 # writes docs/ui/*.png (selenium: the venv's dev extra)
+    .venv/bin/pip install -e '.[docs]'                 # selenium, in another environment
     .venv/bin/python docs/ui/screenshots.py --uri sqlite:///path/mlflow.db   # no new sweep
 
 Runs a small real sweep (real weights, wiki-vital, 16 prompts) into a temporary SQLite store,
-serves it with `mlflow ui` on a free local port, and, each time in a fresh browser profile:
-1. opens the experiment's plain URL: MLflow 3.17.2 lands on the GenAI overview
-   (`experiment_opens.png`);
-2. opens the URL the README gives (`?workflowType=machine_learning`): the runs table; closes
-   the assistant panel, expands the sweep's parent run and gives each model its own colour
-   with the run's colour picker (`runs_view.png`);
+serves it on a free local port with the app `make ui` serves (`python -m lw.server_app server
+--app-name lw-ui`), and, each time in a fresh browser profile:
+1. opens the experiment's plain URL: lw's page lands a fresh browser on the runs table
+   ("Model training"), not MLflow 3.17's GenAI overview (`experiment_opens.png`);
+2. opens the URL `make ui` prints (`?workflowType=machine_learning`): the runs table; closes
+   the assistant panel and expands the sweep's parent run: its jobs, named by lw, each in its
+   model's colour (lw's tag `mlflow.runColor`) (`runs_view.png`);
 3. switches to the chart view, hides the parent (the eye), filters the charts to
    `^(depth/)?prompt_entropy/max$` and enlarges the two cards (`charts_over_depth.png`);
 4. opens the depth chart full screen (`depth_chart_fullscreen.png`);
 5. writes the sweep's `python -m lw.report --all` page and shows it on a laptop-sized window
    (1366 x 768): its top (`report_page.png`) and its figure grid (`report_grid.png`).
-It fails unless the depth chart draws one curve per model, each in its colour, over 0..1000
-per-mille depth, and the per-layer chart runs over smollm2's 0..30 layers.
+It fails unless the experiment opens on its runs, the table shows the sweep's run names, the
+depth chart draws one curve per model, each in the colour lw gave its run, over 0..1000
+per-mille depth (MLflow's step for `depth/<metric>`), and the per-layer chart runs over
+smollm2's 0..30 layers.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ if not PYTHON.exists():  # another checkout's environment
 OUT = Path(__file__).resolve().parent
 CHART_FILTER = "^(depth/)?prompt_entropy/max$"
 DEPTH_CHART, LAYER_CHART = "depth/prompt_entropy/max", "prompt_entropy/max"
-COLORS = {"smollm2": "#1f6fc5", "minilm": "#e8710a"}
+MODELS = ("smollm2", "minilm")
 
 
 def free_port() -> int:
@@ -150,43 +153,55 @@ def curves(b: Browser, name: str, root: str = "") -> tuple[dict[str, str], list[
     return lines, ticks
 
 
-def check(b: Browser, name: str, n: int, last: float, root: str = "") -> None:
-    """n curves in n colours, the x axis up to `last`."""
+def rgb(color: str) -> str:
+    """'#0072B2' as the browser writes a stroke: 'rgb(0, 114, 178)'."""
+    return "rgb({}, {}, {})".format(*(int(color[i:i + 2], 16) for i in (1, 3, 5)))
+
+
+def check(b: Browser, name: str, colors: int | list[str], last: float, root: str = "") -> None:
+    """A curve per colour (the runs' mlflow.runColor; or `colors` curves in as many colours),
+    the x axis up to `last`."""
+    n = colors if isinstance(colors, int) else len(colors)
+    want = None if isinstance(colors, int) else {rgb(c) for c in colors}
+
     def ok(_):
         lines, ticks = curves(b, name, root)
-        return len(lines) == len(set(lines.values())) == n and ticks and max(ticks) == last
+        return (len(lines) == len(set(lines.values())) == n
+                and want in (None, set(lines.values())) and ticks and max(ticks) == last)
     try:
         b.wait(ok, 180)  # a busy machine draws slowly
     except Exception:
         lines, ticks = curves(b, name, root)
         b.d.save_screenshot(str(OUT / "failed.png"))
         sys.exit(f"chart {name}: {len(lines)} curves in colours {sorted(set(lines.values()))} "
-                 f"over x ticks {ticks}; expected {n} curves in {n} colours up to {last}")
+                 f"over x ticks {ticks}; expected {n} curves in "
+                 f"{sorted(want) if want else n} colours up to {last}")
     lines, ticks = curves(b, name, root)
-    print(f"  {name}: {n} curves in {sorted(set(lines.values()))}, x ticks {ticks}")
+    print(f"  {name}: {len(lines)} curves in {sorted(set(lines.values()))}, x ticks {ticks}")
 
 
-def pick_color(b: Browser, run: str, color: str) -> None:
-    """What the run's colour dot in the table does: a colour picker (MLflow keeps the choice
-    as the run's tag mlflow.runColor)."""
-    picker = b.find(f"//div[@row-id='{run}']//input[@type='color']")
-    b.d.execute_script("""
-        const input = arguments[0];
-        Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set
-              .call(input, arguments[1]);
-        input.dispatchEvent(new Event('input', {bubbles: true}));
-        input.dispatchEvent(new Event('change', {bubbles: true}));""", picker, color)
+def row_names(b: Browser, names: dict[str, str]) -> None:
+    """Each run's row in the table shows its name (run id -> name, as the store has it)."""
+    for run, name in names.items():
+        b.find(f"//div[@row-id='{run}']//*[normalize-space(text())='{name}']", 60)
 
 
-def screenshots(base: str, experiment: str, parent: str, children: dict[str, str]) -> None:
+def screenshots(base: str, experiment: str, parent: tuple[str, str],
+                children: dict[str, tuple[str, str]]) -> None:
+    """parent: (run id, name); children: run id -> (name, mlflow.runColor)."""
     from selenium.webdriver.common.action_chains import ActionChains
 
+    parent, parent_name = parent
+    colors = [color for _, color in children.values()]
     with Browser(1500, 900) as b:  # what a fresh browser shows on the experiment's plain URL
         b.d.get(f"{base}/#/experiments/{experiment}")
         b.wait(lambda d: "/overview" in d.current_url or "/runs" in d.current_url, 90,
                "the experiment page did not open")
-        b.find("//*[contains(@class,'ag-root') or normalize-space(text())='Traces']")
+        if "/runs" not in b.d.current_url:
+            sys.exit(f"the experiment's plain URL opened {b.d.current_url}, not its runs: "
+                     "lw's page (lw.server_app) no longer sets the runs as the default view")
         b.close_assistant()
+        row_names(b, {parent: parent_name})
         b.shot(OUT / "experiment_opens.png")
 
     with Browser(1600, 1400) as b:
@@ -195,10 +210,7 @@ def screenshots(base: str, experiment: str, parent: str, children: dict[str, str
         b.close_assistant()
         b.click(f"//div[@row-id='{parent}']//button[contains(@data-component-id,"
                 "'runnamecellrenderer')]")  # expand the sweep's parent run
-        # MLflow colours a run by a hash of its id: two runs may share a colour, so give each
-        # model its own, as a user would in the table
-        for child, model in children.items():
-            pick_color(b, child, COLORS[model])
+        row_names(b, {child: name for child, (name, _) in children.items()})
         b.d.set_window_size(1600, 600)
         b.shot(OUT / "runs_view.png")
         b.d.set_window_size(1600, 1400)
@@ -218,8 +230,8 @@ def screenshots(base: str, experiment: str, parent: str, children: dict[str, str
                                   e.scrollTop = 0; }""", b.find(card(DEPTH_CHART)))  # to the top
         ActionChains(b.d).move_to_element(b.find("//*[contains(text(),'matching runs')]")) \
             .perform()  # the pointer off the charts
-        check(b, DEPTH_CHART, len(children), 1000)
-        check(b, LAYER_CHART, len(children), 30)
+        check(b, DEPTH_CHART, colors, 1000)
+        check(b, LAYER_CHART, colors, 30)
         b.shot(OUT / "charts_over_depth.png")
 
     with Browser(1600, 1000) as b:
@@ -235,7 +247,7 @@ def screenshots(base: str, experiment: str, parent: str, children: dict[str, str
         b.click(card(DEPTH_CHART) + "//button[@data-component-id='fullscreen_button_chartcard']")
         modal = "//div[@role='dialog'][.//*[contains(@class,'js-plotly-plot')]]"
         b.find(modal)
-        check(b, DEPTH_CHART, len(children), 1000, root=modal)
+        check(b, DEPTH_CHART, colors, 1000, root=modal)
         b.shot(OUT / "depth_chart_fullscreen.png")
 
 
@@ -286,14 +298,22 @@ def main() -> None:
         client = MlflowClient(store)
         experiment = client.get_experiment_by_name("lw").experiment_id
         runs = client.search_runs([experiment], order_by=["attributes.start_time DESC"])
-        jobs = [r for r in runs if r.data.tags.get("lw.model") in COLORS]
+        jobs = [r for r in runs if r.data.tags.get("lw.model") in MODELS]
         parent = jobs[0].data.tags["mlflow.parentRunId"]
-        children = {r.info.run_id: r.data.tags["lw.model"] for r in jobs
-                    if r.data.tags.get("mlflow.parentRunId") == parent}
+        children = {r.info.run_id: (r.info.run_name, r.data.tags["mlflow.runColor"])
+                    for r in jobs if r.data.tags.get("mlflow.parentRunId") == parent}
+        parent = (parent, client.get_run(parent).info.run_name)
+        print(f"runs: {parent[1]!r} -> " + ", ".join(
+            f"{name!r} {color}" for name, color in children.values()))
         port = free_port()
-        ui = subprocess.Popen([str(PYTHON.parent / "mlflow"), "ui", "--backend-store-uri", store,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        # what `make ui` runs (Makefile), on a free port
+        ui = subprocess.Popen([str(PYTHON), "-m", "lw.server_app", "server", "--app-name",
+                               "lw-ui", "--backend-store-uri", store, "--default-artifact-root",
+                               str(tmp / "artifacts"), "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
+                                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                               start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         for _ in range(240):
