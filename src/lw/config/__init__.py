@@ -7,13 +7,19 @@ looked up lazily, so importing ``lw.config.tracking`` alone does not build the m
 
 from __future__ import annotations
 
+import importlib
+
 
 def __getattr__(name: str):
     if name in ("LwError", "ConfigError"):  # their old home; they live in lw.errors
         from lw import errors
 
         return getattr(errors, name)
-    from lw.config import schema
+    # not `from lw.config import schema`: that asks this function for "schema" again (a
+    # recursion for any `from lw.config import schema` before the submodule is loaded)
+    schema = importlib.import_module("lw.config.schema")
+    if name in ("schema", "tracking"):
+        return importlib.import_module(f"lw.config.{name}")
 
     try:
         return getattr(schema, name)

@@ -168,9 +168,9 @@ class LwConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     metric: MetricConfig = field(default_factory=MetricConfig)
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
-    metrics: list[str] = field(default_factory=registry.defaults)
-    seed: int = 0
-    run_name: str | None = None
+    metrics: list[str] = field(default_factory=registry.defaults)  # what to measure: every layer
+    seed: int = 0                    # prompt sampling, augmentations, random init, probes
+    run_name: str | None = None      # None: what the sweep varies (`smollm2 wiki-vital`)
 
     def __post_init__(self) -> None:
         twice = sorted({name for name in self.metrics if self.metrics.count(name) > 1})

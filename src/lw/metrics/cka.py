@@ -119,6 +119,7 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="cka", compute=_compute, needs=("pooled",), knobs=CKAKnobs,
+    name="cka", definition="Layer-comparison measures (beyond the papers)/Linear CKA",
+    compute=_compute, needs=("pooled",), knobs=CKAKnobs,
     logs={"cka/to_last": None, "cka/to_next": None}, across_models=cka_between,
     description="linear CKA between every pair of layers (matrix, to_last, to_next)")

@@ -11,7 +11,8 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="curvature", compute=_compute, default=True, needs=("tokens",), logs={"curvature": None},
+    name="curvature", definition="Curvature (token level)",
+    compute=_compute, default=True, needs=("tokens",), logs={"curvature": None},
     summaries={"curvature": "min"}, agreement=("curvature",), shared_knobs=("compat",),
     # both compat modes are kept: the cache then serves either
     products=lambda job: ["curvature/paper", "curvature/official"],

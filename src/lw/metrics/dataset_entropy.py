@@ -27,7 +27,8 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="dataset_entropy", compute=_compute, default=True, knobs=DatasetEntropyKnobs,
+    name="dataset_entropy", definition="Dataset entropy (one value per layer)",
+    compute=_compute, default=True, knobs=DatasetEntropyKnobs,
     logs={"dataset_entropy/": None}, summaries={"dataset_entropy/max": "min"},
     agreement=("dataset_entropy/",), shared_knobs=("compat", "normalizations"),
     spread=True,

@@ -28,7 +28,8 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="dime", compute=_compute, needs=("views",), knobs=DiMEKnobs, logs={"dime": True},
+    name="dime", definition="DiME (two augmented views)",
+    compute=_compute, needs=("views",), knobs=DiMEKnobs, logs={"dime": True},
     agreement=("dime",), shared_knobs=("compat",), n_views=lambda job: 2,
     min_prompts=2,  # compares each prompt with the others
     description="DiME between views 0 and 1 of every prompt")

@@ -45,7 +45,8 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="dip", compute=_compute, default=True, needs=("tokens",), uses=("prompt_entropy",),
+    name="dip", definition="Dip test (bimodality across prompts)",
+    compute=_compute, default=True, needs=("tokens",), uses=("prompt_entropy",),
     logs={"dip/stat": None, "dip/pvalue": None}, summaries={"dip/stat": "max"},
     spread=True,
     description="Hartigan's dip test over the per-prompt prompt entropies, per layer")

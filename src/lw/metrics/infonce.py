@@ -24,7 +24,8 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="infonce", compute=_compute, needs=("views",), knobs=InfoNCEKnobs,
+    name="infonce", definition="InfoNCE (two augmented views)",
+    compute=_compute, needs=("views",), knobs=InfoNCEKnobs,
     logs={"infonce/loss": False, "infonce/mi_bound": True, "infonce/normalized": True},
     agreement=("infonce/mi_bound",),
     n_views=lambda job: 2, description="InfoNCE between views 0 and 1 of every prompt")

@@ -113,6 +113,8 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="layer_distance", compute=_compute, needs=("tokens",), knobs=LayerDistanceKnobs,
+    name="layer_distance",
+    definition="Layer-comparison measures (beyond the papers)/Angular distance",
+    compute=_compute, needs=("tokens",), knobs=LayerDistanceKnobs,
     logs={"layer_distance/": None}, products=_products, token_fn=_token_fn,
     description="angular distance between the token states of layers l and l+n")

@@ -27,7 +27,8 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="lidar", compute=_compute, needs=("views",), knobs=LiDARKnobs,
+    name="lidar", definition="LiDAR (J augmentations per prompt)",
+    compute=_compute, needs=("views",), knobs=LiDARKnobs,
     logs={"lidar/": True}, agreement=("lidar/effective_rank",),
     shared_knobs=("normalizations",), n_views=lambda job: job.metric.lidar.J,
     min_prompts=2,  # between-prompt scatter

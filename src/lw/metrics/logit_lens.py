@@ -131,7 +131,8 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="logit_lens", compute=_compute, needs=("tokens", "output_embedding"),
+    name="logit_lens", definition="Layer-comparison measures (beyond the papers)/Logit lens",
+    compute=_compute, needs=("tokens", "output_embedding"),
     logs={"logit_lens/ce": False, "logit_lens/kl": False, "logit_lens/top1": True},
     summaries={"logit_lens/ce": "min"},
     products=lambda job: [f"logit_lens/{name}" for name in (*SERIES, "n")],

@@ -36,7 +36,9 @@ def _compute(inputs) -> Output:
 
 
 METRIC = Metric(
-    name="prompt_entropy", compute=_compute, default=True, needs=("tokens",),
+    name="prompt_entropy",
+    definition="Prompt entropy (token level, one value per prompt per layer)",
+    compute=_compute, default=True, needs=("tokens",),
     knobs=PromptEntropyKnobs,
     logs={"prompt_entropy/": None}, summaries={"prompt_entropy/max": "min"},
     agreement=("prompt_entropy/",), shared_knobs=("compat", "normalizations"),
