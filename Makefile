@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The default sweep: real offline weights x real offline text.
 SWEEP  ?= model=smollm2,minilm data=wiki-vital,medical-hpo
 
-.PHONY: install run test test-fast ui server lint bench bench-sweep bench-report screenshots clean
+.PHONY: install run test test-fast ui server lint bench bench-sweep bench-report screenshots docs clean
 
 $(STAMP): pyproject.toml offline-assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -70,6 +70,13 @@ ui: $(STAMP)
 # docs/ui/*.png from a small real sweep served as `make ui` serves it, in headless chromium
 screenshots: $(STAMP)
 	$(PY) docs/ui/screenshots.py
+
+# The documentation site (mkdocs.yml): built strict from docs/ and the code (reference pages are
+# generated: docs/gen_reference.py), then served on http://127.0.0.1:8000 as you edit
+DOCS_ADDR ?= 127.0.0.1:8000
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+	$(VENV)/bin/mkdocs serve --strict --dev-addr $(DOCS_ADDR)
 
 clean:
 	rm -rf multirun outputs .pytest_cache

@@ -234,7 +234,7 @@ def metrics_page() -> str:
     out += ["| metric | needs | default | cost / forward pass |", "|---|---|---|---|"]
     for m in every.values():
         cost = costs.get("metrics", {}).get(m.name)
-        out.append(f"| [`{m.name}`](#{m.name.replace('_', '-')}) | {', '.join(m.needs)} | "
+        out.append(f"| [`{m.name}`](#{m.name}) | {', '.join(m.needs)} | "
                    f"{'yes' if m.default else ''} | "
                    f"{'' if cost is None else f'{cost:.3f}'} |")
     out.append("")

@@ -90,6 +90,9 @@ VARIABLES: tuple[Variable, ...] = (
              "conf/hydra/launcher/submitit_slurm.yaml", "slurm"),
     Variable("LW_SLURM_TIME_MIN", "time limit per job, minutes", "240",
              "conf/hydra/launcher/submitit_slurm.yaml", "slurm"),
+    Variable("LW_SLURM_LOST_AFTER_S", "seconds a task neither sacct nor squeue knows may "
+             "stay unknown before the sweep reports it lost", "120",
+             "lw (hydra_plugins.lw_launchers)", "slurm"),
     Variable("LW_SLURM_PARALLEL", "jobs of the array running at once", "64",
              "conf/hydra/launcher/submitit_slurm.yaml", "slurm"),
     # The team server (python -m lw.server, make server)

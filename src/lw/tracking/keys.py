@@ -121,6 +121,7 @@ ARTIFACTS: tuple[Key, ...] = (
     Key("results/*.csv", "a metric's own tables (`cka_matrix.csv`, ...)"),
     Key("figures/*.png", "the job's figures (`metrics_vs_depth.png`, histograms, a metric's "
         "own); on the parent, the cross-model heat maps (`cross_cka_<a>__<b>.png`)", "both"),
+    Key("error.txt", "a failed job's error and traceback (also in its folder)"),
     Key("report/*", "`python -m lw.report --all`: the sweep's report page and figures",
         "parent"),
     Key("cross_*/*.csv", "the end-of-sweep comparison of each pair of models (`cross_cka/"
