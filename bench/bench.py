@@ -9,11 +9,17 @@ case's own):
 - warm:    the same job again with that cache entry: no model, no forward pass;
 - 1 proc / 2 procs: the job from the command line (`python -m lw.run`, tracking to a temporary
            store) in one process, and under `torchrun --nproc_per_node 2`;
-- +<metric> (cka, layer_distance, logit_lens): the job case with that metric added, on an empty
-           cache of its own; "+ / floor" is its cost over the job case, in floors.
+- +<metric> (any registered metric, e.g. +cka): the job case with that metric added (or, for
+           one of the job's own metrics, the job without it: -<metric>), on an empty cache of
+           its own; "+ / floor" is its cost over the job case, in floors.
+
+`--metric-costs` measures every metric that runs offline on wiki-vital that way (smollm2, 64
+prompts by default) and writes bench/metric_cost.json, which the docs' metrics reference shows
+(cost / forward pass).
 
     .venv/bin/python bench/bench.py                      # the default table (docs/development.md)
     .venv/bin/python bench/bench.py --models minilm --n 64 --cases floor job warm
+    .venv/bin/python bench/bench.py --metric-costs              # bench/metric_cost.json
 
 Prints a table (seconds, ratio to the floor, prompts/s, peak RSS) and writes it to
 bench/results/ (latest.md, and a dated .md and .json).
@@ -36,13 +42,24 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 CASES = ("floor", "job", "warm", "1proc", "2procs")
-ADDED = ("+cka", "+layer_distance", "+logit_lens")  # the job with one more metric
 METRICS = "[prompt_entropy,curvature,dataset_entropy,dip]"
+BASE = METRICS.strip("[]").split(",")
+COSTS = ROOT / "bench" / "metric_cost.json"
+# What a metric needs beyond wiki-vital's text: labels come from its topics; multiple-choice
+# answers (mc_accuracy) and MTEB's hub tasks are not measured here.
+NOT_OFFLINE = {"answers": "multiple-choice data", "model": "MTEB's hub tasks"}
+
+
+def metric_list(added: str) -> list[str]:
+    """The job's metrics for case +<name> (base plus it) or -<name> (base without it)."""
+    name = added[1:]
+    return [m for m in BASE if m != name] if added.startswith("-") else [*BASE, name]
 
 
 def overrides(model: str, n: int) -> list[str]:
+    # topic labels for probe and cluster; every case plans the same prompts with them
     return [f"model={model}", "data=wiki-vital", f"data.n_prompts={n}", "data.max_tokens=128",
-            f"metrics={METRICS}"]
+            "data.label_field=topic", f"metrics={METRICS}"]
 
 
 def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
@@ -77,7 +94,7 @@ def case_job(model: str, n: int, added: str = "") -> dict:
     from conftest import compose_job
     from lw.job.stages import compute
 
-    extra = [f"metrics={METRICS[:-1]},{added}]"] if added else []
+    extra = [f"metrics=[{','.join(metric_list(added))}]"] if added else []
     started = time.perf_counter()
     result = compute(compose_job([*overrides(model, n), *extra, "extraction.cache=true"]))
     return {"seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib(),
@@ -137,7 +154,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
     parser.add_argument("--n", nargs="+", type=int, default=[64, 512])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES + ADDED)
+    parser.add_argument("--cases", nargs="+", default=list(CASES),
+                        help=f"{', '.join(CASES)}, or +<metric> / -<metric>")
+    parser.add_argument("--metric-costs", action="store_true",
+                        help="every offline metric's cost over the forward pass "
+                             "(bench/metric_cost.json; default --models smollm2 --n 64)")
     parser.add_argument("--one", nargs=3, metavar=("CASE", "MODEL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -145,17 +166,66 @@ def main() -> None:
         measure = {"floor": case_floor, "job": case_job, "warm": case_job,
                    "1proc": lambda m, k: case_cli(m, k, 1),
                    "2procs": lambda m, k: case_cli(m, k, 2),
-                   **{a: lambda m, k, a=a: case_job(m, k, a[1:]) for a in ADDED}}[case]
+                   }.get(case) or (lambda m, k: case_job(m, k, case))
         print(json.dumps(measure(model, n)))
         return
+    if args.metric_costs:
+        return metric_costs(args)
+    rows = measure_cases(args.models, args.n, args.cases)
+    text = table(rows)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    header = (f"lw bench {stamp}: {os.cpu_count()} CPUs, "
+              f"{'CUDA' if _has_cuda() else 'no GPU'}; metrics {METRICS}, max 128 tokens\n\n")
+    for name in (f"{stamp}.md", "latest.md"):
+        (RESULTS / name).write_text(header + text + "\n")
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(rows, indent=2))
+    print(f"wrote {RESULTS / 'latest.md'}")
+
+
+def metric_costs(args) -> None:
+    """Each offline metric's cost over the bare forward pass, in floors: +m over the job, or
+    the job over -m for the job's own metrics."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from lw.metrics import registry
+
+    model = args.models[0] if args.models != ["smollm2", "minilm"] else "smollm2"
+    n = args.n[0] if args.n != [64, 512] else 64
+    skipped = {m.name: NOT_OFFLINE[need] for m in registry.every().values()
+               for need in m.needs if need in NOT_OFFLINE}
+    cases = ["floor", "job"] + [("-" if name in BASE else "+") + name
+                                for name in registry.every() if name not in skipped]
+    rows = measure_cases([model], [n], cases)
+    print(table(rows))
+    by_case = {row["case"]: row for row in rows if "error" not in row}
+    floor, job = by_case["floor"]["seconds"], by_case["job"]["seconds"]
+    costs = {}
+    for case, row in by_case.items():
+        if case[0] == "+":
+            costs[case[1:]] = round((row["seconds"] - job) / floor, 3)
+        elif case[0] == "-":
+            costs[case[1:]] = round((job - row["seconds"]) / floor, 3)
+    COSTS.write_text(json.dumps({
+        "what": (f"its time over the bare forward pass with every hidden state ({model}, {n} "
+                 f"wiki-vital prompts, up to 128 tokens, {os.cpu_count()} CPUs, "
+                 f"{'CUDA' if _has_cuda() else 'no GPU'}; `make bench`'s --metric-costs, "
+                 f"{datetime.now():%Y-%m-%d}); the job with it against the job without it, "
+                 "each in a process of its own, so differences under ~0.05 are noise. Not "
+                 "measured here: " + ", ".join(f"{k} (needs {v})" for k, v in skipped.items())),
+        "metrics": costs}, indent=2) + "\n")
+    print(f"wrote {COSTS}")
+
+
+def measure_cases(models: list[str], sizes: list[int], cases: list[str]) -> list[dict]:
     rows = []
-    for model in args.models:
-        for n in args.n:
+    for model in models:
+        for n in sizes:
             with tempfile.TemporaryDirectory() as cache_dir:
                 link_model_cache(Path(cache_dir))
                 floor = job = None
-                for case in args.cases:  # warm follows job: same cache folder
-                    if case in ADDED:  # an empty activation cache of its own
+                for case in cases:  # warm follows job: same cache folder
+                    if case[0] in "+-":  # an empty activation cache of its own
                         with tempfile.TemporaryDirectory() as own:
                             link_model_cache(Path(own))
                             row = {"model": model, "n": n, "case": case,
@@ -169,20 +239,11 @@ def main() -> None:
                         job = row["seconds"]
                     if floor and "error" not in row:
                         row["ratio"] = row["seconds"] / floor
-                        if case in ADDED and job:
+                        if case[0] in "+-" and job:
                             row["added"] = (row["seconds"] - job) / floor
                     rows.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
-    text = table(rows)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    header = (f"lw bench {stamp}: {os.cpu_count()} CPUs, "
-              f"{'CUDA' if _has_cuda() else 'no GPU'}; metrics {METRICS}, max 128 tokens\n\n")
-    for name in (f"{stamp}.md", "latest.md"):
-        (RESULTS / name).write_text(header + text + "\n")
-    (RESULTS / f"{stamp}.json").write_text(json.dumps(rows, indent=2))
-    print(f"wrote {RESULTS / 'latest.md'}")
+    return rows
 
 
 def _has_cuda() -> bool:

@@ -375,12 +375,12 @@ def write_all(write) -> None:
         write(path, page())
 
 
-if __name__ == "__main__" and len(sys.argv) > 1:
+if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     for path, page in PAGES.items():
         (out_dir / path).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / path).write_text(page())
-else:  # run by mkdocs-gen-files
+elif __name__ == "<run_path>":  # run by mkdocs-gen-files (runpy.run_path); imported: nothing
     import mkdocs_gen_files
 
     def _write(path: str, text: str) -> None:

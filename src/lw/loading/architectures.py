@@ -49,8 +49,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
 def architecture(model_type: str) -> Architecture:
     """The registered facts for ``model_type``; LwError naming it and the registered ones."""
     if model_type not in ARCHITECTURES:
-        raise LwError(f"architecture {model_type!r} is not registered in lw/architectures.py "
-                      f"(registered: {', '.join(ARCHITECTURES)}); its layer convention must be "
+        raise LwError(f"architecture {model_type!r} is not registered in "
+                      f"lw/loading/architectures.py (registered: {', '.join(ARCHITECTURES)}); "
+                      "its layer convention must be "
                       "declared there before lw can measure it")
     return ARCHITECTURES[model_type]
 
@@ -97,7 +98,7 @@ def block_list(model: torch.nn.Module, arch: Architecture) -> torch.nn.ModuleLis
         found = getattr(found, name, None)
     if not isinstance(found, torch.nn.ModuleList):
         raise LwError(f"architecture {arch.model_type}: declared blocks {arch.blocks!r} are not "
-                      f"a module list of {type(model).__name__}; fix lw/architectures.py")
+                      f"a module list of {type(model).__name__}; fix lw/loading/architectures.py")
     return found
 
 
@@ -129,7 +130,7 @@ def check_layer_convention(model: torch.nn.Module, arch: Architecture) -> None:
             hook.remove()
     n_layers = len(blocks)
     where = (f"architecture {arch.model_type} (declared layout {arch.layout!r} in "
-             "lw/architectures.py)")
+             "lw/loading/architectures.py)")
     if states.shape[0] != n_layers + 1:
         raise LwError(f"{where}: {states.shape[0]} hidden states for {n_layers} blocks, "
                       f"expected {n_layers + 1}")
