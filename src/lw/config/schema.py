@@ -82,7 +82,7 @@ class ModelConfig:
 class DataConfig:
     name: str = MISSING
     source: str = "local"            # hub | wiki-vital | medical-hpo | local
-    path: str | None = None       # hub data set id, or a local .jsonl/.json/.parquet/.txt file
+    path: str | None = None       # hub id, or a local .jsonl/.json/.parquet/.csv/.txt file
     subset: str | None = None     # hub config name (wikitext-103-raw-v1)
     split: str = "train"
     revision: str = "main"           # hub data set branch, tag or commit (resolved, recorded)
@@ -118,7 +118,8 @@ class DataConfig:
         _check(self.min_tokens <= self.max_tokens,
                f"data.min_tokens={self.min_tokens} > data.max_tokens={self.max_tokens}")
         _check(self.source != "local" or bool(self.path),
-               "data.path is required for data=local (a .jsonl, .json, .parquet or .txt file)")
+               "data.path is required for data=local (a .jsonl, .json, .parquet, .csv or .txt "
+               "file)")
         _one_of("data.answer", self.answer, ANSWER_STYLES)
         _check(not (self.multiple_choice and self.template),
                "data.template and data.multiple_choice=true: multiple-choice records are "
