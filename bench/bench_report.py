@@ -43,7 +43,7 @@ MODELS = ["smollm2", "minilm", "tiny-pythia", "tiny-mamba"]
 
 def job_files(rng, folder: Path) -> tuple[pd.DataFrame, Path]:
     layers = np.arange(LAYERS + 1)
-    table = pd.DataFrame({"layer": layers, "depth_pct": 100 * layers / LAYERS})
+    table = pd.DataFrame({"layer": layers, "depth": layers / LAYERS})
     for column in COLUMNS:
         table[column] = rng.random(LAYERS + 1)
     per_prompt = pd.DataFrame({"prompt": np.repeat(np.arange(PROMPTS), LAYERS + 1),

@@ -226,7 +226,7 @@ def store_check(uri: str, env: dict, pg: Postgres, args) -> dict:
         folder = Path(run.data.tags["lw.output_dir"])
         table = pd.read_csv(folder / "results" / "table.csv")
         summary = json.loads((folder / "results" / "summary.json").read_text())
-        columns = [c for c in table.columns if c not in ("layer", "depth_pct")]
+        columns = [c for c in table.columns if c not in ("layer", "depth")]
         want = 2 * len(columns) * len(table) + len(summary)
         missing += int(int(stored.get(run.info.run_id, 0)) != want)
     durations = [(r.info.end_time - r.info.start_time) / 1000 for r in jobs if r.info.end_time]

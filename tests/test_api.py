@@ -28,7 +28,8 @@ def test_import_lw_loads_no_torch():
 
 @pytest.fixture(scope="module")
 def store():
-    """A parent and 3 children: 2 models, levels of p, one run with a NaN layer."""
+    """A parent and 3 children: 2 models, levels of p, one run with a NaN layer; minilm's
+    table as lw logged it before depth was 0-1 (``depth_pct``, 0-100)."""
     folder = Path(tempfile.mkdtemp(prefix="lw-api-"))
     uri = f"sqlite:///{folder}/mlflow.db"
     client = MlflowClient(uri)
@@ -40,8 +41,9 @@ def store():
     logged = {}
     for model, layers, p in (("smollm2", 30, "0.000"), ("smollm2", 30, "0.500"),
                              ("minilm", 6, "0.500")):
-        table = pd.DataFrame({"layer": np.arange(layers + 1),
-                              "depth_pct": 100 * np.arange(layers + 1) / layers,
+        depth = ({"depth_pct": 100 * np.arange(layers + 1) / layers} if model == "minilm"
+                 else {"depth": np.arange(layers + 1) / layers})
+        table = pd.DataFrame({"layer": np.arange(layers + 1), **depth,
                               "prompt_entropy/max": rng.random(layers + 1),
                               "curvature": rng.random(layers + 1)})
         table.loc[0, "curvature"] = np.nan
@@ -71,7 +73,9 @@ def test_load_sweep_is_tidy_and_reads_back_every_value(store):
         for metric in ("prompt_entropy/max", "curvature"):
             got = rows[rows["metric"] == metric].sort_values("layer")
             np.testing.assert_array_equal(got["value"], table[metric])
-            np.testing.assert_allclose(got["depth"], table["depth_pct"] / 100)
+            # relative depth, 0 = embeddings, 1 = last layer, whichever unit the run logged
+            np.testing.assert_allclose(got["depth"], np.arange(len(table)) / (len(table) - 1))
+            assert got["depth"].iloc[0] == 0 and got["depth"].iloc[-1] == 1
     assert sorted(frame["level"].unique()) == [0.0, 0.5]
     minilm = frame[frame["model"] == "minilm"]
     assert minilm["depth"].max() == 1.0 and minilm["layer"].max() == 6
@@ -95,6 +99,11 @@ def test_measure_a_model_option_and_the_same_model_loaded_agree():
     assert by_name.attrs["model"]["n_layers"] == 6 == in_memory.attrs["model"]["n_layers"]
     assert in_memory.attrs["model"]["source"] == "in-memory"
     assert list(by_name["layer"]) == list(range(7))
+    assert list(by_name.columns[:2]) == ["layer", "depth"]  # relative: 0 .. 1, monotone
+    assert by_name["depth"].iloc[0] == 0 and by_name["depth"].iloc[-1] == 1
+    assert by_name["depth"].is_monotonic_increasing
+    summary = by_name.attrs["summary"]  # the layer summaries' depth in the same unit
+    assert summary["summary/curvature/min_depth"] == summary["summary/curvature/min_layer"] / 6
     for column in ("prompt_entropy/max", "curvature"):
         np.testing.assert_allclose(in_memory[column], by_name[column], rtol=1e-6)
     assert np.isfinite(by_name["prompt_entropy/max"]).all()

@@ -64,7 +64,7 @@ def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, lw_cache, 
     pooled = {m: pooled_of(compose_job([f"model={m}", *job])) for m in (a, b)}
     expected = cka_between(pooled[a], pooled[b]).numpy()
     np.testing.assert_allclose(table[:, 1:], expected, rtol=1e-6)
-    np.testing.assert_allclose(table[:, 0], 100 * np.arange(len(expected)) / (len(expected) - 1))
+    np.testing.assert_allclose(table[:, 0], np.arange(len(expected)) / (len(expected) - 1))
     assert f"cross_cka/{a}__{b}/depth_diagonal" in client.get_run(parent.info.run_id).data.metrics
     figures = [f.path for f in client.list_artifacts(parent.info.run_id, "figures")]
     assert f"figures/cross_cka_{a}__{b}.png" in figures

@@ -63,7 +63,7 @@ def assert_logged_as_one_process(logged: dict, overrides: list[str]) -> None:
     """The run's logged per-layer curves and summaries are the 1-process job's values
     (``lw.job.compute`` in this process)."""
     result = compute(compose_job(overrides))
-    columns = [c for c in result.table.columns if c not in ("layer", "depth_pct")]
+    columns = [c for c in result.table.columns if c not in ("layer", "depth")]
     assert columns and set(columns) <= set(logged)
     for column in columns:
         np.testing.assert_allclose(logged[column], result.table[column], rtol=RTOL, atol=ATOL,

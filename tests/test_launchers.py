@@ -71,7 +71,7 @@ def test_joblib_runs_jobs_in_parallel_into_one_store_losing_no_point(tmp_path):
         summary = json.loads((results / "summary.json").read_text())
         layers = table["layer"].tolist()
         per_mille = [round(1000 * layer / layers[-1]) for layer in layers]
-        curves = {c: (layers, table[c]) for c in table.columns if c not in ("layer", "depth_pct")}
+        curves = {c: (layers, table[c]) for c in table.columns if c not in ("layer", "depth")}
         curves |= {f"depth/{c}": (per_mille, values) for c, (_, values) in list(curves.items())}
         curves |= {k: ([0], [v]) for k, v in summary.items()}
         for key, (steps, values) in curves.items():

@@ -1,5 +1,7 @@
 """docs/examples/quickstart.ipynb runs cell by cell on an ipykernel (nbclient), against a real
-smollm2 + minilm sweep logged to a temporary SQLite store named by MLFLOW_TRACKING_URI."""
+smollm2 + minilm sweep logged to a temporary SQLite store named by MLFLOW_TRACKING_URI; it is
+stored with the outputs such a run gives (docs/examples/store_outputs.py), so a code host
+shows them."""
 
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr[-3000:]
     for key, value in cli_env(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1").items():
         monkeypatch.setenv(key, value)     # the kernel's environment
-    notebook = nbformat.read(ROOT / "docs" / "examples" / "quickstart.ipynb", as_version=4)
+    path = ROOT / "docs" / "examples" / "quickstart.ipynb"
+    stored = nbformat.read(path, as_version=4)  # as committed, before this run
+    notebook = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
@@ -33,3 +37,12 @@ def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
     table = notebook.cells[2].outputs[-1]["data"]["text/plain"]
     assert "prompt_entropy/max" in table  # the measured table, shown
+    # the stored file shows what a run shows (stderr, progress bars, left out), figure included
+    for kept, ran in zip(stored.cells, notebook.cells, strict=True):
+        shown = [o for o in ran.get("outputs", []) if o.get("name") != "stderr"]
+        assert ({o.output_type for o in kept.get("outputs", [])}
+                == {o.output_type for o in shown}), f"stored outputs of: {ran.source[:60]}"
+    kept = [o for cell in stored.cells for o in cell.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in kept)
+    assert not [o for o in kept if o.output_type == "error"]
+    assert path.stat().st_size < 1_000_000

@@ -13,7 +13,7 @@ def tables(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     per_prompt = pd.DataFrame({"layer": np.repeat(layers, 20), "prompt": np.tile(np.arange(20), 5),
                                "prompt_entropy/max": rng.random(100)})
     per_prompt.loc[3, "prompt_entropy/max"] = np.nan  # a NaN prompt is left out, not drawn
-    table = pd.DataFrame({"layer": layers, "depth_pct": layers * 25.0,
+    table = pd.DataFrame({"layer": layers, "depth": layers / 4,
                           "prompt_entropy/max": rng.random(5), "dip/stat": [.1, .3, .2, .1, .1],
                           "dip/pvalue": rng.random(5)})
     return per_prompt, table
@@ -25,7 +25,9 @@ def test_depth_curves_draw_each_metric_over_depth(tmp_path):
     drawn = {ax.get_title(): ax.lines[0].get_xydata() for ax in fig.axes if ax.lines}
     assert set(drawn) == {"prompt_entropy/max", "dip/stat", "dip/pvalue"}
     for column, xy in drawn.items():
-        np.testing.assert_array_equal(xy, table[["depth_pct", column]].to_numpy())
+        np.testing.assert_array_equal(xy, table[["depth", column]].to_numpy())
+    assert {ax.get_xlabel() for ax in fig.axes if ax.lines} == {
+        "relative depth (0 = embeddings, 1 = last layer)"}
     assert fig.get_layout_engine() is None
     fig.savefig(tmp_path / "curves.png")
     plt.close(fig)

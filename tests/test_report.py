@@ -38,7 +38,7 @@ def job_values(rng, n_layers: int, bimodal: bool) -> tuple[pd.DataFrame, pd.Data
         "prompt_entropy/raw": rng.normal(3, 0.2, N_PROMPTS * (n_layers + 1)),
     })
     per_prompt["prompt_entropy/max"] = per_prompt["prompt_entropy/raw"] / 4
-    table = pd.DataFrame({"layer": layers, "depth_pct": 100 * layers / n_layers})
+    table = pd.DataFrame({"layer": layers, "depth": layers / n_layers})
     for column in COLUMNS:
         table[column] = rng.random(n_layers + 1)
     table.loc[0, "curvature"] = np.nan  # a NaN layer, as the embedding layer can give
@@ -180,7 +180,7 @@ def test_a_sweep_of_more_than_1000_children_is_reported_whole(tmp_path, capsys, 
         {"mlflow.runName": f"{model} job{i}", "lw.model": model, "lw.data": "wiki-vital",
          "lw.seed": str(i)} for i, model in enumerate(models)])
     layers = np.arange(4)
-    table = pd.DataFrame({"layer": layers, "depth_pct": 100 * layers / 3})
+    table = pd.DataFrame({"layer": layers, "depth": layers / 3})
     expected = {}
     for i, (model, run_id) in enumerate(zip(models[:1001], children, strict=False)):
         # the last child's upload "failed"; each run's own values: the mean sees every run

@@ -391,7 +391,7 @@ def test_a_teammate_reads_every_run_point_and_artifact_over_http(teammate_view):
         on_disk = Path(run["tags"]["lw.output_dir"]) / "results"
         table = pd.read_csv(on_disk / "table.csv")
         n_layers = int(run["tags"]["lw.model.n_layers"])
-        columns = [c for c in table.columns if c not in ("layer", "depth_pct")]
+        columns = [c for c in table.columns if c not in ("layer", "depth")]
         assert "prompt_entropy/max" in columns and "dip/stat" in columns
         for column in columns:
             by_layer = dict(run["histories"][column])
@@ -571,7 +571,7 @@ def test_jobs_logging_at_once_through_a_slow_server_all_finish_and_lose_no_point
     for run in runs:
         i = int(run["info"]["run_name"].split()[-1])
         table = pd.read_csv(folders[i] / "out" / "results" / "table.csv")
-        columns = [c for c in table.columns if c not in ("layer", "depth_pct")]
+        columns = [c for c in table.columns if c not in ("layer", "depth")]
         for column in columns:
             history = server.api("GET", "2.0/mlflow/metrics/get-history", auth=client_auth,
                                  params={"run_id": run["info"]["run_id"],

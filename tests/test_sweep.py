@@ -113,7 +113,8 @@ def test_artifacts_hold_config_tables_and_figures(store):
 
         table = pd.read_csv(local / "results" / "table.csv")
         assert list(table["layer"]) == list(range(len(table)))
-        assert table["depth_pct"].iloc[-1] == 100.0
+        assert table["depth"].iloc[0] == 0.0 and table["depth"].iloc[-1] == 1.0
+        assert table["depth"].is_monotonic_increasing
         per_prompt = pd.read_parquet(local / "results" / "per_prompt.parquet")
         assert len(per_prompt) == N_PROMPTS * len(table)
         assert (local / "figures" / "metrics_vs_depth.png").read_bytes()[:4] == b"\x89PNG"

@@ -62,7 +62,7 @@ def load_sweep(parent: str | None = None, experiment: str = "lw",
         "run_id": curves["run_id"], "run_name": curves["run_name"], "model": tag("lw.model"),
         "data": tag("lw.data"), "perturbation": tag("lw.perturbation"), "level": levels,
         "revision": tag("lw.model.revision"), "layer": curves["layer"].astype(int),
-        "depth": curves["depth_pct"] / 100, "metric": curves["metric"],
+        "depth": curves["depth"], "metric": curves["metric"],
         "value": curves["value"]})
     frame.attrs["parent"] = parent
     return frame.sort_values(["model", "data", "level", "run_id", "metric", "layer"],
@@ -118,8 +118,9 @@ def compose_overrides(overrides: list[str]):
 
 def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("prompt_entropy",),
             log: bool = False, **knobs: Any) -> pd.DataFrame:
-    """One job in this process; returns its per-layer table (layer, depth_pct, a column per
-    metric value), with the run's summaries in ``table.attrs["summary"]``.
+    """One job in this process; returns its per-layer table (layer; depth, relative: 0 =
+    embeddings, 1 = last layer; a column per metric value), with the run's summaries in
+    ``table.attrs["summary"]``.
 
     model: a model option (``"smollm2"``, ``"pythia-70m"``: conf/model/), a hub id or a local
     folder (loaded with transformers' AutoModel), or an already loaded ``(model, tokenizer)``.

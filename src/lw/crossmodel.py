@@ -1,5 +1,5 @@
 """Cross-model CKA: for models measured on the same prompts, a layer x layer linear CKA matrix
-for each pair, with both axes in relative depth (0 % embeddings, 100 % last layer).
+for each pair, with both axes in relative depth (0 = embeddings, 1 = last layer).
 
 Read from what the sweep left, never from a new forward pass: each job's composed config (the
 run's ``config/config.yaml``) gives its forward hash, whose activation-cache entry holds its
@@ -8,10 +8,11 @@ but the model is the same (data and its knobs, perturbation, extraction, seed), 
 on the prompts both measured, matched by text (re-planned from the data: tokenizers keep
 different prompts under ``data.min_tokens`` and order them differently).
 
-Logged to the sweep's parent run: ``cross_cka/<a>__<b>.csv`` (rows: a's layers, columns: b's
-layers, each labelled with its depth %), a heat map ``figures/cross_cka_<a>__<b>.png`` and the
-metric ``cross_cka/<a>__<b>/depth_diagonal`` (mean CKA of each of a's layers with b's layer at
-the nearest relative depth), ``.../n_prompts``; when the sweep holds several groups of
+Logged to the sweep's parent run: ``cross_cka/<a>__<b>.csv`` (rows: a's layers, column
+``depth`` their relative depth; the other columns: b's layers, named by their relative depth),
+a heat map ``figures/cross_cka_<a>__<b>.png`` and the metric ``cross_cka/<a>__<b>/depth_diagonal``
+(mean CKA of each of a's layers with b's layer at the nearest relative depth),
+``.../n_prompts``; when the sweep holds several groups of
 paired jobs, each key ends in the rest of the run name (``__skip_first-1``). At the end of a
 sweep this runs for the jobs that ran ``cka`` (the metric declares it: ``across_models``);
 ``python -m lw.crossmodel <parent run id>`` runs it on any finished sweep.

@@ -145,7 +145,8 @@ def cross_model_figures(client, parent: str, out: Path) -> list[tuple[str, str]]
             table = pd.read_csv(client.download_artifacts(parent, item.path, tmp))
             key = Path(item.path).stem
             a, b, *group = key.split("__")  # <a>__<b>[__<group>]
-            matrix = torch.tensor(table.drop(columns="depth_pct").to_numpy())
+            # column 0: a's depth (depth_pct, 0-100, in files logged before depth was 0-1)
+            matrix = torch.tensor(table.iloc[:, 1:].to_numpy())
             table.to_csv(out / f"cross_cka_{key}.csv", index=False)
             figure = heat_map(matrix, a, b)
             figure.savefig(out / f"cross_cka_{key}.png", dpi=100, bbox_inches="tight")
@@ -183,7 +184,7 @@ td,th{{border:1px solid #ddd;padding:2px 6px}} th{{position:sticky;top:0;backgro
 .missing{{background:#fff4e5;border:1px solid #f0b35a;padding:.5em 1em;margin:1em 0}}
 </style></head><body>
 <h1>Sweep {parent}</h1>
-<p>{n_runs} finished runs. Curves over depth (0 % = embeddings, 100 % = last layer): a line
+<p>{n_runs} finished runs. Curves over relative depth (0 = embeddings, 1 = last layer): a line
 per {escape(hue)}, a panel per {escape(", ".join(panels) or "sweep")}.</p>
 {missing_html(missing)}<h2>Summary</h2>
 <div class="table">

@@ -1,4 +1,4 @@
-"""Figures from a results table: every metric against depth %, and per-layer histograms of
+"""Figures from a results table: every metric against relative depth, and per-layer histograms of
 prompt entropy with the dip statistic (the most bimodal layer marked); and from a sweep's runs:
 curves over depth per model / level, histograms of many runs as heat maps."""
 
@@ -18,7 +18,8 @@ import pandas as pd  # noqa: E402
 if TYPE_CHECKING:  # results import torch; a report draws without it
     from lw.job.results import JobResult
 
-ID_COLUMNS = ("layer", "depth_pct")
+ID_COLUMNS = ("layer", "depth")
+DEPTH_LABEL = "relative depth (0 = embeddings, 1 = last layer)"
 
 
 def set_margins(fig: plt.Figure, n_rows: int, n_cols: int, left: float, right: float,
@@ -35,21 +36,21 @@ def set_margins(fig: plt.Figure, n_rows: int, n_cols: int, left: float, right: f
 
 
 def depth_curves(table: pd.DataFrame, title: str = "") -> plt.Figure:
-    """One panel per metric column, its per-layer value against depth % (0 = embeddings)."""
+    """One panel per metric column, its per-layer value against relative depth."""
     columns = [c for c in table.columns if c not in ID_COLUMNS]
     n_cols = min(4, len(columns))
     n_rows = math.ceil(len(columns) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3 * n_rows), squeeze=False)
     for ax, column in zip(axes.flat, columns, strict=False):
-        ax.plot(table["depth_pct"], table[column], marker="o", markersize=3)
+        ax.plot(table["depth"], table[column], marker="o", markersize=3)
         ax.set_title(column, fontsize=9)
-        ax.set_xlabel("depth %")
+        ax.set_xlabel(DEPTH_LABEL, fontsize=8)
         ax.locator_params(nbins=4)  # fewer ticks: making tick artists is most of a save
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
     fig.suptitle(title)
-    # room for tick labels left of each panel, a title above, "depth %" below
+    # room for tick labels left of each panel, a title above, the depth label below
     set_margins(fig, n_rows, n_cols, left=0.55, right=0.15, bottom=0.5, top=0.6,
                 between_cols=0.6, between_rows=0.75)
     return fig
@@ -94,8 +95,8 @@ def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
 
 def sweep_curves(frame: pd.DataFrame, metric: str, hue: str, panels: list[str],
                  title: str = "") -> plt.Figure:
-    """One panel per combination of ``panels`` tags, a curve of ``metric`` over depth % per
-    value of the ``hue`` tag. ``frame``: long rows (run tags..., metric, depth_pct, value)."""
+    """One panel per combination of ``panels`` tags, a curve of ``metric`` over relative depth
+    per value of the ``hue`` tag. ``frame``: long rows (run tags..., metric, depth, value)."""
     rows = frame[frame["metric"] == metric]
     groups = list(rows.groupby(panels, sort=True)) if panels else [((), rows)]
     n_cols = min(3, len(groups))
@@ -111,13 +112,13 @@ def sweep_curves(frame: pd.DataFrame, metric: str, hue: str, panels: list[str],
         levels = sorted(group[hue].unique())
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(levels)))
         for color, level in zip(colors, levels, strict=True):
-            curve = group[group[hue] == level].groupby("depth_pct")["value"].mean()
+            curve = group[group[hue] == level].groupby("depth")["value"].mean()
             (line,) = ax.plot(curve.index, curve.values, color=color, marker="o", markersize=2,
                               label=f"{level}")
             handles.setdefault(f"{level}", line)
         key = key if isinstance(key, tuple) else (key,)
         ax.set_title(", ".join(str(k) for k in key), fontsize=10)
-        ax.set_xlabel("depth %", fontsize=9)
+        ax.set_xlabel(DEPTH_LABEL, fontsize=9)
         if i % n_cols == 0:
             ax.set_ylabel(metric, fontsize=9)
         ax.tick_params(labelsize=8)

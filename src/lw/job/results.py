@@ -17,7 +17,7 @@ from lw.metrics.functional.downstream import layer_choice, metric_agreement
 
 @dataclass
 class JobResult:
-    table: pd.DataFrame          # one row per layer: layer, depth_pct, one column per metric
+    table: pd.DataFrame          # one row per layer: layer, depth (0-1), a column per metric
     per_prompt: pd.DataFrame     # one row per (prompt, layer): per-prompt metric values
     summary: dict[str, float]    # scalars: best layers, NaN counts, prompts/s ...
     info: ModelInfo
@@ -37,7 +37,8 @@ def build_result(info: ModelInfo, per_prompt: dict[str, torch.Tensor],
     series (or prefixes) whose agreement with them is logged (lw.metrics.registry)."""
     n_states = info.n_layers + 1
     layers = np.arange(n_states)
-    columns: dict[str, np.ndarray] = {"layer": layers, "depth_pct": 100.0 * layers / info.n_layers}
+    # relative depth, the one unit users see: 0 = embeddings, 1 = last layer
+    columns: dict[str, np.ndarray] = {"layer": layers, "depth": layers / info.n_layers}
     summary: dict[str, float] = {}
     for name, values in per_prompt.items():
         array = values.numpy()
@@ -70,14 +71,14 @@ def add_prompt_columns(result: JobResult, columns: dict) -> None:
 
 
 def layer_summaries(table: pd.DataFrame, picks: dict[str, str]) -> dict[str, float]:
-    """The layer (and depth %) where each series of ``picks`` takes its extreme ("min" or
+    """The layer (and relative depth) where each series of ``picks`` takes its extreme ("min" or
     "max")."""
     out: dict[str, float] = {}
     for column, label in picks.items():
         if column in table and table[column].notna().any():
             row = table.loc[getattr(table[column], f"idx{label}")()]
             out[f"summary/{column}/{label}_layer"] = float(row["layer"])
-            out[f"summary/{column}/{label}_depth_pct"] = float(row["depth_pct"])
+            out[f"summary/{column}/{label}_depth"] = float(row["depth"])
             out[f"summary/{column}/{label}"] = float(row[column])
     return out
 

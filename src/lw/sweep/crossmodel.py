@@ -76,11 +76,13 @@ def group_label(run_name: str, model: str) -> str:
 
 
 def depth_table(matrix: torch.Tensor) -> pd.DataFrame:
+    """The matrix as a table: a row per layer of a (column ``depth``: a's relative depth, 0 =
+    embeddings, 1 = last layer), a column per layer of b, named by b's relative depth."""
     rows, cols = matrix.shape
-    depth_a = 100.0 * np.arange(rows) / (rows - 1)
-    depth_b = 100.0 * np.arange(cols) / (cols - 1)
-    table = pd.DataFrame(matrix.numpy(), columns=[f"{d:.1f}" for d in depth_b])
-    table.insert(0, "depth_pct", depth_a)
+    depth_a = np.arange(rows) / (rows - 1)
+    depth_b = np.arange(cols) / (cols - 1)
+    table = pd.DataFrame(matrix.numpy(), columns=[f"{d:.3f}" for d in depth_b])
+    table.insert(0, "depth", depth_a)
     return table
 
 
@@ -95,10 +97,10 @@ def heat_map(matrix: torch.Tensor, a: str, b: str, name: str = "cka"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    image = ax.imshow(matrix.numpy(), origin="lower", extent=(0, 100, 0, 100), aspect="auto",
+    image = ax.imshow(matrix.numpy(), origin="lower", extent=(0, 1, 0, 1), aspect="auto",
                       vmin=0, vmax=1, cmap="viridis")
-    ax.set_xlabel(f"{b}: depth %")
-    ax.set_ylabel(f"{a}: depth %")
+    ax.set_xlabel(f"{b}: relative depth (0 = embeddings, 1 = last layer)", fontsize=9)
+    ax.set_ylabel(f"{a}: relative depth", fontsize=9)
     ax.set_title(f"{'linear CKA' if name == 'cka' else name}, {a} x {b}", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()

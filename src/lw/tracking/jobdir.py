@@ -83,7 +83,9 @@ def result_metrics(folder: Path, timestamp: int) -> list:
     layers = table["layer"].astype(int)
     per_mille = (1000 * layers / n_layers).round().astype(int)
     for column in table.columns:
-        if column in ("layer", "depth_pct") or not pd.api.types.is_numeric_dtype(table[column]):
+        # the ids are steps, not metrics (depth_pct: folders written before depth was 0-1)
+        if (column in ("layer", "depth", "depth_pct")
+                or not pd.api.types.is_numeric_dtype(table[column])):
             continue
         for layer, depth, value in zip(layers, per_mille, table[column], strict=True):
             metrics.append(Metric(column, float(value), timestamp, int(layer)))

@@ -48,10 +48,19 @@ def latest_parent(client, experiment: str) -> str:
 class SweepResults:
     runs: list                              # the finished child runs read (MLflow Run objects)
     curves: pd.DataFrame                    # long: run tags, run_id, run_name, metric, layer,
-    #                                         depth_pct, value
+    #                                         depth (0 = embeddings, 1 = last layer), value
     per_prompt: dict[str, pd.DataFrame]     # run_id -> per-prompt rows (prompt, layer, ...)
     tables: dict[str, pd.DataFrame]         # run_id -> per-layer table
     missing: list[str] = field(default_factory=list)  # "run name: what could not be read"
+
+
+def with_depth(table: pd.DataFrame) -> pd.DataFrame:
+    """A results table with its relative depth as ``depth`` (0-1): tables logged before lw
+    wrote that column have ``depth_pct`` (0-100) instead; read either way."""
+    if "depth_pct" in table and "depth" not in table:
+        table = table.rename(columns={"depth_pct": "depth"})
+        table["depth"] = table["depth"] / 100
+    return table
 
 
 def existing_run(client, run_id: str):
@@ -110,7 +119,7 @@ def read_sweep(client, parent: str, per_prompt: bool = True) -> SweepResults:
                     local = download_artifacts(artifact_uri=f"{run.info.artifact_uri}/results/"
                                                f"{name}", dst_path=tmp,
                                                tracking_uri=client.tracking_uri)
-                    got[name] = (pd.read_csv(local) if name.endswith(".csv")
+                    got[name] = (with_depth(pd.read_csv(local)) if name.endswith(".csv")
                                  else pd.read_parquet(local))
                 except Exception as error:  # noqa: BLE001 - named in the report instead
                     got[name] = f"results/{name} unreadable ({str(error).splitlines()[0]})"
@@ -137,7 +146,7 @@ def read_sweep(client, parent: str, per_prompt: bool = True) -> SweepResults:
     for run_id, table in tables.items():
         same_columns.setdefault(tuple(table.columns), []).append(table.assign(run_id=run_id))
     long = pd.concat([pd.concat(group, ignore_index=True).melt(
-        id_vars=["run_id", "layer", "depth_pct"], var_name="metric", value_name="value")
+        id_vars=["run_id", "layer", "depth"], var_name="metric", value_name="value")
         for group in same_columns.values()], ignore_index=True)
     about = pd.DataFrame([{"run_id": r.info.run_id, "run_name": r.info.run_name,
                            **{k: v for k, v in r.data.tags.items() if k.startswith("lw.")}}
@@ -147,7 +156,7 @@ def read_sweep(client, parent: str, per_prompt: bool = True) -> SweepResults:
 
 
 def sweep_frame(client, parent: str, metrics: list[str]) -> pd.DataFrame:
-    """Long rows, one per (child run, metric, layer): run tags, layer, depth_pct, value."""
+    """Long rows, one per (child run, metric, layer): run tags, layer, depth (0-1), value."""
     curves = read_sweep(client, parent, per_prompt=False).curves
     rows = curves[curves["metric"].isin(metrics)]
     if rows.empty:
@@ -162,7 +171,7 @@ def run_results(client, run_id: str) -> tuple[pd.DataFrame, dict, dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(client.download_artifacts(run_id, "results", tmp))
-        table = pd.read_csv(folder / "table.csv", float_precision="round_trip")
+        table = with_depth(pd.read_csv(folder / "table.csv", float_precision="round_trip"))
         summary = json.loads((folder / "summary.json").read_text())
         model = json.loads((folder / "model.json").read_text())
     return table, summary, model
