@@ -254,3 +254,31 @@ def test_logged_view_metrics_match_an_independent_computation(store):
         history = store["client"].get_metric_history(run.info.run_id, name)
         logged = np.array([m.value for m in sorted(history, key=lambda m: m.step)])
         np.testing.assert_allclose(logged, values, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_every_logged_tag_artifact_and_metric_key_is_declared(store):
+    """The reference page of logged keys is generated from lw.tracking.keys: a key a run logs
+    without a declaration there (or one on the wrong kind of run) fails here."""
+    from lw.metrics import registry
+    from lw.tracking import keys
+
+    client = store["client"]
+    series = [k for m in registry.every().values() for k in m.logs]
+
+    def artifacts(run_id, path=""):
+        found = []
+        for item in client.list_artifacts(run_id, path):
+            found += artifacts(run_id, item.path) if item.is_dir else [item.path]
+        return found
+
+    for run in store["runs"]:
+        kind = "job" if "mlflow.parentRunId" in run.data.tags else "parent"
+        for tag in run.data.tags:
+            found = keys.declared(tag, keys.TAGS)
+            assert found is not None and found.on in (kind, "both"), (kind, tag)
+        for path in artifacts(run.info.run_id):
+            found = keys.declared(path, keys.ARTIFACTS)
+            assert found is not None and found.on in (kind, "both"), (kind, path)
+        for key in run.data.metrics:
+            assert keys.declared(key, keys.METRICS) or any(
+                key == s or (s.endswith("/") and key.startswith(s)) for s in series), key

@@ -26,15 +26,21 @@ from lw.errors import LwError
 from lw.sweep.crossmodel import cross_model, depth_diagonal
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    """The command's flags (also the docs' CLI reference)."""
+    parser = argparse.ArgumentParser(prog="python -m lw.crossmodel",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("parent", help="the sweep's parent run id")
     parser.add_argument("--uri", default=None,
                         help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     parser.add_argument("--debiased", action="store_true", help="unbiased HSIC")
     parser.add_argument("--all", action="store_true",
                         help="every job with a cache entry, not only those that ran cka")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     from lw.tracking.read import open_store
 
     try:

@@ -228,7 +228,8 @@ def best_layers(client, parent: str, prefix: str) -> pd.DataFrame:
     return best_layer_table(rows.reset_index(drop=True))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command's flags (also the docs' CLI reference)."""
     parser = argparse.ArgumentParser(prog="python -m lw.report", description=__doc__.split("\n")[0])
     parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else "
                                          "./mlruns/mlflow.db)")
@@ -246,7 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--best-layers", metavar="PREFIX",
                         help="instead: best layer vs last layer per model over the scores "
                              "named PREFIX* (mteb/, probe/accuracy, cluster/v_measure)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
     try:
         client = open_store(args.uri)
