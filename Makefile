@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --durations=5
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench docs
 
 # Speed and memory side by side (bench/bench.py); docs/development.md shows the latest table.
 bench: $(STAMP)

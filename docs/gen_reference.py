@@ -196,7 +196,8 @@ def config_page() -> str:
 def _sections(markdown: str) -> dict[str, str]:
     """METRICS.md's `## ` sections by title."""
     parts = re.split(r"^## +(.+)$", markdown, flags=re.M)
-    found = {title.strip(): body.strip() for title, body in zip(parts[1::2], parts[2::2])}
+    found = {title.strip(): body.strip()
+             for title, body in zip(parts[1::2], parts[2::2], strict=True)}
     for title, body in list(found.items()):  # one bullet: "<title>/<bold term>"
         for bullet in re.split(r"^(?=- \*\*)", body, flags=re.M)[1:]:
             term = re.match(r"- \*\*(.+?)\*\*", bullet).group(1)
