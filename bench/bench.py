@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -159,8 +160,15 @@ def main() -> None:
     parser.add_argument("--metric-costs", action="store_true",
                         help="every offline metric's cost over the forward pass "
                              "(bench/metric_cost.json; default --models smollm2 --n 64)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="with --metric-costs: runs of each case (the fastest is kept)")
     parser.add_argument("--one", nargs=3, metavar=("CASE", "MODEL", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-costs", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_costs:
+        model, n, repeats, *cases = args.one_costs
+        print(json.dumps(case_costs(model, int(n), cases, int(repeats))))
+        return
     if args.one:
         case, model, n = args.one[0], args.one[1], int(args.one[2])
         measure = {"floor": case_floor, "job": case_job, "warm": case_job,
@@ -184,9 +192,32 @@ def main() -> None:
     print(f"wrote {RESULTS / 'latest.md'}")
 
 
+def case_costs(model: str, n: int, cases: list[str], repeats: int) -> dict:
+    """In one process (no start-up or import noise between cases): each job case timed
+    ``repeats`` times, interleaved, the fastest kept; the floor likewise."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import compose_job
+    from lw.job.stages import compute
+
+    def job_seconds(case: str) -> float:
+        metrics = BASE if case == "job" else metric_list(case)
+        started = time.perf_counter()
+        compute(compose_job([*overrides(model, n), f"metrics=[{','.join(metrics)}]"]))
+        return time.perf_counter() - started
+
+    job_seconds("job")  # warm: imports, the tokenizer, the model's files in the page cache
+    best = {"floor": min(case_floor(model, n)["seconds"] for _ in range(repeats))}
+    for _ in range(repeats):
+        for case in cases:
+            seconds = job_seconds(case)
+            best[case] = min(best.get(case, math.inf), seconds)
+            print(f"{case}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return best
+
+
 def metric_costs(args) -> None:
-    """Each offline metric's cost over the bare forward pass, in floors: +m over the job, or
-    the job over -m for the job's own metrics."""
+    """Each offline metric's cost over the bare forward pass, in floors: the job with it
+    against the job without it (+m over the job; the job over -m for the job's own metrics)."""
     sys.path.insert(0, str(ROOT / "src"))
     from lw.metrics import registry
 
@@ -194,25 +225,32 @@ def metric_costs(args) -> None:
     n = args.n[0] if args.n != [64, 512] else 64
     skipped = {m.name: NOT_OFFLINE[need] for m in registry.every().values()
                for need in m.needs if need in NOT_OFFLINE}
-    cases = ["floor", "job"] + [("-" if name in BASE else "+") + name
-                                for name in registry.every() if name not in skipped]
-    rows = measure_cases([model], [n], cases)
-    print(table(rows))
-    by_case = {row["case"]: row for row in rows if "error" not in row}
-    floor, job = by_case["floor"]["seconds"], by_case["job"]["seconds"]
-    costs = {}
-    for case, row in by_case.items():
-        if case[0] == "+":
-            costs[case[1:]] = round((row["seconds"] - job) / floor, 3)
-        elif case[0] == "-":
-            costs[case[1:]] = round((job - row["seconds"]) / floor, 3)
+    cases = ["job"] + [("-" if name in BASE else "+") + name
+                       for name in registry.every() if name not in skipped]
+    with tempfile.TemporaryDirectory() as cache_dir:
+        link_model_cache(Path(cache_dir))
+        env = {**os.environ, "LW_CACHE_DIR": cache_dir, "PYTHONPATH": str(ROOT / "src")}
+        done = subprocess.run([str(PYTHON), __file__, "--one-costs", model, str(n),
+                               str(args.repeats), *cases], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    seconds = json.loads(done.stdout.strip().splitlines()[-1])
+    floor, job = seconds["floor"], seconds["job"]
+    costs = {case[1:]: round(((seconds[case] - job) if case[0] == "+" else
+                              (job - seconds[case])) / floor, 3)
+             for case in cases if case[0] in "+-"}
+    for name, cost in costs.items():
+        print(f"{name:20s} {cost:+.3f} floors")
     COSTS.write_text(json.dumps({
-        "what": (f"its time over the bare forward pass with every hidden state ({model}, {n} "
-                 f"wiki-vital prompts, up to 128 tokens, {os.cpu_count()} CPUs, "
-                 f"{'CUDA' if _has_cuda() else 'no GPU'}; `make bench`'s --metric-costs, "
-                 f"{datetime.now():%Y-%m-%d}); the job with it against the job without it, "
-                 "each in a process of its own, so differences under ~0.05 are noise. Not "
-                 "measured here: " + ", ".join(f"{k} (needs {v})" for k, v in skipped.items())),
+        "what": (f"the job with it against the job without it, over the bare forward pass with "
+                 f"every hidden state ({model}, {n} wiki-vital prompts up to 128 tokens, "
+                 f"{os.cpu_count()} CPUs, {'CUDA' if _has_cuda() else 'no GPU'}; floor "
+                 f"{floor:.1f} s, the job with {', '.join(BASE)} {job:.1f} s; the fastest of "
+                 f"{args.repeats} runs each, in one process; `bench/bench.py --metric-costs`, "
+                 f"{datetime.now():%Y-%m-%d}). Differences under ~0.05 are noise. Not measured "
+                 "here: " + ", ".join(f"{k} (needs {v})" for k, v in skipped.items())),
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "metrics": costs}, indent=2) + "\n")
     print(f"wrote {COSTS}")
 

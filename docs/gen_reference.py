@@ -122,7 +122,11 @@ def _type(field: dataclasses.Field) -> str:
 
 
 def options_table(cls, prefix: str, skip: tuple[str, ...] = ()) -> str:
-    comments, checks = _comments(cls), _checks(cls)
+    comments, checks = {}, {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        comments.update(_comments(base))  # inherited fields (a pairwise measure's knobs)
+        for field, found in _checks(base).items():
+            checks.setdefault(field, []).extend(found)
     rows = ["| option | type | default | meaning | checked |", "|---|---|---|---|---|"]
     for field in dataclasses.fields(cls):
         if field.name in skip:

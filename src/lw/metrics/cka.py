@@ -25,16 +25,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
-from lw.metrics.registry import Metric, Output
+from lw.metrics.pairwise import Pairwise, PairwiseKnobs, declare
 
 
 @dataclass
-class CKAKnobs:
+class CKAKnobs(PairwiseKnobs):
     debiased: bool = False           # the unbiased HSIC estimator (N >= 4)
 
 
@@ -68,9 +66,10 @@ def cka_between(a: Tensor, b: Tensor, debiased: bool = False) -> Tensor:
     """``(La+1, Lb+1)`` linear CKA between every layer of pooled vectors ``a`` ``(N, La+1, Da)``
     and every layer of ``b`` ``(N, Lb+1, Db)`` (the same N prompts, in the same order; the
     widths may differ: two models). NaN where a layer's vectors are all equal."""
-    ga, gb = grams(a, debiased), grams(b, debiased)
+    ga = grams(a, debiased)
+    gb = ga if b is a else grams(b, debiased)  # within a model: the Gram matrices once
     scale_a = torch.diagonal(hsic(ga, ga, debiased)).clamp(min=0).sqrt()
-    scale_b = torch.diagonal(hsic(gb, gb, debiased)).clamp(min=0).sqrt()
+    scale_b = scale_a if b is a else torch.diagonal(hsic(gb, gb, debiased)).clamp(min=0).sqrt()
     scale = torch.outer(scale_a, scale_b)
     return torch.where(scale > 0, hsic(ga, gb, debiased) / scale, math.nan)
 
@@ -85,41 +84,10 @@ def cka_matrix(pooled: Tensor, debiased: bool = False) -> Tensor:
     Returns:
         ``(L+1, L+1)`` float64, symmetric; NaN where a layer's vectors are all equal.
     """
-    gram = grams(pooled, debiased)
-    values = hsic(gram, gram, debiased)
-    scale = torch.diagonal(values).clamp(min=0).sqrt()
-    scale = torch.outer(scale, scale)
-    return torch.where(scale > 0, values / scale, math.nan)
+    return cka_between(pooled, pooled, debiased)
 
 
-def _heat_map(matrix: np.ndarray, title: str):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    image = ax.imshow(matrix, origin="lower", vmin=0, vmax=1, cmap="viridis")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{title}\nlinear CKA between layers", fontsize=9)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig
-
-
-def _compute(inputs) -> Output:
-    matrix = cka_matrix(inputs.pooled, debiased=inputs.knobs.debiased)
-    last = matrix.shape[0] - 1
-    to_next = torch.full((last + 1,), math.nan, dtype=torch.float64)
-    to_next[:-1] = torch.diagonal(matrix, offset=1)
-    table = pd.DataFrame(matrix.numpy(), columns=[str(m) for m in range(last + 1)])
-    table.insert(0, "layer", np.arange(last + 1))
-    values = matrix.numpy()
-    return Output(per_layer={"cka/to_last": matrix[:, last], "cka/to_next": to_next},
-                  tables={"cka_matrix": table},
-                  figures={"cka": lambda result, title: {"cka_matrix": _heat_map(values, title)}})
-
-
-METRIC = Metric(
-    name="cka", definition="Layer-comparison measures (beyond the papers)/Linear CKA",
-    compute=_compute, needs=("pooled",), knobs=CKAKnobs,
-    logs={"cka/to_last": None, "cka/to_next": None}, across_models=cka_between,
-    description="linear CKA between every pair of layers (matrix, to_last, to_next)")
+METRIC = declare(Pairwise(
+    name="cka", between=cka_between, knobs=CKAKnobs, label="linear CKA",
+    definition="Layer-comparison measures (beyond the papers)/Linear CKA",
+    description="linear CKA between every pair of layers (matrix, to_last, to_next)"))

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from lw.config.schema import LwConfig
 from lw.errors import LwError
 from lw.metrics import registry
+from lw.metrics.pairwise import own_knobs
 from lw.tracking.read import children
 
 
@@ -93,7 +94,7 @@ def depth_diagonal(matrix: torch.Tensor) -> float:
     return float(np.nanmean(matrix.numpy()[np.arange(rows), nearest]))
 
 
-def heat_map(matrix: torch.Tensor, a: str, b: str, name: str = "cka"):
+def heat_map(matrix: torch.Tensor, a: str, b: str, label: str = "linear CKA"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -101,7 +102,7 @@ def heat_map(matrix: torch.Tensor, a: str, b: str, name: str = "cka"):
                       vmin=0, vmax=1, cmap="viridis")
     ax.set_xlabel(f"{b}: relative depth (0 = embeddings, 1 = last layer)", fontsize=9)
     ax.set_ylabel(f"{a}: relative depth", fontsize=9)
-    ax.set_title(f"{'linear CKA' if name == 'cka' else name}, {a} x {b}", fontsize=9)
+    ax.set_title(f"{label}, {a} x {b}", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
@@ -151,14 +152,17 @@ def cross_model(client, parent: str, name: str = "cka", runs: list | None = None
                 print(f"[lw] cross-model {name} {name_a} x {name_b}: on the {len(rows_a)} prompts "
                       f"both measured (of {len(texts_a)} and {len(texts_b)}: their tokenizers "
                       "kept different ones)", file=sys.stderr)
-            matrix = compare(pooled_a[rows_a], pooled_b[rows_b], **options)
+            # the knobs: as given (lw.crossmodel's flags), else as job a ran the metric
+            knobs = options or own_knobs(registry.knobs_of(job_a, registry.get(name)))
+            matrix = compare(pooled_a[rows_a], pooled_b[rows_b], **knobs)
             a, b = job_a.model.name, job_b.model.name
             key = f"{a}__{b}" + (f"__{group_label(name_a, a)}" if several else "")
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{key}.csv"
                 depth_table(matrix).to_csv(path, index=False)
                 client.log_artifact(parent, str(path), artifact_path=label)
-            client.log_figure(parent, heat_map(matrix, a, b, name), f"figures/{label}_{key}.png")
+            client.log_figure(parent, heat_map(matrix, a, b, getattr(compare, "label", name)),
+                              f"figures/{label}_{key}.png")
             stamp = int(time.time() * 1000)
             client.log_batch(parent, metrics=[
                 Metric(f"{label}/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
