@@ -163,11 +163,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2,
                         help="with --metric-costs: runs of each case (the fastest is kept)")
     parser.add_argument("--one", nargs=3, metavar=("CASE", "MODEL", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--one-costs", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--one-costs", nargs=4, help=argparse.SUPPRESS)  # model n repeats cases
     args = parser.parse_args()
     if args.one_costs:
-        model, n, repeats, *cases = args.one_costs
-        print(json.dumps(case_costs(model, int(n), cases, int(repeats))))
+        model, n, repeats, cases = args.one_costs
+        print(json.dumps(case_costs(model, int(n), cases.split(","), int(repeats))))
         return
     if args.one:
         case, model, n = args.one[0], args.one[1], int(args.one[2])
@@ -231,7 +231,7 @@ def metric_costs(args) -> None:
         link_model_cache(Path(cache_dir))
         env = {**os.environ, "LW_CACHE_DIR": cache_dir, "PYTHONPATH": str(ROOT / "src")}
         done = subprocess.run([str(PYTHON), __file__, "--one-costs", model, str(n),
-                               str(args.repeats), *cases], cwd=ROOT, env=env,
+                               str(args.repeats), ",".join(cases)], cwd=ROOT, env=env,
                               capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])

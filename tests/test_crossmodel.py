@@ -31,7 +31,8 @@ def test_cka_between_models_of_different_widths_matches_reference(debiased):
 
 
 def test_pairs_are_compared_on_the_prompts_both_measured_matched_by_text():
-    from lw.sweep.crossmodel import common_rows, group_label
+    from lw.job.pooled import common_rows
+    from lw.sweep.crossmodel import group_label
 
     assert common_rows(["x", "y", "z", "y"], ["y", "z", "w", "y"]) == ([1, 2, 3], [0, 1, 3])
     assert common_rows(["a"], ["b"]) == ([], [])
@@ -77,3 +78,46 @@ def test_a_sweep_of_two_models_logs_their_cka_to_the_parent(tmp_path, lw_cache, 
     reported = np.genfromtxt(tmp_path / "report" / f"cross_cka_{a}__{b}.csv", delimiter=",",
                              skip_header=1)
     np.testing.assert_allclose(reported, table)
+
+
+def test_two_finished_runs_on_a_store_are_compared_from_their_logged_pooled_vectors(
+        tmp_path, lw_cache, monkeypatch, capsys):
+    """Two single jobs with extraction.log_pooled=true and no activation cache: the command
+    compares them by run id from their artifacts alone, on the prompts both measured (matched
+    by text hash), and logs the matrix to a run of its own."""
+    import lw.crossmodel
+    from lw.job import pooled
+
+    monkeypatch.setenv("LW_CACHE_DIR", str(lw_cache))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for model, prompts in (("tiny-pythia", 10), ("tiny-mamba", 8)):
+        done = lw_cli(tmp_path, f"model={model}", f"data.n_prompts={prompts}",
+                      "data.max_tokens=32", "metrics=[curvature]", "extraction.log_pooled=true",
+                      f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/art",
+                      f"hydra.run.dir={tmp_path}/run-{model}", env={"LW_CACHE_DIR": str(lw_cache)})
+        assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("lw").experiment_id
+    runs = {r.data.tags["lw.model"]: r for r in client.search_runs([experiment])}
+    vectors = {}
+    for model, run in runs.items():
+        path = client.download_artifacts(run.info.run_id, "results/pooled.pt", str(tmp_path))
+        vectors[model] = pooled.load(path)
+        assert vectors[model][0].shape[0] == int(run.data.metrics["n_prompts"])
+    ids = [runs["tiny-pythia"].info.run_id, runs["tiny-mamba"].info.run_id]
+    lw.crossmodel.main(["--uri", uri, *ids])
+    said = capsys.readouterr().out
+    own = next(r for r in client.search_runs([experiment]) if "lw.crossmodel.of" in r.data.tags)
+    assert own.info.status == "FINISHED" and own.data.tags["lw.crossmodel.of"] == ",".join(ids)
+    assert f"in run {own.info.run_id}" in said
+    (a, hashes_a), (b, hashes_b) = vectors["tiny-pythia"], vectors["tiny-mamba"]
+    rows_a, rows_b = pooled.common_rows(hashes_a, hashes_b)
+    assert len(rows_a) == 8  # the 8 prompts of the smaller job, found among the other's 10
+    table = np.genfromtxt(client.download_artifacts(
+        own.info.run_id, "cross_cka/tiny-pythia__tiny-mamba.csv", str(tmp_path)),
+        delimiter=",", skip_header=1)
+    np.testing.assert_allclose(table[:, 1:], cka_between(a[rows_a], b[rows_b]).numpy(),
+                               rtol=1e-6)
+    assert own.data.metrics["cross_cka/tiny-pythia__tiny-mamba/n_prompts"] == 8
+    with pytest.raises(SystemExit, match="--debiased is cka's"):
+        lw.crossmodel.main(["--uri", uri, "--measure", "probe", "--debiased", *ids])

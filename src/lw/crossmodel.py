@@ -1,21 +1,24 @@
-"""Cross-model CKA: for models measured on the same prompts, a layer x layer linear CKA matrix
-for each pair, with both axes in relative depth (0 = embeddings, 1 = last layer).
+"""Compare models layer by layer: a pairwise measure (``--measure``, default cka) between every
+layer of one run's model and every layer of another's, on the prompts both measured, by
+relative depth (0 = embeddings, 1 = last layer).
 
-Read from what the sweep left, never from a new forward pass: each job's composed config (the
-run's ``config/config.yaml``) gives its forward hash, whose activation-cache entry holds its
-pooled vectors (so the jobs need ``extraction.cache=true``); jobs are paired when everything
-but the model is the same (data and its knobs, perturbation, extraction, seed), and compared
-on the prompts both measured, matched by text (re-planned from the data: tokenizers keep
-different prompts under ``data.min_tokens`` and order them differently).
+    python -m lw.crossmodel <parent run id>                  # a finished sweep's jobs
+    python -m lw.crossmodel --uri <store> <run id> <run id>...   # any finished runs
 
-Logged to the sweep's parent run: ``cross_cka/<a>__<b>.csv`` (rows: a's layers, column
-``depth`` their relative depth; the other columns: b's layers, named by their relative depth),
-a heat map ``figures/cross_cka_<a>__<b>.png`` and the metric ``cross_cka/<a>__<b>/depth_diagonal``
-(mean CKA of each of a's layers with b's layer at the nearest relative depth),
-``.../n_prompts``; when the sweep holds several groups of
-paired jobs, each key ends in the rest of the run name (``__skip_first-1``). At the end of a
-sweep this runs for the jobs that ran ``cka`` (the metric declares it: ``across_models``);
-``python -m lw.crossmodel <parent run id>`` runs it on any finished sweep.
+A run's pooled vectors come from its logged ``results/pooled.pt`` (jobs run with
+``extraction.log_pooled=true``: any store, any machine, e.g. two runs on the team server),
+else from this machine's activation cache (``extraction.cache=true``). Prompts are matched by
+the SHA-256 of their text (tokenizers keep different prompts under ``data.min_tokens``).
+
+A sweep's comparison goes to its parent run (the sweep itself does this at its end for the
+metrics that ran): ``cross_<measure>/<a>__<b>.csv`` (rows: a's layers, column ``depth`` their
+relative depth; the other columns: b's layers, named by their relative depth), a heat map
+``figures/cross_<measure>_<a>__<b>.png`` and the metrics ``cross_<measure>/<a>__<b>/
+depth_diagonal`` (the mean over a's layers of the score with b's layer at the nearest
+relative depth) and ``.../n_prompts``; a sweep of several groups of paired jobs appends the
+rest of the run name to each key (``__skip_first-1``). Runs by id: the same, logged to a new
+run ``crossmodel <a> x <b>`` of the first run's experiment (tag ``lw.crossmodel.of``), or,
+for a user the store lets read but not write, into ``./crossmodel/<ids>/`` (printed).
 """
 
 from __future__ import annotations
@@ -23,19 +26,23 @@ from __future__ import annotations
 import argparse
 
 from lw.errors import LwError
-from lw.sweep.crossmodel import cross_model, depth_diagonal
+from lw.sweep.crossmodel import compare_runs, cross_model, depth_diagonal
 
 
 def parser() -> argparse.ArgumentParser:
     """The command's flags (also the docs' CLI reference)."""
     parser = argparse.ArgumentParser(prog="python -m lw.crossmodel",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("parent", help="the sweep's parent run id")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="a sweep's parent run id, or two or more finished run ids")
     parser.add_argument("--uri", default=None,
                         help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
-    parser.add_argument("--debiased", action="store_true", help="unbiased HSIC")
+    parser.add_argument("--measure", default="cka",
+                        help="a pairwise metric (reference: metrics; cka, mutual_knn, ...)")
+    parser.add_argument("--debiased", action="store_true", help="cka: the unbiased HSIC")
     parser.add_argument("--all", action="store_true",
-                        help="every job with a cache entry, not only those that ran cka")
+                        help="a sweep: every job with pooled vectors, not only those that ran "
+                             "the measure")
     return parser
 
 
@@ -43,14 +50,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from lw.tracking.read import open_store
 
+    if args.debiased and args.measure != "cka":
+        raise SystemExit(f"[lw] error: --debiased is cka's; --measure {args.measure} has no "
+                         "such knob")
+    options = {"debiased": True} if args.debiased else {}
     try:
         client = open_store(args.uri)
-        found = cross_model(client, args.parent, "cka", only_ran=not args.all,
-                            debiased=args.debiased)
+        if len(args.runs) == 1:
+            where = f"parent run {args.runs[0]}"
+            found = cross_model(client, args.runs[0], args.measure, only_ran=not args.all,
+                                **options)
+        else:
+            where, found = compare_runs(client, args.runs, args.measure, **options)
+            where = f"run {where}" if "/" not in where else where
     except LwError as error:
         raise SystemExit(f"[lw] error: {error}") from None
     for key, matrix in found.items():
         print(f"{key}: {tuple(matrix.shape)}, depth diagonal {depth_diagonal(matrix):.3f}")
+    print(f"[lw] cross-model {args.measure}: {len(found)} pairs, in {where}")
+    if not found:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

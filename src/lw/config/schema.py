@@ -151,6 +151,9 @@ class ExtractionConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:1 ...
     pooling: str = "mean"            # mean | last | first: one vector per prompt and layer
     cache: bool = False              # keep / reuse the forward pass's products (lw.cache)
+    # also log the pooled vectors (float16, with each prompt's text hash): python -m
+    # lw.crossmodel then compares finished runs on any store (lw.job.pooled)
+    log_pooled: bool = False
 
     def __post_init__(self) -> None:
         _one_of("extraction.pooling", self.pooling, POOLINGS)

@@ -34,7 +34,7 @@ from lw.loading.paths import file_sha256
 FORMAT = 1
 NOT_RESULTS = {"model": ("name", "device_map", "max_memory"),
                "data": ("name",),
-               "extraction": ("batch_size", "device", "cache")}
+               "extraction": ("batch_size", "device", "cache", "log_pooled")}
 
 
 def local_file_identity(path: str) -> dict:
@@ -77,6 +77,8 @@ def job_identity(job: LwConfig) -> dict:
 
     # {metric: version} of the metrics the job runs, and only their knobs
     tree = {**forward_identity(job), **identity(job)}
+    if job.extraction.log_pooled:  # a run that holds them is another run (its hash unchanged
+        tree["logged"] = {"pooled": True}  # without them)
     # the reference corpora those metrics read (e.g. overlap's), by content
     corpora = {f"{m.name}_corpus": data_identity(corpus_config(k.corpus, k.text_field))
                for m in running(job) if "corpus" in m.needs and (k := knobs_of(job, m))}

@@ -25,6 +25,8 @@ class JobResult:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # results/<name>.csv
     # figures a metric adds: name -> fn(result, title) -> {figure name: Figure}
     figures: dict = field(default_factory=dict)
+    # extraction.log_pooled: ((N, L+1, D) pooled vectors, the N prompts' texts)
+    pooled: tuple[torch.Tensor, list[str]] | None = None
 
 
 def build_result(info: ModelInfo, per_prompt: dict[str, torch.Tensor],

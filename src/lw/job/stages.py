@@ -212,6 +212,8 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
         result.tags.update(out.tags)
         result.tables.update(out.tables)
         result.figures.update(out.figures)
+    if job.extraction.log_pooled:
+        result.pooled = (prompts.pooled, list(plan.texts))
     if plan.n_views:
         result.tags["lw.views.of"] = plan.views_of
         result.summary["views/roundtrip_share"] = plan.views_roundtrip

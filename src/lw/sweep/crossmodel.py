@@ -1,5 +1,11 @@
-"""Cross-model comparisons after a sweep: linear CKA between every layer of two models on the
-same prompts (from the activation cache), by relative depth, logged to the parent run."""
+"""Cross-model comparisons: a pairwise measure (lw.metrics.pairwise; cka, ...) between every
+layer of one model and every layer of another on the prompts both measured, by relative depth.
+
+One code path for both uses: at a sweep's end for its jobs (logged to the parent run,
+:func:`cross_model`), and for any finished runs by id on any store (logged to a run of its own,
+:func:`compare_runs`). A run's pooled vectors come from its logged ``results/pooled.pt``
+(``extraction.log_pooled=true``: any store, any machine), else from this machine's activation
+cache (``extraction.cache=true``); prompts are matched by the SHA-256 of their text."""
 
 
 from __future__ import annotations
@@ -8,6 +14,7 @@ import itertools
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,25 +55,26 @@ def prompts_key(job: LwConfig) -> str:
     return stable_hash({k: v for k, v in forward_identity(job).items() if k != "model"})
 
 
+def vectors_of(client, run, job: LwConfig) -> tuple[torch.Tensor, list[str]] | None:
+    """``((N, L+1, D), [N prompt text hashes])`` of a finished run: its logged pooled vectors,
+    else its activation-cache entry on this machine; None when it has neither."""
+    from lw.job import pooled
+
+    logged = f"results/{pooled.FILE}"
+    if any(item.path == logged for item in client.list_artifacts(run.info.run_id, "results")):
+        with tempfile.TemporaryDirectory() as tmp:
+            return pooled.load(Path(client.download_artifacts(run.info.run_id, logged, tmp)))
+    vectors = pooled_of(job)
+    if vectors is None:
+        return None
+    return vectors, [pooled.text_hash(text) for text in prompt_texts(job)]
+
+
 def prompt_texts(job: LwConfig) -> list[str]:
     from lw.job.stages import plan_job
     from lw.loading.models import load_tokenizer
 
     return plan_job(job, load_tokenizer(job.model)).texts
-
-
-def common_rows(texts_a: list[str], texts_b: list[str]) -> tuple[list[int], list[int]]:
-    """The rows of the prompts both jobs measured, in a's order: tokenizers keep different
-    prompts (``data.min_tokens``) and order them differently."""
-    where: dict[str, list[int]] = {}
-    for row, text in enumerate(texts_b):
-        where.setdefault(text, []).append(row)
-    rows_a, rows_b = [], []
-    for row, text in enumerate(texts_a):
-        if where.get(text):
-            rows_a.append(row)
-            rows_b.append(where[text].pop(0))
-    return rows_a, rows_b
 
 
 def group_label(run_name: str, model: str) -> str:
@@ -108,21 +116,73 @@ def heat_map(matrix: torch.Tensor, a: str, b: str, label: str = "linear CKA"):
     return fig
 
 
-def cross_model(client, parent: str, name: str = "cka", runs: list | None = None,
-                only_ran: bool = True, **options) -> dict[str, torch.Tensor]:
-    """Every pair of the parent's finished child runs on the same prompts: metric ``name``'s
-    cross-model matrix (its declared ``across_models``, with ``options``) on the prompts both
-    measured, logged to the parent run under ``cross_<name>/<a>__<b>`` (and, when the sweep
-    holds several groups of such jobs, the rest of the run name: ``__skip_first-1``).
-    ``only_ran``: only jobs that ran metric ``name``."""
+def across(name: str):
+    """Metric ``name``'s cross-model comparison (its declared ``across_models``)."""
     compare = registry.get(name).across_models
     if compare is None:
         raise LwError(f"metric {name!r} declares no cross-model comparison; those that do: "
                       + ", ".join(m.name for m in registry.every().values() if m.across_models))
+    return compare
+
+
+@dataclass
+class Side:
+    """One run of a comparison: its label in keys and figures, config, pooled vectors."""
+
+    label: str
+    job: LwConfig
+    vectors: tuple[torch.Tensor, list[str]] | None
+
+
+def compare_pair(client, log_to: str, name: str, a: Side, b: Side, key: str,
+                 options: dict) -> torch.Tensor | None:
+    """Metric ``name``'s layer x layer matrix of ``a`` against ``b`` on the prompts both
+    measured, logged to run ``log_to`` under ``cross_<name>/<key>`` (CSV by relative depth, heat
+    map, depth diagonal, prompt count); None, said on stderr, when it cannot be made."""
+    said = f"[lw] cross-model {name} {a.label} x {b.label}"
+    if a.vectors is None or b.vectors is None:
+        print(f"{said}: no pooled vectors (run the jobs with extraction.log_pooled=true, or "
+              "extraction.cache=true on this machine)", file=sys.stderr)
+        return None
+    (pooled_a, hashes_a), (pooled_b, hashes_b) = a.vectors, b.vectors
+    from lw.job.pooled import common_rows
+
+    rows_a, rows_b = common_rows(hashes_a, hashes_b)
+    if len(rows_a) < 4:
+        print(f"{said}: {len(rows_a)} prompts measured by both (it needs 4): skipped",
+              file=sys.stderr)
+        return None
+    if len(rows_a) < max(len(hashes_a), len(hashes_b)):
+        print(f"{said}: on the {len(rows_a)} prompts both measured (of {len(hashes_a)} and "
+              f"{len(hashes_b)}: their tokenizers kept different ones)", file=sys.stderr)
+    compare = across(name)
+    # the knobs: as given (lw.crossmodel's flags), else as job a ran the metric
+    knobs = options or own_knobs(registry.knobs_of(a.job, registry.get(name)))
+    matrix = compare(pooled_a[rows_a], pooled_b[rows_b], **knobs)
     label = f"cross_{name}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{key}.csv"
+        depth_table(matrix).to_csv(path, index=False)
+        client.log_artifact(log_to, str(path), artifact_path=label)
+    client.log_figure(log_to, heat_map(matrix, a.label, b.label, getattr(compare, "label", name)),
+                      f"figures/{label}_{key}.png")
+    stamp = int(time.time() * 1000)
+    client.log_batch(log_to, metrics=[
+        Metric(f"{label}/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
+        Metric(f"{label}/{key}/n_prompts", float(len(rows_a)), stamp, 0)])
+    return matrix
+
+
+def cross_model(client, parent: str, name: str = "cka", runs: list | None = None,
+                only_ran: bool = True, **options) -> dict[str, torch.Tensor]:
+    """Every pair of the parent's finished child runs of different models on the same prompts:
+    metric ``name``'s cross-model matrix, logged to the parent run under ``cross_<name>/<a>__<b>``
+    (and, when the sweep holds several groups of such jobs, the rest of the run name:
+    ``__skip_first-1``). ``only_ran``: only jobs that ran metric ``name``."""
+    across(name)
     if runs is None:
         runs = children(client, parent)
-    groups: dict[str, list[tuple[str, LwConfig]]] = {}
+    groups: dict[str, list[tuple[str, object, LwConfig]]] = {}
     for run in runs:
         if run.info.status != "FINISHED" or (
                 only_ran and f"'{name}'" not in run.data.params.get("metrics", "")):
@@ -130,45 +190,93 @@ def cross_model(client, parent: str, name: str = "cka", runs: list | None = None
         job = job_of_run(client, run)
         if only_ran and name not in job.metrics:
             continue
-        groups.setdefault(prompts_key(job), []).append((run.info.run_name or job.model.name, job))
+        groups.setdefault(prompts_key(job), []).append(
+            (run.info.run_name or job.model.name, run, job))
     found = {}
     several = len(groups) > 1
     for members in groups.values():
-        for (name_a, job_a), (name_b, job_b) in itertools.combinations(members, 2):
+        for (name_a, run_a, job_a), (_, run_b, job_b) in itertools.combinations(members, 2):
             if job_a.model == job_b.model:
                 continue
-            pooled_a, pooled_b = pooled_of(job_a), pooled_of(job_b)
-            if pooled_a is None or pooled_b is None:
-                print(f"[lw] cross-model {name} {name_a} x {name_b}: no activation-cache entry "
-                      "(run the jobs with extraction.cache=true)", file=sys.stderr)
-                continue
-            texts_a, texts_b = prompt_texts(job_a), prompt_texts(job_b)
-            rows_a, rows_b = common_rows(texts_a, texts_b)
-            if len(rows_a) < 4:
-                print(f"[lw] cross-model {name} {name_a} x {name_b}: {len(rows_a)} prompts "
-                      "measured by both (it needs 4): skipped", file=sys.stderr)
-                continue
-            if len(rows_a) < max(len(texts_a), len(texts_b)):
-                print(f"[lw] cross-model {name} {name_a} x {name_b}: on the {len(rows_a)} prompts "
-                      f"both measured (of {len(texts_a)} and {len(texts_b)}: their tokenizers "
-                      "kept different ones)", file=sys.stderr)
-            # the knobs: as given (lw.crossmodel's flags), else as job a ran the metric
-            knobs = options or own_knobs(registry.knobs_of(job_a, registry.get(name)))
-            matrix = compare(pooled_a[rows_a], pooled_b[rows_b], **knobs)
-            a, b = job_a.model.name, job_b.model.name
-            key = f"{a}__{b}" + (f"__{group_label(name_a, a)}" if several else "")
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"{key}.csv"
-                depth_table(matrix).to_csv(path, index=False)
-                client.log_artifact(parent, str(path), artifact_path=label)
-            client.log_figure(parent, heat_map(matrix, a, b, getattr(compare, "label", name)),
-                              f"figures/{label}_{key}.png")
-            stamp = int(time.time() * 1000)
-            client.log_batch(parent, metrics=[
-                Metric(f"{label}/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
-                Metric(f"{label}/{key}/n_prompts", float(len(rows_a)), stamp, 0)])
-            found[key] = matrix
+            a = Side(job_a.model.name, job_a, vectors_of(client, run_a, job_a))
+            b = Side(job_b.model.name, job_b, vectors_of(client, run_b, job_b))
+            key = f"{a.label}__{b.label}" + (f"__{group_label(name_a, a.label)}" if several
+                                             else "")
+            matrix = compare_pair(client, parent, name, a, b, key, options)
+            if matrix is not None:
+                found[key] = matrix
     return found
+
+
+class FolderSink:
+    """Where a comparison goes when the store will not take a new run (a READ user on a team
+    server): the same files and numbers, into a local folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def log_artifact(self, run_id, path: str, artifact_path: str) -> None:
+        (self.folder / artifact_path).mkdir(parents=True, exist_ok=True)
+        (self.folder / artifact_path / Path(path).name).write_bytes(Path(path).read_bytes())
+
+    def log_figure(self, run_id, figure, name: str) -> None:
+        (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(self.folder / name)
+
+    def log_batch(self, run_id, metrics) -> None:
+        with open(self.folder / "metrics.csv", "a") as out:
+            out.writelines(f"{m.key},{m.value}\n" for m in metrics)
+
+
+def compare_runs(client, run_ids: list[str], name: str = "cka",
+                 **options) -> tuple[str, dict[str, torch.Tensor]]:
+    """Every pair of the finished runs ``run_ids`` (any models, any sweeps of one store): metric
+    ``name``'s matrix on the prompts both measured, logged to a new run of the first run's
+    experiment (named ``crossmodel <a> x <b> ...``, tag ``lw.crossmodel.of``), or, when the
+    store refuses a new run (a READ user), into ``./crossmodel/<first run id>.../``. Returns
+    (that run's id or folder, the matrices by key). Each run is labelled by its model, or by
+    its run name when two runs share a model (checkpoints)."""
+    from mlflow.exceptions import MlflowException
+
+    from lw.tracking.read import existing_run
+
+    across(name)
+    runs = [existing_run(client, run_id) for run_id in run_ids]
+    unfinished = [r.info.run_id for r in runs if r.info.status != "FINISHED"]
+    if unfinished:
+        raise LwError(f"runs {', '.join(unfinished)} are not FINISHED: compare finished runs")
+    jobs = [job_of_run(client, run) for run in runs]
+    models = [job.model.name for job in jobs]
+    labels = [m if models.count(m) == 1 else (r.info.run_name or r.info.run_id[:8])
+              for m, r in zip(models, runs, strict=True)]
+    sides = [Side(label, job, vectors_of(client, run, job))
+             for label, job, run in zip(labels, jobs, runs, strict=True)]
+    try:
+        own = client.create_run(
+            runs[0].info.experiment_id, run_name=f"crossmodel {' x '.join(labels)}"[:250],
+            tags={"lw.crossmodel.of": ",".join(run_ids), "lw.crossmodel.measure": name})
+    except MlflowException as error:
+        if error.error_code != "PERMISSION_DENIED":
+            raise
+        own = None
+    sink = client if own is not None else FolderSink(
+        Path.cwd() / "crossmodel" / "_".join(run_id[:8] for run_id in run_ids))
+    where = own.info.run_id if own is not None else str(sink.folder)
+    found = {}
+    try:
+        for a, b in itertools.combinations(sides, 2):
+            key = f"{a.label}__{b.label}".replace("/", "-").replace(" ", "_")
+            matrix = compare_pair(sink, where, name, a, b, key, options)
+            if matrix is not None:
+                found[key] = matrix
+    except BaseException:
+        if own is not None:
+            client.set_terminated(where, "FAILED")
+        raise
+    if own is not None:
+        client.set_terminated(where, "FINISHED" if found else "FAILED")
+    return where, found
 
 
 def after_sweep(client, parent: str, runs: list) -> None:

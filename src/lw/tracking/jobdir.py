@@ -147,3 +147,7 @@ def save_result_files(result, folder: Path) -> None:
     (folder / "summary.json").write_text(json.dumps(result.summary, indent=2))
     for name, table in getattr(result, "tables", {}).items():  # a metric's own tables (cka)
         table.to_csv(folder / f"{name}.csv", index=False)
+    if getattr(result, "pooled", None) is not None:  # extraction.log_pooled
+        from lw.job import pooled  # torch: not on lw.sync's import path
+
+        pooled.save(folder / pooled.FILE, *result.pooled)

@@ -15,7 +15,8 @@ from fnmatch import fnmatchcase
 class Key:
     pattern: str
     meaning: str
-    on: str = "job"  # job: each job's run; parent: the sweep's parent run; both
+    on: str = "job"  # job: each job's run; parent: the sweep's parent run (or a comparison's
+    #                  run, python -m lw.crossmodel <run id>...); both
 
 
 TAGS: tuple[Key, ...] = (
@@ -62,6 +63,8 @@ TAGS: tuple[Key, ...] = (
     Key("lw.slurm_task", "the SLURM task (`<array job>_<index>` or the job id)", "both"),
     Key("lw.error", "why the job failed, one line"),
     Key("lw.killed_by", "who marked a dead run KILLED, and why", "both"),
+    Key("lw.crossmodel.of", "a comparison's run: the run ids it compares", "parent"),
+    Key("lw.crossmodel.measure", "a comparison's run: the pairwise measure", "parent"),
     Key("lw.synced_from", "the job folder `python -m lw.sync` logged this run from"),
     # MLflow's own, set by lw
     Key("mlflow.parentRunId", "the sweep's parent run"),
@@ -119,6 +122,8 @@ ARTIFACTS: tuple[Key, ...] = (
     Key("results/model.json", "the model's shape (n_layers, hidden_size, ...)"),
     Key("results/summary.json", "the summary numbers"),
     Key("results/*.csv", "a metric's own tables (`cka_matrix.csv`, ...)"),
+    Key("results/pooled.pt", "`extraction.log_pooled=true`: the pooled vectors (float16) and "
+        "each prompt's text hash, what `python -m lw.crossmodel <run id>...` compares"),
     Key("figures/*.png", "the job's figures (`metrics_vs_depth.png`, histograms, a metric's "
         "own); on the parent, the cross-model heat maps (`cross_cka_<a>__<b>.png`)", "both"),
     Key("error.txt", "a failed job's error and traceback (also in its folder)"),
