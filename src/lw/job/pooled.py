@@ -2,7 +2,7 @@
 finished runs reads on any store, with no activation cache and no forward pass.
 
 ``results/pooled.pt`` holds ``pooled``, ``(N, L+1, D)`` float16 (half the float32 size:
-smollm2 at N = 512 is 18 MiB), and ``prompt_sha256``, the SHA-256 of each prompt's text in the
+smollm2 at N = 512 is about 18 MB), and ``prompt_sha256``, the SHA-256 of each prompt's text in the
 same order, so that two runs are compared on the prompts both measured, matched by text
 without the texts themselves leaving the machine. Read with ``torch.load(weights_only=True)``:
 tensors and strings only, safe for a teammate's artifact.
