@@ -306,7 +306,8 @@ def cli_page() -> str:
     for module in (lw.report, lw.sync, lw.crossmodel, lw.server, lw.offline):
         parser = module.parser()
         parser.formatter_class.width = 96
-        out += [f"## `{parser.prog}`", "", (module.__doc__ or "").split("\n")[0], "",
+        summary = " ".join((module.__doc__ or "").split("\n\n")[0].split())
+        out += [f"## `{parser.prog}`", "", summary, "",
                 "```text", parser.format_help().rstrip(), "```", ""]
     return "\n".join(out) + "\n"
 

@@ -1,6 +1,8 @@
-"""Compare models layer by layer: a pairwise measure (``--measure``, default cka) between every
-layer of one run's model and every layer of another's, on the prompts both measured, by
-relative depth (0 = embeddings, 1 = last layer).
+"""Compare the layers of models measured on the same prompts, by relative depth.
+
+A pairwise measure (``--measure``, default cka) between every layer of one run's model and
+every layer of another's, on the prompts both measured, by relative depth (0 = embeddings,
+1 = last layer).
 
     python -m lw.crossmodel <parent run id>                  # a finished sweep's jobs
     python -m lw.crossmodel --uri <store> <run id> <run id>...   # any finished runs
@@ -32,7 +34,7 @@ from lw.sweep.crossmodel import compare_runs, cross_model, depth_diagonal
 def parser() -> argparse.ArgumentParser:
     """The command's flags (also the docs' CLI reference)."""
     parser = argparse.ArgumentParser(prog="python -m lw.crossmodel",
-                                     description=__doc__.split("\n")[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="a sweep's parent run id, or two or more finished run ids")
     parser.add_argument("--uri", default=None,

@@ -27,7 +27,7 @@ def pip_command(quiet: bool = False) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     """The command's flags (also the docs' CLI reference)."""
     parser = argparse.ArgumentParser(prog="python -m lw.offline",
-                                     description=__doc__.split("\n")[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--print", action="store_true",
                         help="print the pip command instead of running it")
     parser.add_argument("--quiet", action="store_true", help="pip's --quiet")

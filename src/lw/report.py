@@ -230,7 +230,8 @@ def best_layers(client, parent: str, prefix: str) -> pd.DataFrame:
 
 def parser() -> argparse.ArgumentParser:
     """The command's flags (also the docs' CLI reference)."""
-    parser = argparse.ArgumentParser(prog="python -m lw.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lw.report",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else "
                                          "./mlruns/mlflow.db)")
     parser.add_argument("--experiment", default="lw")

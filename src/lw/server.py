@@ -271,7 +271,8 @@ def redact(uri: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     """The command's flags (also the docs' CLI reference)."""
-    parser = argparse.ArgumentParser(prog="python -m lw.server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lw.server",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (0.0.0.0: every interface, for a team)")
     parser.add_argument("--port", type=int, default=5000)

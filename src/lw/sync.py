@@ -112,7 +112,7 @@ def sync_job(folder: Path, uri: str | None = None) -> str:
 def parser() -> argparse.ArgumentParser:
     """The command's flags (also the docs' CLI reference)."""
     parser = argparse.ArgumentParser(prog="python -m lw.sync",
-                                     description=__doc__.split("\n")[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", help="job folders, or sweep folders")
     parser.add_argument("--uri", help="the store to log to (default: the one each job used)")
     return parser
