@@ -189,8 +189,8 @@ def test_installed_metric_runs_and_a_version_bump_reruns_only_its_jobs(tmp_path)
     assert len({r.data.tags[HASH_TAG] for r in bumped}) == 2
 
 
-def test_readme_example_package_is_the_tested_one():
-    """The README's example package is this file's (so that the README example is run)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert textwrap.dedent(PYPROJECT).strip() in readme
-    assert MODULE.strip() in readme
+def test_the_docs_example_package_is_the_tested_one():
+    """The how-to's example package is this file's (so that the documented example is run)."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "how-to" / "metrics.md").read_text()
+    assert textwrap.dedent(PYPROJECT).strip() in page
+    assert MODULE.strip() in page

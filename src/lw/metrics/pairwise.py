@@ -140,6 +140,8 @@ def declare(measure: Pairwise) -> Metric:
             for key, value in values.items()}
         return out
 
+    compute.__module__ = measure.between.__module__  # the docs show the measure's docstring
+
     def across_models(a: Tensor, b: Tensor, **knobs) -> Tensor:
         return measure.between(a, b, **knobs)
 
