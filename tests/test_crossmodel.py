@@ -121,3 +121,16 @@ def test_two_finished_runs_on_a_store_are_compared_from_their_logged_pooled_vect
     assert own.data.metrics["cross_cka/tiny-pythia__tiny-mamba/n_prompts"] == 8
     with pytest.raises(SystemExit, match="--debiased is cka's"):
         lw.crossmodel.main(["--uri", uri, "--measure", "probe", "--debiased", *ids])
+    with pytest.raises(SystemExit, match="k takes an integer"):
+        lw.crossmodel.main(["--uri", uri, "--measure", "mutual_knn", "--knob", "k=x", *ids])
+    # another measure, a knob given on the command line
+    from lw.metrics.mutual_knn import mutual_knn_between
+
+    lw.crossmodel.main(["--uri", uri, "--measure", "mutual_knn", "--knob", "k=3", *ids])
+    own = next(r for r in client.search_runs([experiment])
+               if r.data.tags.get("lw.crossmodel.measure") == "mutual_knn")
+    table = np.genfromtxt(client.download_artifacts(
+        own.info.run_id, "cross_mutual_knn/tiny-pythia__tiny-mamba.csv", str(tmp_path)),
+        delimiter=",", skip_header=1)
+    np.testing.assert_allclose(table[:, 1:],
+                               mutual_knn_between(a[rows_a], b[rows_b], k=3).numpy(), rtol=1e-6)

@@ -42,10 +42,43 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--measure", default="cka",
                         help="a pairwise metric (reference: metrics; cka, mutual_knn, ...)")
     parser.add_argument("--debiased", action="store_true", help="cka: the unbiased HSIC")
+    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                        help="a knob of the measure (repeatable), e.g. --knob k=20, --knob "
+                             "keep=0.95; default: as the first run's job set them")
     parser.add_argument("--all", action="store_true",
                         help="a sweep: every job with pooled vectors, not only those that ran "
                              "the measure")
     return parser
+
+
+def knob_values(measure: str, pairs: list[str]) -> dict:
+    """``--knob NAME=VALUE`` as the measure's knobs, each checked by its knob class (a bad
+    name or value is one line naming it)."""
+    import dataclasses
+
+    from lw.metrics import registry
+    from lw.metrics.pairwise import own_knobs
+
+    if not pairs:
+        return {}
+    metric = registry.get(measure)
+    fields = {f.name: f for f in dataclasses.fields(metric.knobs or object)}
+    given = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not _:
+            raise LwError(f"--knob {pair!r}: {measure}'s knobs are "
+                          f"{', '.join(own_knobs(metric.knobs())) or 'none'} (NAME=VALUE)")
+        kind = fields[name].type if isinstance(fields[name].type, type) else \
+            {"int": int, "float": float, "bool": bool, "str": str}.get(str(fields[name].type), str)
+        try:
+            given[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise LwError(f"--knob {pair!r}: {name} takes "
+                          f"{ {int: 'an integer', float: 'a number'}.get(kind, kind.__name__)}"
+                          ) from None
+    checked = own_knobs(metric.knobs(**given))  # the knob class's own checks run here
+    return {name: checked[name] for name in given}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.debiased and args.measure != "cka":
         raise SystemExit(f"[lw] error: --debiased is cka's; --measure {args.measure} has no "
                          "such knob")
-    options = {"debiased": True} if args.debiased else {}
+    try:
+        options = knob_values(args.measure, args.knob) | ({"debiased": True} if args.debiased
+                                                           else {})
+    except LwError as error:
+        raise SystemExit(f"[lw] error: {error}") from None
     try:
         client = open_store(args.uri)
         if len(args.runs) == 1:

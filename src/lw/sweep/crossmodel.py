@@ -156,8 +156,8 @@ def compare_pair(client, log_to: str, name: str, a: Side, b: Side, key: str,
         print(f"{said}: on the {len(rows_a)} prompts both measured (of {len(hashes_a)} and "
               f"{len(hashes_b)}: their tokenizers kept different ones)", file=sys.stderr)
     compare = across(name)
-    # the knobs: as given (lw.crossmodel's flags), else as job a ran the metric
-    knobs = options or own_knobs(registry.knobs_of(a.job, registry.get(name)))
+    # the knobs as job a ran the metric, those given (lw.crossmodel's flags) over them
+    knobs = {**own_knobs(registry.knobs_of(a.job, registry.get(name))), **options}
     matrix = compare(pooled_a[rows_a], pooled_b[rows_b], **knobs)
     label = f"cross_{name}"
     with tempfile.TemporaryDirectory() as tmp:
