@@ -134,3 +134,17 @@ def test_two_finished_runs_on_a_store_are_compared_from_their_logged_pooled_vect
         delimiter=",", skip_header=1)
     np.testing.assert_allclose(table[:, 1:],
                                mutual_knn_between(a[rows_a], b[rows_b], k=3).numpy(), rtol=1e-6)
+    # calibrated against the permutation null: raw, calibrated table and diagonals
+    from lw.metrics.pairwise import calibrated, null_of
+
+    lw.crossmodel.main(["--uri", uri, "--knob", "calibrate=true", "--knob", "permutations=3",
+                        *ids])
+    own = next(r for r in client.search_runs([experiment])
+               if "cross_cka/tiny-pythia__tiny-mamba/depth_diagonal_calibrated" in r.data.metrics)
+    scaled = np.genfromtxt(client.download_artifacts(
+        own.info.run_id, "cross_cka/tiny-pythia__tiny-mamba_calibrated.csv", str(tmp_path)),
+        delimiter=",", skip_header=1)
+    x, y = a[rows_a], b[rows_b]
+    null = null_of(cka_between, x, y, 3, 0).mean(dim=0)
+    np.testing.assert_allclose(scaled[:, 1:], calibrated(cka_between(x, y), null, 1.0).numpy(),
+                               rtol=1e-6)

@@ -57,7 +57,6 @@ def knob_values(measure: str, pairs: list[str]) -> dict:
     import dataclasses
 
     from lw.metrics import registry
-    from lw.metrics.pairwise import own_knobs
 
     if not pairs:
         return {}
@@ -68,7 +67,7 @@ def knob_values(measure: str, pairs: list[str]) -> dict:
         name, _, value = pair.partition("=")
         if name not in fields or not _:
             raise LwError(f"--knob {pair!r}: {measure}'s knobs are "
-                          f"{', '.join(own_knobs(metric.knobs())) or 'none'} (NAME=VALUE)")
+                          f"{', '.join(fields) or 'none'} (NAME=VALUE)")
         kind = fields[name].type if isinstance(fields[name].type, type) else \
             {"int": int, "float": float, "bool": bool, "str": str}.get(str(fields[name].type), str)
         try:
@@ -77,8 +76,8 @@ def knob_values(measure: str, pairs: list[str]) -> dict:
             raise LwError(f"--knob {pair!r}: {name} takes "
                           f"{ {int: 'an integer', float: 'a number'}.get(kind, kind.__name__)}"
                           ) from None
-    checked = own_knobs(metric.knobs(**given))  # the knob class's own checks run here
-    return {name: checked[name] for name in given}
+    checked = metric.knobs(**given)  # the knob class's own checks run here
+    return {name: getattr(checked, name) for name in given}
 
 
 def main(argv: list[str] | None = None) -> None:

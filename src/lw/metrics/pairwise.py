@@ -146,6 +146,7 @@ def declare(measure: Pairwise) -> Metric:
         return measure.between(a, b, **knobs)
 
     across_models.label = label  # the cross-model heat map's title
+    across_models.best = measure.best  # what calibration scales to
 
     # the curves say how alike two layers are: neither higher nor lower is "better"
     return Metric(

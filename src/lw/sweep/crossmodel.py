@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ from omegaconf import OmegaConf
 from lw.config.schema import LwConfig
 from lw.errors import LwError
 from lw.metrics import registry
-from lw.metrics.pairwise import own_knobs
+from lw.metrics.pairwise import calibrated, null_of, own_knobs
 from lw.tracking.read import children
 
 
@@ -157,19 +158,30 @@ def compare_pair(client, log_to: str, name: str, a: Side, b: Side, key: str,
               f"{len(hashes_b)}: their tokenizers kept different ones)", file=sys.stderr)
     compare = across(name)
     # the knobs as job a ran the metric, those given (lw.crossmodel's flags) over them
-    knobs = {**own_knobs(registry.knobs_of(a.job, registry.get(name))), **options}
-    matrix = compare(pooled_a[rows_a], pooled_b[rows_b], **knobs)
+    given = registry.knobs_of(a.job, registry.get(name))
+    merged = {**(vars(given) if given is not None else {}), **options}
+    knobs = own_knobs(SimpleNamespace(**merged))
+    x, y = pooled_a[rows_a], pooled_b[rows_b]
+    matrix = compare(x, y, **knobs)
     label = f"cross_{name}"
+    tables = {key: matrix}
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(f"{label}/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
+               Metric(f"{label}/{key}/n_prompts", float(len(rows_a)), stamp, 0)]
+    if merged.get("calibrate"):  # against the permutation null (lw.metrics.pairwise)
+        null = null_of(compare, x, y, merged["permutations"], a.job.seed, **knobs).mean(dim=0)
+        tables[f"{key}_calibrated"] = calibrated(matrix, null, getattr(compare, "best", 1.0))
+        metrics += [Metric(f"{label}/{key}/depth_diagonal_null", depth_diagonal(null), stamp, 0),
+                    Metric(f"{label}/{key}/depth_diagonal_calibrated",
+                           depth_diagonal(tables[f"{key}_calibrated"]), stamp, 0)]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{key}.csv"
-        depth_table(matrix).to_csv(path, index=False)
-        client.log_artifact(log_to, str(path), artifact_path=label)
+        for file, values in tables.items():
+            path = Path(tmp) / f"{file}.csv"
+            depth_table(values).to_csv(path, index=False)
+            client.log_artifact(log_to, str(path), artifact_path=label)
     client.log_figure(log_to, heat_map(matrix, a.label, b.label, getattr(compare, "label", name)),
                       f"figures/{label}_{key}.png")
-    stamp = int(time.time() * 1000)
-    client.log_batch(log_to, metrics=[
-        Metric(f"{label}/{key}/depth_diagonal", depth_diagonal(matrix), stamp, 0),
-        Metric(f"{label}/{key}/n_prompts", float(len(rows_a)), stamp, 0)])
+    client.log_batch(log_to, metrics=metrics)
     return matrix
 
 

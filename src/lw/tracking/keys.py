@@ -104,6 +104,8 @@ METRICS: tuple[Key, ...] = (
     Key("cross_*/*/depth_diagonal", "the cross-model comparison at equal relative depth, "
         "averaged over a's layers", "parent"),
     Key("cross_*/*/n_prompts", "the prompts both models measured", "parent"),
+    Key("cross_*/*/depth_diagonal_*", "with `calibrate=true`: the same of the permutation "
+        "null (`_null`) and of the calibrated score (`_calibrated`)", "parent"),
     Key("n_prompts", "the prompts measured"),
     Key("n_tokens", "the tokens measured"),
     Key("forward_seconds", "the forward pass's time"),
@@ -130,7 +132,8 @@ ARTIFACTS: tuple[Key, ...] = (
     Key("report/*", "`python -m lw.report --all`: the sweep's report page and figures",
         "parent"),
     Key("cross_*/*.csv", "the end-of-sweep comparison of each pair of models (`cross_cka/"
-        "<a>__<b>.csv`: a's layers x b's, by relative depth)", "parent"),
+        "<a>__<b>.csv`: a's layers x b's, by relative depth; `..._calibrated.csv` with "
+        "`calibrate=true`)", "parent"),
 )
 
 
