@@ -130,30 +130,39 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
 
 
 def cross_model_figures(client, parent: str, out: Path) -> list[tuple[str, str]]:
-    """The cross-model CKA matrices logged to the parent (``cross_cka/<a>__<b>.csv``, by
-    lw.crossmodel at the sweep's end): a heat map each over relative depth, and the CSVs."""
+    """The cross-model matrices logged to the parent (``cross_<measure>/<a>__<b>.csv``, and
+    ``..._calibrated.csv``, by lw.sweep.crossmodel at the sweep's end): a heat map each over
+    relative depth, and the CSVs."""
     import torch
 
     from lw.job.plots import plt
+    from lw.metrics import registry
     from lw.sweep.crossmodel import depth_diagonal, heat_map
 
     found = []
+    folders = [item.path for item in client.list_artifacts(parent)
+               if item.is_dir and item.path.startswith("cross_")]
     with tempfile.TemporaryDirectory() as tmp:
-        for item in client.list_artifacts(parent, "cross_cka"):
-            if not item.path.endswith(".csv"):
-                continue
-            table = pd.read_csv(client.download_artifacts(parent, item.path, tmp))
-            key = Path(item.path).stem
-            a, b, *group = key.split("__")  # <a>__<b>[__<group>]
-            # column 0: a's depth (depth_pct, 0-100, in files logged before depth was 0-1)
-            matrix = torch.tensor(table.iloc[:, 1:].to_numpy())
-            table.to_csv(out / f"cross_cka_{key}.csv", index=False)
-            figure = heat_map(matrix, a, b)
-            figure.savefig(out / f"cross_cka_{key}.png", dpi=100, bbox_inches="tight")
-            plt.close(figure)
-            found.append((f"{a} x {b}{' ' + group[0] if group else ''}: linear CKA over "
-                          f"relative depth (mean at equal depth "
-                          f"{depth_diagonal(matrix):.3f})", f"cross_cka_{key}.png"))
+        for folder in folders:
+            measure = folder[len("cross_"):]
+            compare = registry.every().get(measure)
+            label = getattr(compare.across_models, "label", measure) if compare else measure
+            for item in client.list_artifacts(parent, folder):
+                if not item.path.endswith(".csv"):
+                    continue
+                table = pd.read_csv(client.download_artifacts(parent, item.path, tmp))
+                key = Path(item.path).stem
+                shown = label + (" (calibrated)" if key.endswith("_calibrated") else "")
+                a, b, *group = key.removesuffix("_calibrated").split("__")  # <a>__<b>[__<group>]
+                # column 0: a's depth (depth_pct, 0-100, in files logged before depth was 0-1)
+                matrix = torch.tensor(table.iloc[:, 1:].to_numpy())
+                table.to_csv(out / f"{folder}_{key}.csv", index=False)
+                figure = heat_map(matrix, a, b, shown)
+                figure.savefig(out / f"{folder}_{key}.png", dpi=100, bbox_inches="tight")
+                plt.close(figure)
+                found.append((f"{a} x {b}{' ' + group[0] if group else ''}: {shown} over "
+                              f"relative depth (mean at equal depth "
+                              f"{depth_diagonal(matrix):.3f})", f"{folder}_{key}.png"))
     return found
 
 
