@@ -363,11 +363,12 @@ def architectures_page() -> str:
            "is declared there first ([how](../how-to/own-model.md)).", "",
            (architectures.__doc__ or "").strip(), "",
            "| model_type | config class | blocks | hidden-states layout | padded batches | "
-           "last state after the final norm |", "|---|---|---|---|---|---|"]
+           "last state after the final norm | attention module |", "|---|---|---|---|---|---|---|"]
     for a in architectures.ARCHITECTURES.values():
         out.append(f"| `{a.model_type}` | `{a.config_class}` | `{a.blocks}` | {a.layout} | "
                    f"{'yes' if a.padding_safe else 'no (equal lengths)'} | "
-                   f"{'yes' if a.last_state_after_final_norm else 'no final norm'} |")
+                   f"{'yes' if a.last_state_after_final_norm else 'no final norm'} | "
+                   f"{f'`{a.attention}`' if a.attention else 'none'} |")
     return "\n".join(out) + "\n"
 
 

@@ -6,6 +6,7 @@ and mean pooling into one vector per prompt and layer. What a job keeps is O(N x
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from lw.config.schema import POOLINGS
 from lw.loading.architectures import architecture, layer_states
 from lw.loading.models import LoadedModel
 
-# A per-batch token function: (hidden (L+1, B, T, D), kept (B, T) bool, ids (B, T)) -> products
+# A per-batch token function: (hidden (L+1, B, T, D), kept (B, T) bool, ids (B, T)) -> products.
+# One that is also a context manager is entered around the whole pass (extract).
 TokenMetric = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -144,7 +146,9 @@ def extract(loaded: LoadedModel, prompts: list[list[int]], *, batch_size: int,
 
     Returns pooled vectors (``pooling`` over the real tokens after skipping the first
     ``skip_first``) and, for every token function, its per-prompt values ``(N, L+1, ...)``;
-    always includes the token-norm diagnostic.
+    always includes the token-norm diagnostic. A token function that is a context manager
+    (sink_rate's: attention hooks, eager attention) is entered before the first batch and
+    left after the last, also when the pass fails.
     """
     device = device or loaded.model.get_input_embeddings().weight.device
     token_metrics = dict(token_metrics or {})
@@ -156,20 +160,26 @@ def extract(loaded: LoadedModel, prompts: list[list[int]], *, batch_size: int,
                              equal_lengths=loaded.info.family == "ssm")
     bar = tqdm(total=n, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True,
                disable=not progress)
-    for index in batches:
-        ids, mask = pad_batch([prompts[i] for i in index], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = all_layers(loaded, ids, mask)
-        mask = mask.to(hidden.device)  # a model spread over GPUs ends on another device
-        kept = skip_leading(mask, skip_first)
-        ids = ids.to(hidden.device)
-        values = token_norm_diagnostic(hidden, mask)
+    with contextlib.ExitStack() as during:
+        # token functions that are context managers hold something for the whole pass (hooks,
+        # an attention implementation): entered before the first batch, left after the last
         for metric in token_metrics.values():
-            values.update(metric(hidden, kept, ids))
-        pooled[index] = pool(hidden, kept, pooling).transpose(0, 1).float().cpu()
-        for name, value in values.items():
-            _store(per_prompt, name, index, value, n)
-        bar.update(len(index))
+            if hasattr(metric, "__enter__"):
+                during.enter_context(metric)
+        for index in batches:
+            ids, mask = pad_batch([prompts[i] for i in index], pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = all_layers(loaded, ids, mask)
+            mask = mask.to(hidden.device)  # a model spread over GPUs ends on another device
+            kept = skip_leading(mask, skip_first)
+            ids = ids.to(hidden.device)
+            values = token_norm_diagnostic(hidden, mask)
+            for metric in token_metrics.values():
+                values.update(metric(hidden, kept, ids))
+            pooled[index] = pool(hidden, kept, pooling).transpose(0, 1).float().cpu()
+            for name, value in values.items():
+                _store(per_prompt, name, index, value, n)
+            bar.update(len(index))
     bar.close()
     n_tokens = torch.tensor([len(p) for p in prompts])
     return Extraction(pooled=pooled, per_prompt=per_prompt, n_tokens=n_tokens)

@@ -30,6 +30,8 @@ class Architecture:
     layout: str                # how output_hidden_states comes back (LAYOUTS)
     padding_safe: bool         # False: no attention mask, batches must hold equal lengths
     last_state_after_final_norm: bool  # BERT-style encoders have no final norm
+    attention: str = ""        # attribute path of the attention module inside a block, which
+                               # returns (output, weights) in eager mode; "" for none
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -38,11 +40,14 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    Architecture("gpt_neox", "GPTNeoXConfig", "layers", "embeddings-first", True, True),
+    Architecture("gpt_neox", "GPTNeoXConfig", "layers", "embeddings-first", True, True,
+                 attention="attention"),
     Architecture("mamba", "MambaConfig", "layers", "blocks+norm", False, True),
     Architecture("mamba2", "Mamba2Config", "layers", "blocks+norm", False, True),
-    Architecture("llama", "LlamaConfig", "layers", "embeddings-first", True, True),
-    Architecture("bert", "BertConfig", "encoder.layer", "embeddings-first", True, False),
+    Architecture("llama", "LlamaConfig", "layers", "embeddings-first", True, True,
+                 attention="self_attn"),
+    Architecture("bert", "BertConfig", "encoder.layer", "embeddings-first", True, False,
+                 attention="attention"),
 )}
 
 
