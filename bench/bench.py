@@ -48,7 +48,7 @@ BASE = METRICS.strip("[]").split(",")
 COSTS = ROOT / "bench" / "metric_cost.json"
 # What a metric needs beyond wiki-vital's text: labels come from its topics; multiple-choice
 # answers (mc_accuracy) and MTEB's hub tasks are not measured here.
-NOT_OFFLINE = {"answers": "multiple-choice data", "model": "MTEB's hub tasks"}
+NOT_OFFLINE = {"answers": "needs multiple-choice data", "model": "needs MTEB's hub tasks"}
 
 
 def metric_list(added: str) -> list[str]:
@@ -162,12 +162,15 @@ def main() -> None:
                              "(bench/metric_cost.json; default --models smollm2 --n 64)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="with --metric-costs: runs of each case (the fastest is kept)")
+    parser.add_argument("--pairwise", action="store_true",
+                        help="each pairwise measure's whole layer x layer matrix at smollm2's "
+                             "shape (N=512, 31 layers, 576 wide), seconds (bench/pairwise.json)")
     parser.add_argument("--one", nargs=3, metavar=("CASE", "MODEL", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--one-costs", nargs=4, help=argparse.SUPPRESS)  # model n repeats cases
     args = parser.parse_args()
     if args.one_costs:
         model, n, repeats, cases = args.one_costs
-        print(json.dumps(case_costs(model, int(n), cases.split(","), int(repeats))))
+        case_costs(model, int(n), cases.split(","), int(repeats))
         return
     if args.one:
         case, model, n = args.one[0], args.one[1], int(args.one[2])
@@ -179,6 +182,8 @@ def main() -> None:
         return
     if args.metric_costs:
         return metric_costs(args)
+    if args.pairwise:
+        return pairwise_costs()
     rows = measure_cases(args.models, args.n, args.cases)
     text = table(rows)
     print(text)
@@ -192,9 +197,10 @@ def main() -> None:
     print(f"wrote {RESULTS / 'latest.md'}")
 
 
-def case_costs(model: str, n: int, cases: list[str], repeats: int) -> dict:
+def case_costs(model: str, n: int, cases: list[str], repeats: int) -> None:
     """In one process (no start-up or import noise between cases): each job case timed
-    ``repeats`` times, interleaved, the fastest kept; the floor likewise."""
+    ``repeats`` times, interleaved (once when it takes over 2 minutes), the floor likewise;
+    one JSON line per run on stdout (a case that cannot run here: its error)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_job
     from lw.job.stages import compute
@@ -206,13 +212,22 @@ def case_costs(model: str, n: int, cases: list[str], repeats: int) -> dict:
         return time.perf_counter() - started
 
     job_seconds("job")  # warm: imports, the tokenizer, the model's files in the page cache
-    best = {"floor": min(case_floor(model, n)["seconds"] for _ in range(repeats))}
+    for _ in range(repeats):
+        print(json.dumps({"floor": case_floor(model, n)["seconds"]}), flush=True)
+    slow = set()
     for _ in range(repeats):
         for case in cases:
-            seconds = job_seconds(case)
-            best[case] = min(best.get(case, math.inf), seconds)
-            print(f"{case}: {seconds:.2f} s", file=sys.stderr, flush=True)
-    return best
+            if case in slow:
+                continue
+            try:
+                seconds = job_seconds(case)
+            except Exception as error:  # noqa: BLE001 - a case that cannot run here: said
+                print(json.dumps({case: f"error: {error}"[:300]}), flush=True)
+                slow.add(case)
+                continue
+            if seconds > 120:  # a case this slow is measured once: its noise is small
+                slow.add(case)
+            print(json.dumps({case: seconds}), flush=True)
 
 
 def metric_costs(args) -> None:
@@ -233,13 +248,22 @@ def metric_costs(args) -> None:
         done = subprocess.run([str(PYTHON), __file__, "--one-costs", model, str(n),
                                str(args.repeats), ",".join(cases)], cwd=ROOT, env=env,
                               capture_output=True, text=True)
-    if done.returncode != 0:
+    seconds: dict[str, float] = {}  # the fastest run of each case
+    errors: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            for case, value in json.loads(line).items():
+                if isinstance(value, str):
+                    errors[case] = value
+                else:
+                    seconds[case] = min(seconds.get(case, math.inf), value)
+    if done.returncode != 0 or "floor" not in seconds or "job" not in seconds:
         raise SystemExit(done.stderr[-3000:])
-    seconds = json.loads(done.stdout.strip().splitlines()[-1])
     floor, job = seconds["floor"], seconds["job"]
     costs = {case[1:]: round(((seconds[case] - job) if case[0] == "+" else
                               (job - seconds[case])) / floor, 3)
-             for case in cases if case[0] in "+-"}
+             for case in cases if case[0] in "+-" and case in seconds}
+    skipped.update({case[1:]: reason.split(". ")[0] for case, reason in errors.items()})
     for name, cost in costs.items():
         print(f"{name:20s} {cost:+.3f} floors")
     COSTS.write_text(json.dumps({
@@ -247,12 +271,50 @@ def metric_costs(args) -> None:
                  f"every hidden state ({model}, {n} wiki-vital prompts up to 128 tokens, "
                  f"{os.cpu_count()} CPUs, {'CUDA' if _has_cuda() else 'no GPU'}; floor "
                  f"{floor:.1f} s, the job with {', '.join(BASE)} {job:.1f} s; the fastest of "
-                 f"{args.repeats} runs each, in one process; `bench/bench.py --metric-costs`, "
+                 f"{args.repeats} runs each (one for cases over 2 min), in one process; "
+                 "`bench/bench.py --metric-costs`, "
                  f"{datetime.now():%Y-%m-%d}). Differences under ~0.05 are noise. Not measured "
-                 "here: " + ", ".join(f"{k} (needs {v})" for k, v in skipped.items())),
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+                 "here: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())),
+        "n": n, "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "metrics": costs}, indent=2) + "\n")
     print(f"wrote {COSTS}")
+
+
+def pairwise_costs(n: int = 512, layers: int = 31, width: int = 576, repeats: int = 2) -> None:
+    """Each pairwise measure's within-model matrix on pooled vectors of smollm2's shape (random:
+    the kernels' cost does not depend on the values), the fastest of ``repeats``, in seconds and
+    against the bare forward pass of smollm2 at that N (bench/metric_cost.json's floor, scaled
+    linearly from its N: the forward pass costs the same per prompt)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from lw.metrics import registry
+    from lw.metrics.pairwise import own_knobs
+
+    pooled = torch.randn(n, layers, width, generator=torch.Generator().manual_seed(0))
+    costs = json.loads(COSTS.read_text()) if COSTS.exists() else {}
+    per_prompt = costs.get("seconds", {}).get("floor", math.nan) / costs.get("n", math.nan)
+    rows = {}
+    for metric in registry.every().values():
+        if metric.across_models is None:
+            continue
+        knobs = own_knobs(metric.knobs())
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            metric.across_models(pooled, pooled, **knobs)
+            best = min(best, time.perf_counter() - started)
+        rows[metric.name] = {"seconds": round(best, 2),
+                             "over_floor": round(best / (per_prompt * n), 3)}
+        print(f"{metric.name:12s} {best:7.2f} s  {rows[metric.name]['over_floor']:.3f} floors",
+              flush=True)
+    (ROOT / "bench" / "pairwise.json").write_text(json.dumps({
+        "what": (f"the whole (L+1) x (L+1) matrix, N = {n}, L+1 = {layers}, D = {width} "
+                 f"(smollm2's shape), fastest of {repeats}, {os.cpu_count()} CPUs, "
+                 f"{'CUDA' if _has_cuda() else 'no GPU'}, {datetime.now():%Y-%m-%d}; against "
+                 f"smollm2's bare forward pass at N = {n} ({per_prompt * n:.0f} s, from "
+                 "bench/metric_cost.json's floor per prompt)"),
+        "measures": rows}, indent=2) + "\n")
 
 
 def measure_cases(models: list[str], sizes: list[int], cases: list[str]) -> list[dict]:

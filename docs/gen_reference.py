@@ -215,8 +215,9 @@ def _anchor(title: str) -> str:
     return re.sub(r"[-\s]+", "-", slug)
 
 
-def metric_costs() -> dict:
-    path = ROOT / "bench" / "metric_cost.json"
+def bench_file(name: str) -> dict:
+    """A `make bench` result committed beside bench.py ({} when it was not run)."""
+    path = ROOT / "bench" / name
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -224,7 +225,7 @@ def metrics_page() -> str:
     from lw.metrics import registry
 
     sections = _sections((DOCS / "METRICS.md").read_text())
-    costs = metric_costs()
+    costs, pairwise = bench_file("metric_cost.json"), bench_file("pairwise.json")
     every = registry.every()
     out = ["# Metrics reference", "",
            "Generated from the metric registry (`lw.metrics.registry`) at every docs build: "
@@ -235,13 +236,18 @@ def metrics_page() -> str:
            "default list is " + ", ".join(f"`{m.name}`" for m in every.values() if m.default)
            + ".", ""]
     if costs:
-        out += [f"Cost: {costs['what']}", ""]
-    out += ["| metric | needs | default | cost / forward pass |", "|---|---|---|---|"]
+        out += [f"*Cost / forward pass*: {costs['what']}", ""]
+    if pairwise:
+        out += [f"*Matrix / forward pass* (pairwise measures): {pairwise['what']}", ""]
+    out += ["| metric | needs | default | cost / forward pass | matrix / forward pass |",
+            "|---|---|---|---|---|"]
     for m in every.values():
         cost = costs.get("metrics", {}).get(m.name)
+        matrix = pairwise.get("measures", {}).get(m.name, {}).get("over_floor")
         out.append(f"| [`{m.name}`](#{m.name}) | {', '.join(m.needs)} | "
                    f"{'yes' if m.default else ''} | "
-                   f"{'' if cost is None else f'{cost:.3f}'} |")
+                   f"{'' if cost is None else f'{cost:.3f}'} | "
+                   f"{'' if matrix is None else f'{matrix:.3f}'} |")
     out.append("")
     for m in every.values():
         module = sys.modules.get(m.compute.__module__)
