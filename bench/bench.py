@@ -159,7 +159,8 @@ def main() -> None:
                         help=f"{', '.join(CASES)}, or +<metric> / -<metric>")
     parser.add_argument("--metric-costs", action="store_true",
                         help="every offline metric's cost over the forward pass "
-                             "(bench/metric_cost.json; default --models smollm2 --n 64)")
+                             "(bench/metric_cost.json; default --models smollm2 --n 64); with "
+                             "--cases +<metric>...: only those (bench/results/)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="with --metric-costs: runs of each case (the fastest is kept)")
     parser.add_argument("--pairwise", action="store_true",
@@ -242,6 +243,9 @@ def metric_costs(args) -> None:
                for need in m.needs if need in NOT_OFFLINE}
     cases = ["job"] + [("-" if name in BASE else "+") + name
                        for name in registry.every() if name not in skipped]
+    some = [c for c in args.cases if c[0] in "+-"]  # --cases +layer_distance: only those
+    if some:
+        cases = ["job", *some]
     with tempfile.TemporaryDirectory() as cache_dir:
         link_model_cache(Path(cache_dir))
         env = {**os.environ, "LW_CACHE_DIR": cache_dir, "PYTHONPATH": str(ROOT / "src")}
@@ -266,7 +270,9 @@ def metric_costs(args) -> None:
     skipped.update({case[1:]: reason.split(". ")[0] for case, reason in errors.items()})
     for name, cost in costs.items():
         print(f"{name:20s} {cost:+.3f} floors")
-    COSTS.write_text(json.dumps({
+    target = COSTS if not some else RESULTS / f"metric_cost_{model}_{n}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({
         "what": (f"the job with it against the job without it, over the bare forward pass with "
                  f"every hidden state ({model}, {n} wiki-vital prompts up to 128 tokens, "
                  f"{os.cpu_count()} CPUs, {'CUDA' if _has_cuda() else 'no GPU'}; floor "
@@ -277,7 +283,7 @@ def metric_costs(args) -> None:
                  "here: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())),
         "n": n, "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "metrics": costs}, indent=2) + "\n")
-    print(f"wrote {COSTS}")
+    print(f"wrote {target}")
 
 
 def pairwise_costs(n: int = 512, layers: int = 31, width: int = 576, repeats: int = 2) -> None:

@@ -85,7 +85,7 @@ def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
     from lw.loading.models import load_tokenizer
 
     job = compose_job(["model=smollm2", "data.n_prompts=4", "data.max_tokens=24",
-                       "data.min_tokens=8", "metrics=[logit_lens]"])
+                       "data.min_tokens=8", "metrics=[logit_lens]", "metric.logit_lens.tokens=0"])
     result = compute(job)
     table = result.table
     last = table.iloc[-1]
@@ -106,3 +106,36 @@ def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
     assert result.summary["logit_lens/model_loss"] == pytest.approx(losses / tokens, rel=1e-4)
     # an early layer is far from the final prediction
     assert table["logit_lens/ce"].iloc[1] > last["logit_lens/ce"]
+
+
+def test_the_token_sample_is_seeded_by_the_prompt_at_most_k_per_prompt_and_batch_free():
+    from lw.metrics.logit_lens import sample_predicted
+
+    rng = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (4, 12), generator=rng)
+    predicts = torch.ones(4, 11, dtype=torch.bool)
+    predicts[1, 3:] = False                              # a short prompt: 3 predicted tokens
+    got = sample_predicted(predicts, ids, tokens=5, seed=7)
+    assert got.sum(dim=1).tolist() == [5, 3, 5, 5]
+    assert (got <= predicts).all() and got[1, :3].all()
+    again = sample_predicted(predicts.flip(0), ids.flip(0), tokens=5, seed=7).flip(0)
+    assert torch.equal(got, again)                       # the same prompts in another order
+    assert not torch.equal(got, sample_predicted(predicts, ids, tokens=5, seed=8))
+    assert torch.equal(sample_predicted(predicts, ids, tokens=0, seed=7), predicts)
+
+
+@pytest.mark.slow
+def test_the_sampled_lens_stays_near_the_full_lens_on_smollm2():
+    """The default sample (metric.logit_lens.tokens) against every token, on real weights and
+    the same prompts: the per-layer means agree within what a sample of 32 tokens allows."""
+    from lw.job.stages import compute
+
+    base = ["model=smollm2", "data.n_prompts=32", "data.max_tokens=24", "data.min_tokens=16",
+            "metrics=[logit_lens]"]
+    full = compute(compose_job([*base, "metric.logit_lens.tokens=0"]))
+    sampled = compute(compose_job(base))
+    assert sampled.summary["logit_lens/predicted_tokens"] == 32  # one per prompt
+    assert full.summary["logit_lens/predicted_tokens"] > 32 * 14
+    for name, bound in (("ce", 1.0), ("kl", 1.0), ("top1", 0.25)):
+        gap = (sampled.table[f"logit_lens/{name}"] - full.table[f"logit_lens/{name}"]).abs()
+        assert gap.max() < bound, (name, gap.round(3).tolist())

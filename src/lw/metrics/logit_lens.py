@@ -17,11 +17,22 @@ layers at once: at most ``CHUNK_ELEMENTS`` logits are alive (no N x T x V tensor
 multiply-adds on top of the forward pass (the vocabulary projection of every layer).
 
 The next tokens are the batch's own ids, which the forward pass hands to every token function.
+
+``metric.logit_lens.tokens=K`` measures K predicted tokens per prompt, drawn without
+replacement (seeded by ``seed`` and the prompt's own ids, so a prompt gets the same sample in
+any batch), instead of every one (``tokens=0``). The projection's cost is per token, so a
+sample of K out of a prompt's T tokens costs about K / T of the full lens; the default is sized
+so that the lens costs at most a tenth of the bare forward pass on smollm2 at N = 512
+(bench/metric_cost.json), and its difference to the full lens is bounded by
+tests/test_logit_lens.py on smollm2. Every predicted token counts equally in the means, so a
+sample weighs prompts equally instead of by length.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,8 +45,38 @@ FINAL_NORMS = ("norm", "final_layer_norm", "norm_f", "ln_f")  # attribute of the
 SERIES = ("ce", "kl", "top1")
 
 
+@dataclass
+class LogitLensKnobs:
+    tokens: int = 1                  # predicted tokens per prompt, a seeded sample; 0 = all
+
+    def __post_init__(self) -> None:
+        check(self.tokens >= 0, f"metric.logit_lens.tokens={self.tokens}: must be >= 0 "
+              "(0 = every predicted token)")
+
+
+def sample_predicted(predicts: Tensor, ids: Tensor, tokens: int, seed: int) -> Tensor:
+    """``predicts`` ``(B, T-1)`` bool, keeping at most ``tokens`` per row, drawn without
+    replacement with a generator seeded by ``seed`` and the row's own ids (the same sample
+    for a prompt in any batch, padding aside)."""
+    if tokens <= 0:
+        return predicts
+    kept = torch.zeros_like(predicts)
+    for row in range(predicts.shape[0]):
+        where = predicts[row].nonzero().squeeze(1)
+        if len(where) <= tokens:
+            kept[row, where] = True
+            continue
+        real = ids[row, :where[-1] + 2].cpu().numpy().tobytes()   # the prompt up to its end
+        digest = hashlib.sha256(real + seed.to_bytes(8, "little", signed=False)).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        chosen = torch.randperm(len(where), generator=generator)[:tokens]
+        kept[row, where[chosen.to(where.device)]] = True
+    return kept
+
+
 def lens_products(hidden: Tensor, kept: Tensor, ids: Tensor, norm, head: Tensor,
-                  last_normed: bool, chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, Tensor]:
+                  last_normed: bool, chunk_elements: int = CHUNK_ELEMENTS, tokens: int = 0,
+                  seed: int = 0, prefix: str = "logit_lens/") -> dict[str, Tensor]:
     """Per prompt and layer, the mean logit-lens CE, KL and top-1 agreement, and the count.
 
     Args:
@@ -43,13 +84,15 @@ def lens_products(hidden: Tensor, kept: Tensor, ids: Tensor, norm, head: Tensor,
             predict (real, after skip_first); ids: ``(B, T)`` the token ids.
         norm: the final norm (a module or function on ``(..., D)``); head: ``(V, D)``.
         last_normed: state L is already after the final norm (do not apply it again).
+        tokens: at most this many predicted tokens per prompt (:func:`sample_predicted`, with
+            ``seed``); 0: all.
 
     Returns:
-        ``{logit_lens/ce, logit_lens/kl, logit_lens/top1, logit_lens/n: (L+1, B)}`` (float64;
-        NaN means for prompts with no predicted token).
+        ``{<prefix>ce, <prefix>kl, <prefix>top1, <prefix>n: (L+1, B)}`` (float64; NaN means
+        for prompts with no predicted token).
     """
     states, batch = hidden.shape[:2]
-    predicts = kept[:, :-1] & kept[:, 1:]                                  # (B, T-1)
+    predicts = sample_predicted(kept[:, :-1] & kept[:, 1:], ids, tokens, seed)  # (B, T-1)
     rows, cols = predicts.nonzero(as_tuple=True)
     targets = ids[rows, cols + 1]
     sums = torch.zeros((len(SERIES), states, batch), dtype=torch.float64, device=hidden.device)
@@ -79,8 +122,8 @@ def lens_products(hidden: Tensor, kept: Tensor, ids: Tensor, norm, head: Tensor,
         sums.index_add_(2, r, torch.stack([ce, kl, top1]))                  # (3, L+1, P)
     count = predicts.sum(dim=1).double().expand(states, -1)                 # (L+1, B)
     means = sums / count
-    out = {f"logit_lens/{name}": means[i] for i, name in enumerate(SERIES)}
-    out["logit_lens/n"] = count.clone()
+    out = {f"{prefix}{name}": means[i] for i, name in enumerate(SERIES)}
+    out[f"{prefix}n"] = count.clone()
     return out
 
 
@@ -91,6 +134,13 @@ def _final_norm(model):
             return module
     raise LwError(f"logit_lens: no final norm ({', '.join(FINAL_NORMS)}) on "
                   f"{type(model).__name__}")
+
+
+def product_prefix(job) -> str:
+    """The in-pass products of this sample size (cached apart: another size is another
+    product)."""
+    tokens = job.metric.logit_lens.tokens
+    return "logit_lens/" if tokens == 0 else f"logit_lens/t{tokens}/"
 
 
 def _token_fn(job, loaded, wanted: list[str]):
@@ -104,7 +154,9 @@ def _token_fn(job, loaded, wanted: list[str]):
         weights = head.to(device=device, dtype=torch.float32)
         return lens_products(hidden, kept.to(device), ids,
                              lambda x: module(x.to(dtype)).float(), weights,
-                             loaded.info.last_state_after_final_norm)
+                             loaded.info.last_state_after_final_norm,
+                             tokens=job.metric.logit_lens.tokens, seed=job.seed,
+                             prefix=product_prefix(job))
 
     return batch_products
 
@@ -116,10 +168,11 @@ def _check(job) -> None:
 
 
 def _compute(inputs) -> Output:
-    count = inputs.products["logit_lens/n"]                                 # (N, L+1)
+    prefix = product_prefix(inputs.job)
+    count = inputs.products[f"{prefix}n"]                                   # (N, L+1)
     total = count.sum(dim=0)
     per_layer = {f"logit_lens/{name}":
-                 (count * inputs.products[f"logit_lens/{name}"].nan_to_num(0.0)).sum(dim=0)
+                 (count * inputs.products[f"{prefix}{name}"].nan_to_num(0.0)).sum(dim=0)
                  / total for name in SERIES}
     top1 = per_layer["logit_lens/top1"]
     reached = (top1 >= 0.5).nonzero()
@@ -135,7 +188,8 @@ METRIC = Metric(
     compute=_compute, needs=("tokens", "output_embedding"),
     logs={"logit_lens/ce": False, "logit_lens/kl": False, "logit_lens/top1": True},
     summaries={"logit_lens/ce": "min"},
-    products=lambda job: [f"logit_lens/{name}" for name in (*SERIES, "n")],
+    products=lambda job: [f"{product_prefix(job)}{name}" for name in (*SERIES, "n")],
+    knobs=LogitLensKnobs, version=2,
     token_fn=_token_fn, check=_check,
     description="each layer through the final norm and output embedding: next-token CE, KL "
                 "from the last layer, top-1 agreement")
