@@ -369,12 +369,16 @@ def architectures_page() -> str:
            "is declared there first ([how](../how-to/own-model.md)).", "",
            (architectures.__doc__ or "").strip(), "",
            "| model_type | config class | blocks | hidden-states layout | padded batches | "
-           "last state after the final norm | attention module |", "|---|---|---|---|---|---|---|"]
+           "last state after the final norm | attention module | residual (sub-layer states) |",
+           "|---|---|---|---|---|---|---|---|"]
     for a in architectures.ARCHITECTURES.values():
+        residual = a.residual or "no attention / MLP split"
+        if a.parallel_switch:
+            residual += f" (sequential when `{a.parallel_switch}` is false)"
         out.append(f"| `{a.model_type}` | `{a.config_class}` | `{a.blocks}` | {a.layout} | "
                    f"{'yes' if a.padding_safe else 'no (equal lengths)'} | "
                    f"{'yes' if a.last_state_after_final_norm else 'no final norm'} | "
-                   f"{f'`{a.attention}`' if a.attention else 'none'} |")
+                   f"{f'`{a.attention}`' if a.attention else 'none'} | {residual} |")
     return "\n".join(out) + "\n"
 
 

@@ -151,6 +151,11 @@ class ExtractionConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:1 ...
     pooling: str = "mean"            # mean | last | first: one vector per prompt and layer
     cache: bool = False              # keep / reuse the forward pass's products (lw.cache)
+    # also measure prompt_entropy and curvature at the residual stream inside each block, after
+    # its attention addition and after its MLP addition: series prompt_entropy/max/attn,
+    # prompt_entropy/max/mlp, curvature/attn, ... (docs: explanation/layers.md); same pass,
+    # hooks on the blocks
+    sublayers: bool = False
     # also log the pooled vectors (float16, with each prompt's text hash): python -m
     # lw.crossmodel then compares finished runs on any store (lw.job.pooled)
     log_pooled: bool = False

@@ -62,10 +62,16 @@ def _model_identity(job: LwConfig) -> dict:
     return model
 
 
+def _extraction_identity(job: LwConfig) -> dict:
+    # extraction.sublayers (it adds products) counts only when on: the hashes of the jobs
+    # logged before it existed stay what they were
+    return {k: v for k, v in asdict(job.extraction).items()
+            if k not in NOT_RESULTS["extraction"] and not (k == "sublayers" and not v)}
+
+
 def forward_identity(job: LwConfig) -> dict:
     """What the forward pass's products depend on."""
-    extraction = {k: v for k, v in asdict(job.extraction).items()
-                  if k not in NOT_RESULTS["extraction"]}
+    extraction = _extraction_identity(job)
     return {"format": FORMAT, "model": _model_identity(job), "data": data_identity(job.data),
             "perturbation": asdict(job.perturbation), "extraction": extraction,
             "seed": job.seed}
@@ -94,8 +100,7 @@ def job_key(job: LwConfig) -> str:
 
     return stable_hash({"model": asdict(job.model), "data": asdict(job.data),
                         "perturbation": asdict(job.perturbation),
-                        "extraction": {k: v for k, v in asdict(job.extraction).items()
-                                       if k not in NOT_RESULTS["extraction"]},
+                        "extraction": _extraction_identity(job),
                         "metrics": sorted(job.metrics), "metric": identity(job)["metric"],
                         "seed": job.seed})
 

@@ -19,7 +19,7 @@ import torch
 
 from lw.config.schema import LwConfig
 from lw.errors import LwError
-from lw.job import cache
+from lw.job import cache, sublayers
 from lw.job.distributed import Ranks, from_main, gather_extraction, shard, together
 from lw.job.encoder import job_mteb_scores
 from lw.job.extract import Extraction, extract
@@ -149,7 +149,7 @@ def forward_stage(job: LwConfig, loaded: LoadedModel, plan: JobPlan, device: tor
     view_ids = plan.view_ids if view_ids is None else view_ids
     batching = dict(batch_size=job.extraction.batch_size, skip_first=job.extraction.skip_first,
                     device=device, pooling=job.extraction.pooling, progress=ranks.is_main)
-    jobs = [("prompts", plan.ids, registry.token_functions(job, loaded, products))]
+    jobs = [("prompts", plan.ids, sublayers.token_functions(job, loaded, products))]
     if n_views:
         jobs.append((f"{n_views} views", view_ids, {}))
     started = time.perf_counter()
@@ -195,7 +195,9 @@ def measure(job: LwConfig, products: cache.PassProducts, plan: JobPlan,
         rows=rows, values={}, per_layer={}, views=views, labels=plan.labels, texts=plan.texts,
         questions=plan.questions, generator=plan.generator, device=device, load_model=model,
         corpus=corpus_texts,
-        mteb=lambda tasks, folder: job_mteb_scores(job, model(), device, tasks, folder))
+        mteb=lambda tasks, folder: job_mteb_scores(job, model(), device, tasks, folder),
+        sublayers=job.extraction.sublayers and sublayers.supported(info.architecture))
+    sublayers.announce(job, info, token_products_needed(job))
     outputs = registry.measure(job, inputs)
     per_prompt = {name: value for name, value in prompts.per_prompt.items()
                   if name.startswith("token_norm/")}

@@ -18,6 +18,11 @@ import torch
 from lw.errors import LwError
 
 LAYOUTS = ("embeddings-first", "blocks+norm")
+# How a block adds attention and MLP to the residual stream (extraction.sublayers: where the
+# states after each addition are, lw.job.sublayers): "sequential" pre-norm, h + attn(ln1(h)),
+# then + mlp(ln2(.)); "parallel", h + attn(ln1(h)) + mlp(ln2(h)); "post-norm", LayerNorm after
+# each addition; "": no attention / MLP split (SSMs).
+RESIDUALS = ("sequential", "parallel", "post-norm", "")
 
 
 @dataclass(frozen=True)
@@ -32,22 +37,33 @@ class Architecture:
     last_state_after_final_norm: bool  # BERT-style encoders have no final norm
     attention: str = ""        # attribute path of the attention module inside a block, which
                                # returns (output, weights) in eager mode; "" for none
+    residual: str = ""         # how a block adds attention and MLP (RESIDUALS): where the
+                               # sub-layer states are (extraction.sublayers)
+    mlp_norm: str = ""         # sequential: the norm before the MLP, whose input is the stream
+                               # after the attention addition
+    parallel_switch: str = ""  # parallel: the config flag that, False, makes the block
+                               # sequential (GPT-NeoX's use_parallel_residual)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise LwError(f"architecture {self.model_type}: layout={self.layout!r} is not one of "
                           f"{', '.join(LAYOUTS)}")
+        if self.residual not in RESIDUALS:
+            raise LwError(f"architecture {self.model_type}: residual={self.residual!r} is not "
+                          f"one of {', '.join(map(repr, RESIDUALS))}")
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("gpt_neox", "GPTNeoXConfig", "layers", "embeddings-first", True, True,
-                 attention="attention"),
+                 attention="attention", residual="parallel", mlp_norm="post_attention_layernorm",
+                 parallel_switch="use_parallel_residual"),
     Architecture("mamba", "MambaConfig", "layers", "blocks+norm", False, True),
     Architecture("mamba2", "Mamba2Config", "layers", "blocks+norm", False, True),
     Architecture("llama", "LlamaConfig", "layers", "embeddings-first", True, True,
-                 attention="self_attn"),
+                 attention="self_attn", residual="sequential",
+                 mlp_norm="post_attention_layernorm"),
     Architecture("bert", "BertConfig", "encoder.layer", "embeddings-first", True, False,
-                 attention="attention"),
+                 attention="attention", residual="post-norm"),
 )}
 
 
@@ -59,6 +75,15 @@ def architecture(model_type: str) -> Architecture:
                       "its layer convention must be "
                       "declared there before lw can measure it")
     return ARCHITECTURES[model_type]
+
+
+def residual_of(arch: Architecture, config) -> str:
+    """How the blocks of a model with this ``config`` add attention and MLP: the declared
+    ``residual``, but "sequential" for a "parallel" one whose ``parallel_switch`` is off."""
+    if arch.residual == "parallel" and arch.parallel_switch and not getattr(
+            config, arch.parallel_switch, True):
+        return "sequential"
+    return arch.residual
 
 
 def config_class(model_type: str):

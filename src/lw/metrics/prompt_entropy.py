@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lw.errors import check
+from lw.metrics.functional import sublayers
 from lw.metrics.functional.entropy import spectrum_matrix_entropy
 from lw.metrics.registry import Metric, Output
 
@@ -28,11 +29,20 @@ def headline(job) -> str:
 
 def _compute(inputs) -> Output:
     m = inputs.job.metric
-    spectra = inputs.products[f"spectrum/{m.compat}"]
-    values = spectrum_matrix_entropy(
-        spectra, inputs.rows.unsqueeze(-1).expand(spectra.shape[:-1]), inputs.info.hidden_size,
-        alpha=inputs.knobs.alpha, compat=m.compat, normalizations=tuple(m.normalizations))
-    return Output(per_prompt={f"prompt_entropy/{k}": v for k, v in values.items()})
+
+    def entropies(spectra):
+        values = spectrum_matrix_entropy(
+            spectra, inputs.rows.unsqueeze(-1).expand(spectra.shape[:-1]),
+            inputs.info.hidden_size, alpha=inputs.knobs.alpha, compat=m.compat,
+            normalizations=tuple(m.normalizations))
+        return {f"prompt_entropy/{k}": v for k, v in values.items()}
+
+    product = f"spectrum/{m.compat}"
+    values = entropies(inputs.products[product])
+    if inputs.sublayers:
+        # prompt_entropy/<norm>/attn, .../mlp: after block l's attention / MLP addition
+        values.update(sublayers.at_points(inputs.products, product, entropies, values))
+    return Output(per_prompt=values)
 
 
 METRIC = Metric(
@@ -42,5 +52,9 @@ METRIC = Metric(
     knobs=PromptEntropyKnobs,
     logs={"prompt_entropy/": None}, summaries={"prompt_entropy/max": "min"},
     agreement=("prompt_entropy/",), shared_knobs=("compat", "normalizations"),
-    products=lambda job: [f"spectrum/{job.metric.compat}"],
-    description="matrix entropy of each prompt's token Gram matrix")
+    products=lambda job: [f"spectrum/{job.metric.compat}",
+                          *sublayers.products(job, [f"spectrum/{job.metric.compat}"])],
+    description="matrix entropy of each prompt's token Gram matrix (with "
+                "extraction.sublayers=true also after each block's attention addition, "
+                "prompt_entropy/max/attn for the max normalization, and after its MLP "
+                "addition, prompt_entropy/max/mlp)")

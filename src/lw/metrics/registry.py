@@ -75,6 +75,9 @@ class Inputs:
     corpus: Callable[[str, str], list[str]] | None = None
     # "model" for MTEB: (tasks, output folder or None) -> a frame of layer, task, main_score
     mteb: Callable[[list[str], str | None], Any] | None = None
+    # the products hold the sub-layer points (extraction.sublayers, on an architecture that
+    # has them: lw.job.sublayers); the metrics measured there add <series>/attn, <series>/mlp
+    sublayers: bool = False
 
     def model(self):
         """The loaded model (loaded now on an activation-cache hit)."""
@@ -312,9 +315,13 @@ def token_products_needed(job) -> list[str]:
 
 def token_functions(job, loaded, wanted: list[str]) -> dict:
     """The functions the forward pass runs on every batch to compute ``wanted``: the shared
-    ones (lw.metrics.products) and those of metrics with in-pass products of their own."""
+    ones (lw.metrics.products) and those of metrics with in-pass products of their own. The
+    products at the sub-layer points (``sublayer/...``, extraction.sublayers) are left to
+    lw.job.sublayers.token_functions, which hooks the model."""
     from lw.metrics.functional.products import token_products
+    from lw.metrics.functional.sublayers import PREFIX
 
+    wanted = [w for w in wanted if not w.startswith(PREFIX)]
     own = {m.name: m for m in every().values() if m.token_fn is not None}
     mine = {name: [w for w in wanted if w.split("/")[0] == name] for name in own}
     fns = token_products([w for w in wanted if w.split("/")[0] not in own])
