@@ -50,7 +50,8 @@ def test_the_site_builds_strict(tmp_path):
 
 # Names the environment scan finds that are not environment variables
 NOT_VARIABLES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "NO_PERMISSIONS",
-                 "BOOT_FAIL", "NODE_FAIL", "OUT_OF_MEMORY"}  # MLflow error codes, SLURM states
+                 "BOOT_FAIL", "NODE_FAIL", "OUT_OF_MEMORY",  # MLflow error codes, SLURM states
+                 "PERMISSION_DENIED"}
 VARIABLE = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+|PGPASSWORD")
 
 

@@ -13,7 +13,12 @@ import torch
 
 from lw.config.schema import ModelConfig
 from lw.errors import LwError
-from lw.loading.architectures import architecture, check_layer_convention, make_bidirectional
+from lw.loading.architectures import (
+    architecture,
+    block_list,
+    check_layer_convention,
+    make_bidirectional,
+)
 from lw.loading.model_sources import model_source
 
 
@@ -41,6 +46,24 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
+
+    def attention_modules(self) -> list[torch.nn.Module]:
+        """Each block's attention module, at the architecture's declared ``attention`` path
+        (lw.loading.architectures); [] for an architecture without attention."""
+        arch = architecture(self.info.architecture)
+        if not arch.attention:
+            return []
+        found = []
+        for block in block_list(self.model, arch):
+            module = block
+            for name in arch.attention.split("."):
+                module = getattr(module, name, None)
+            if not isinstance(module, torch.nn.Module):
+                raise LwError(f"architecture {arch.model_type}: declared attention "
+                              f"{arch.attention!r} is not a module of {type(block).__name__}; "
+                              "fix lw/loading/architectures.py")
+            found.append(module)
+        return found
 
     def output_embedding(self) -> torch.Tensor:
         """``(V, D)`` the LM head's weight (lw.loading.answers): what metrics that score

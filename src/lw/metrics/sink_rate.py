@@ -53,7 +53,6 @@ import torch
 from torch import Tensor
 
 from lw.errors import LwError, check
-from lw.loading.architectures import architecture, block_list
 from lw.metrics.registry import Metric, Output
 
 PRODUCT = "sink_rate/first_mass"   # per prompt, layer and head: (N, L+1, H)
@@ -100,22 +99,6 @@ def first_mass(columns: Tensor, kept: Tensor) -> Tensor:
     return torch.cat([torch.full_like(means[:1], math.nan), means])
 
 
-def attention_modules(model: torch.nn.Module, model_type: str) -> list[torch.nn.Module]:
-    """Each block's attention module, at the architecture's declared ``attention`` path."""
-    arch = architecture(model_type)
-    found = []
-    for block in block_list(model, arch):
-        module = block
-        for name in arch.attention.split("."):
-            module = getattr(module, name, None)
-        if not isinstance(module, torch.nn.Module):
-            raise LwError(f"architecture {model_type}: declared attention {arch.attention!r} "
-                          f"is not a module of {type(block).__name__}; fix "
-                          "lw/loading/architectures.py")
-        found.append(module)
-    return found
-
-
 class SinkPass:
     """sink_rate's token function: a context manager that holds the model in eager attention
     with hooks on its attention modules for the whole pass, and per batch turns what the hooks
@@ -123,7 +106,7 @@ class SinkPass:
 
     def __init__(self, loaded):
         self.model = loaded.model
-        self.modules = attention_modules(self.model, loaded.info.architecture)
+        self.modules = loaded.attention_modules()
         self.mask: Tensor | None = None
         self.columns: dict[int, Tensor] = {}
         self.hooks: list = []
@@ -188,7 +171,7 @@ class SinkPass:
 
 
 def _token_fn(job, loaded, wanted: list[str]):
-    if not architecture(loaded.info.architecture).attention:
+    if not loaded.attention_modules():
         # nothing to hook: a product without heads, so that the cache entry holds it
         def no_heads(hidden: Tensor, kept: Tensor, ids: Tensor) -> dict[str, Tensor]:
             return {PRODUCT: hidden.new_zeros((*hidden.shape[:2], 0), dtype=torch.float64)}
@@ -199,7 +182,7 @@ def _token_fn(job, loaded, wanted: list[str]):
 
 def _compute(inputs) -> Output:
     info = inputs.info
-    if not architecture(info.architecture).attention:
+    if inputs.products[PRODUCT].shape[-1] == 0:  # no heads: an architecture without attention
         print(f"[lw] sink_rate: {info.name} has no attention ({info.architecture}): "
               "not measured", file=sys.stderr)
         return Output()
