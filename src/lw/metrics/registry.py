@@ -125,8 +125,7 @@ class Metric:
     min_prompts: int = 1              # the fewest prompts it can be computed on
     spread: bool = False              # measures how prompts differ: NaN on identical prompts
     description: str = ""
-    # the docs/METRICS.md section that defines it: its "## " title, or "<title>/<bold term>" for
-    # one bullet of a section (the docs' metrics reference embeds it)
+    # the docs/METRICS.md section that defines it ("## " title, or "<title>/<bold term>")
     definition: str = ""
     default: bool = False             # in the metrics a job runs when none are named
     source: str = "built-in"          # or the installed distribution that declared it
