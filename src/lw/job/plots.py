@@ -183,3 +183,37 @@ def figures_of(result: JobResult, title: str) -> dict:
     for make in result.figures.values():  # the figures metrics add (lw.metrics.registry)
         figures.update(make(result, title))
     return figures
+
+
+def step_depth_heatmap(values: pd.DataFrame, title: str) -> plt.Figure:
+    """A metric over training: x = training step (each measured step one column, evenly spaced,
+    so log-spaced steps 0, 1, 2, 4, ... stay readable), y = relative depth 0 (bottom) .. 1 (top),
+    colour = ``value`` (a missing or NaN cell left blank), the colour bar labelled ``title``.
+    ``values``: rows (step, depth, value); repeated (step, depth) cells are averaged."""
+    cells = values.assign(depth=values["depth"].astype(float).round(9))
+    grid = cells.groupby(["depth", "step"])["value"].mean().unstack("step")
+    grid = grid.reindex(columns=sorted(grid.columns, key=float)).sort_index()
+    depths = grid.index.to_numpy(dtype=float)
+    # cell edges halfway between measured depths: layers of one model are evenly spaced, but a
+    # model whose depths are not still gets each cell where its layer is
+    middles = (depths[1:] + depths[:-1]) / 2
+    first = depths[0] - (middles[0] - depths[0] if len(depths) > 1 else 0.5)
+    last = depths[-1] + (depths[-1] - middles[-1] if len(depths) > 1 else 0.5)
+    depth_edges = np.concatenate([[first], middles, [last]])
+    step_edges = np.arange(grid.shape[1] + 1) - 0.5
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * grid.shape[1] + 2.5), 3.6))
+    mesh = ax.pcolormesh(step_edges, depth_edges, np.ma.masked_invalid(grid.to_numpy(float)),
+                         cmap="viridis", shading="flat")
+    fig.colorbar(mesh, ax=ax).set_label(title, fontsize=9)
+    labels = [f"{step:g}" if isinstance(step, float) else str(step) for step in grid.columns]
+    every = max(1, len(labels) // 16)  # at most ~16 tick labels, always the first
+    ax.set_xticks(range(0, len(labels), every), labels[::every], rotation=45, fontsize=7)
+    ax.set_xlim(step_edges[0], step_edges[-1])
+    ax.set_xlabel("training step", fontsize=9)
+    ax.set_ylabel(DEPTH_LABEL.replace(" (", "\n("), fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=10)
+    width, height = fig.get_size_inches()  # room in inches for the rotated steps and labels
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.8 / height,
+                        top=1 - 0.35 / height)
+    return fig
