@@ -289,17 +289,22 @@ def metric_costs(args) -> None:
 def pairwise_costs(n: int = 512, layers: int = 31, width: int = 576, repeats: int = 2) -> None:
     """Each pairwise measure's within-model matrix on pooled vectors of smollm2's shape (random:
     the kernels' cost does not depend on the values), the fastest of ``repeats``, in seconds and
-    against the bare forward pass of smollm2 at that N (bench/metric_cost.json's floor, scaled
-    linearly from its N: the forward pass costs the same per prompt)."""
+    against the bare forward pass of smollm2 over N wiki-vital prompts, measured here first (the
+    floor case, in its own process) so both see the same machine."""
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
     from lw.metrics import registry
     from lw.metrics.pairwise import own_knobs
 
+    with tempfile.TemporaryDirectory() as cache_dir:
+        link_model_cache(Path(cache_dir))
+        floor = run_case("floor", "smollm2", n, cache_dir)
+    if "error" in floor:
+        sys.exit(f"the floor case failed: {floor['error']}")
+    print(f"{'floor':12s} {floor['seconds']:7.2f} s  (smollm2, N = {n})", flush=True)
+    per_prompt = floor["seconds"] / n
     pooled = torch.randn(n, layers, width, generator=torch.Generator().manual_seed(0))
-    costs = json.loads(COSTS.read_text()) if COSTS.exists() else {}
-    per_prompt = costs.get("seconds", {}).get("floor", math.nan) / costs.get("n", math.nan)
     rows = {}
     for metric in registry.every().values():
         if metric.across_models is None:
@@ -318,8 +323,9 @@ def pairwise_costs(n: int = 512, layers: int = 31, width: int = 576, repeats: in
         "what": (f"the whole (L+1) x (L+1) matrix, N = {n}, L+1 = {layers}, D = {width} "
                  f"(smollm2's shape), fastest of {repeats}, {os.cpu_count()} CPUs, "
                  f"{'CUDA' if _has_cuda() else 'no GPU'}, {datetime.now():%Y-%m-%d}; against "
-                 f"smollm2's bare forward pass at N = {n} ({per_prompt * n:.0f} s, from "
-                 "bench/metric_cost.json's floor per prompt)"),
+                 f"smollm2's bare forward pass over the same N wiki-vital prompts, measured "
+                 f"in the same session ({per_prompt * n:.1f} s); 1-minute load average at the end "
+                 f"{os.getloadavg()[0]:.1f}"),
         "measures": rows}, indent=2) + "\n")
 
 
