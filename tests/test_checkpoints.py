@@ -1,10 +1,17 @@
 """Checkpoints of one training run: the step x depth heat map, local revisions as subfolders of a
 model folder, revisions that hold identical weights, and the report on a checkpoints sweep."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
+import pytest
+import safetensors.torch
 
+from lw.config.schema import ModelConfig
+from lw.errors import LwError
 from lw.job.plots import plt, step_depth_heatmap
+from lw.loading.checkpoints import same_weights, weights_fingerprint
 
 
 def test_step_depth_heatmap_puts_steps_in_columns_depth_upwards_and_blanks_nan():
@@ -25,3 +32,113 @@ def test_step_depth_heatmap_puts_steps_in_columns_depth_upwards_and_blanks_nan()
     assert ax.get_ylim()[0] < 0 < 1 < ax.get_ylim()[1]
     assert fig.axes[1].get_ylabel() == "prompt_entropy/max"  # the colour bar
     plt.close(fig)
+
+
+# --- a local folder of checkpoints: one Hugging Face model folder per revision -------------
+
+VOCAB = 49152  # smollm2's tokenizer, which the checkpoints are saved with
+
+
+def save_checkpoint(folder, seed: int) -> None:
+    """A tiny random GPT-NeoX (Pythia's architecture) saved as a training run saves one."""
+    import torch
+    import transformers
+
+    config = transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    transformers.GPTNeoXModel(config).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, shared_models):
+    """step0, step1, and step2 a byte-identical copy of step1 (a checkpoint that is not what
+    its name says); the tokenizer saved once beside them."""
+    from lw.loading.model_sources import load_tokenizer_of
+
+    folder = tmp_path_factory.mktemp("run") / "checkpoints"
+    save_checkpoint(folder / "step0", seed=0)
+    save_checkpoint(folder / "step1", seed=1)
+    shutil.copytree(folder / "step1", folder / "step2")
+    tokenizer = load_tokenizer_of("smollm2")
+    assert len(tokenizer) == VOCAB
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def revision(folder, name: str) -> ModelConfig:
+    return ModelConfig(name="local-run", source="hub", id=str(folder), revision=name)
+
+
+def test_a_revision_loads_its_subfolder_and_its_content_is_the_jobs_identity(
+        checkpoints, hub_offline, tmp_path):
+    import torch
+
+    from lw.loading.models import load_model, weights_identity
+
+    loaded = load_model(revision(checkpoints, "step1"), torch.device("cpu"))
+    saved = safetensors.torch.load_file(checkpoints / "step1" / "model.safetensors")
+    name = next(k for k in saved if k.endswith("query_key_value.weight"))
+    torch.testing.assert_close(loaded.model.state_dict()[name], saved[name], rtol=0, atol=0)
+    assert loaded.info.n_layers == 2 and loaded.tokenizer("a b").input_ids
+    step = {r: weights_identity(revision(checkpoints, r)) for r in ("step0", "step1", "step2")}
+    assert step["step1"]["folder"] == str(checkpoints / "step1")
+    assert step["step0"]["sha256"] != step["step1"]["sha256"]
+    assert step["step1"]["sha256"] == step["step2"]["sha256"]  # same content, same weights
+    assert "tokenizer_config.json" in step["step1"]["tokenizer"]  # the shared tokenizer counts
+    # changed weights in a revision's folder are another job
+    moved = tmp_path / "checkpoints"
+    shutil.copytree(checkpoints, moved)
+    before = weights_identity(revision(moved, "step0"))
+    save_checkpoint(moved / "step0", seed=7)
+    assert weights_identity(revision(moved, "step0"))["sha256"] != before["sha256"]
+
+
+def test_a_revision_the_folder_lacks_is_named_with_the_revisions_it_holds(checkpoints,
+                                                                            hub_offline):
+    from lw.loading.models import weights_identity
+
+    with pytest.raises(LwError, match=r"model.revision='step3'.*its revisions: step0, step1, "
+                                      r"step2$"):
+        weights_identity(revision(checkpoints, "step3"))
+
+
+def test_a_plain_model_folder_loads_as_before_whatever_the_revision(checkpoints, hub_offline,
+                                                                    tmp_path):
+    import torch
+
+    from lw.loading.models import load_model, weights_identity
+
+    plain = tmp_path / "model"  # a model folder with its tokenizer, no revision subfolders
+    shutil.copytree(checkpoints / "step0", plain)
+    shutil.copy(checkpoints / "tokenizer_config.json", plain)
+    shutil.copy(checkpoints / "tokenizer.json", plain)
+    identity = weights_identity(revision(plain, "main"))
+    assert identity["folder"] == str(plain) and "tokenizer" not in identity
+    assert set(identity["sha256"]) == {"config.json", "model.safetensors",
+                                       "tokenizer_config.json", "tokenizer.json"}
+    a = load_model(revision(plain, "main"), torch.device("cpu")).model.state_dict()
+    b = load_model(revision(plain, "step5"), torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- revisions holding identical weights ------------------------------------------------
+
+def test_identical_local_checkpoints_are_found_by_content(checkpoints):
+    check = same_weights(revision(checkpoints, "main"), ["step0", "step1", "step2"])
+    assert check.groups() == [["step1", "step2"]]
+    assert not check.unchecked and str(checkpoints) in check.source
+
+
+def test_hub_revisions_nobody_can_see_are_said_unchecked(hub_down):
+    check = same_weights(ModelConfig(name="p", source="hub", id="EleutherAI/pythia-14m"),
+                         ["step0", "step1"])
+    assert check.groups() == [] and set(check.unchecked) == {"step0", "step1"}
+
+
+def test_a_fingerprint_compares_safetensors_first_else_bin():
+    both = {"model.safetensors": "a" * 64, "pytorch_model.bin": "b" * 64, "config.json": "c"}
+    assert weights_fingerprint(both) == "a" * 64
+    assert weights_fingerprint({"pytorch_model.bin": "b" * 64}) == "b" * 64
+    assert weights_fingerprint({"config.json": "c"}) == ""

@@ -40,6 +40,7 @@ def require_hub(what: str, offline_options: list[str]) -> None:
 
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # an LFS blob's name in the hub cache
 
 
 @lru_cache(maxsize=256)
@@ -70,3 +71,22 @@ def resolve_revision(repo_id: str, revision: str, repo_type: str = "model") -> s
         return ref.read_text().strip() or None
     except OSError:
         return None
+
+
+def hub_file_hashes(repo_id: str, revision: str) -> dict[str, str]:
+    """Each LFS file of model ``repo_id`` at ``revision``: its sha256, as the hub states it
+    (no download); with the hub out of reach, as the local hub cache names its blobs (an LFS
+    blob's name is its sha256). Empty when neither knows the revision."""
+    if hub_reachable():
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, timeout=30)
+        return {s.rfilename: s.lfs.sha256 for s in info.siblings or () if s.lfs}
+    commit = resolve_revision(repo_id, revision)
+    from huggingface_hub import constants
+
+    snapshot = (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+                / "snapshots" / (commit or "-"))
+    return {str(p.relative_to(snapshot)): p.resolve().name for p in snapshot.rglob("*")
+            if p.is_symlink() and SHA256.fullmatch(p.resolve().name)}
+

@@ -23,6 +23,13 @@ from lw.config.schema import ModelConfig
 from lw.errors import LwError
 from lw.loading.architectures import ARCHITECTURES, config_class
 from lw.loading.assets import package_file_identity, package_folder
+from lw.loading.checkpoints import (
+    folder_identity,
+    local_folder,
+    local_identity,
+    model_folder,
+    tokenizer_folder,
+)
 from lw.loading.hub import hub_reachable, resolve_revision
 from lw.loading.paths import CONF_DIR, cache_dir, file_sha256
 
@@ -162,8 +169,9 @@ class RandomSource(ModelSource):
 
 
 class HubSource(ModelSource):
-    """A Hugging Face hub model (or a local model folder as ``model.id``) at the commit
-    ``model.revision`` resolves to, with its PEFT adapters merged in order."""
+    """A Hugging Face hub model at the commit ``model.revision`` resolves to, or a local model
+    folder as ``model.id`` (a folder of checkpoints: its subfolder ``model.revision``), with its
+    PEFT adapters merged in order."""
 
     name = "hub"
 
@@ -181,7 +189,8 @@ class HubSource(ModelSource):
             # does not pass local_files_only on: 5 retries, 23 s, before it gives up.
             kwargs["adapter_kwargs"] = {"local_files_only": True}
         try:
-            model = AutoModel.from_pretrained(cfg.id, local_files_only=offline, **kwargs)
+            model = AutoModel.from_pretrained(model_folder(cfg) or cfg.id,
+                                              local_files_only=offline, **kwargs)
             model = _merged_adapters(model, cfg.adapters, offline)
         except (OSError, ValueError):
             if not offline:
@@ -195,24 +204,25 @@ class HubSource(ModelSource):
 
         cfg = self.cfg
         kwargs = dict(revision=hub_commit(cfg), trust_remote_code=cfg.trust_remote_code)
+        where = tokenizer_folder(cfg) or cfg.id
         if not hub_reachable():
             try:
-                return AutoTokenizer.from_pretrained(cfg.id, local_files_only=True, **kwargs)
+                return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
             except OSError:
                 raise _hub_unreachable(cfg) from None
-        return AutoTokenizer.from_pretrained(cfg.id, **kwargs)
+        return AutoTokenizer.from_pretrained(where, **kwargs)
 
     def identity(self) -> dict:
         cfg = self.cfg
         base = ({"id": cfg.id, "revision": cfg.revision, "commit": hub_commit(cfg)}
-                if not Path(cfg.id).expanduser().is_dir() else _folder_identity(cfg.id))
+                if local_folder(cfg.id) is None else local_identity(cfg))
         return {**base, "adapters": [_adapter_identity(adapter) for adapter in cfg.adapters]}
 
     def embedding_rows(self, tokenizer) -> int:
         from transformers import AutoConfig
 
         cfg = self.cfg
-        config = AutoConfig.from_pretrained(cfg.id, revision=hub_commit(cfg),
+        config = AutoConfig.from_pretrained(model_folder(cfg) or cfg.id, revision=hub_commit(cfg),
                                             trust_remote_code=cfg.trust_remote_code,
                                             local_files_only=not hub_reachable())
         return int(getattr(config, "vocab_size", None) or len(tokenizer))
@@ -335,8 +345,9 @@ def _gguf_tokenizer_folder(cfg: ModelConfig) -> Path:
 def hub_commit(cfg: ModelConfig) -> str:
     """The commit ``model.revision`` resolves to (lw.hub.resolve_revision): what a hub model
     is loaded at, its tag ``lw.model.commit`` and what its job's identity holds. Offline and
-    not cached: the clear error. A model folder (``model.id`` a path) keeps its revision."""
-    if Path(cfg.id).expanduser().is_dir():
+    not cached: the clear error. A model folder (``model.id`` a path) keeps its revision (a
+    folder of checkpoints: the subfolder it names, lw.loading.checkpoints)."""
+    if local_folder(cfg.id) is not None:
         return cfg.revision
     commit = resolve_revision(cfg.id, cfg.revision)
     if commit is None:
@@ -372,18 +383,10 @@ def _merged_adapters(model: torch.nn.Module, adapters: list[str], offline: bool)
     return model
 
 
-def _folder_identity(folder: str) -> dict:
-    """A model or adapter folder: every file's sha256."""
-    path = Path(folder).expanduser().resolve()
-    return {"folder": str(path),
-            "sha256": {str(p.relative_to(path)): file_sha256(p)
-                       for p in sorted(path.rglob("*")) if p.is_file()}}
-
-
 def _adapter_identity(adapter: str) -> dict:
     """A PEFT adapter: a folder's files by content, or a hub id at the commit of ``main``."""
     if Path(adapter).expanduser().is_dir():
-        return _folder_identity(adapter)
+        return folder_identity(adapter)
     commit = resolve_revision(adapter, "main")
     if commit is None:
         raise LwError(f"model adapter {adapter} comes from the Hugging Face hub, which is "
