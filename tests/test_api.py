@@ -23,7 +23,7 @@ def test_import_lw_loads_no_torch():
                            "print(sorted(lw.__all__), 'torch' in sys.modules)"],
                           capture_output=True, text=True, env=cli_env(), timeout=120)
     assert done.stdout.split("]")[-1].strip() == "False", done.stdout + done.stderr
-    assert "['load_runs', 'load_sweep', 'measure']" in done.stdout
+    assert "['LayerwiseCallback', 'load_runs', 'load_sweep', 'measure']" in done.stdout
 
 
 @pytest.fixture(scope="module")

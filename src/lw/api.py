@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -129,28 +130,12 @@ def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("pro
     ``metric__prompt_entropy__alpha=2``, ``extraction__skip_first=1``, ``seed=3``.
     log: also log the job to MLflow as ``python -m lw.run`` does (``tracking__uri=...``);
     by default nothing is logged or written."""
-    from lw.config.schema import validate
     from lw.job.stages import compute
 
     loaded = model if isinstance(model, tuple | list) else None
-    overrides = [f"metrics=[{','.join(metrics)}]"]
-    if loaded is not None:
-        overrides.append("model=tiny-pythia")  # replaced below by the given model
-    elif (CONF_DIR / "model" / f"{model}.yaml").exists():
-        overrides.append(f"model={model}")
-    else:  # a hub id or a folder
-        overrides += ["model=pythia-70m", _override("model.name", Path(str(model)).name),
-                      _override("model.id", str(model)), "model.revision=main"]
     with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(texts, str):
-            overrides.append(f"data={texts}")
-        else:
-            prompts = [" ".join(str(t).split()) for t in texts]
-            overrides += ["data=local", _override("data.path", _prompts_file(prompts, tmp, log)),
-                          f"data.n_prompts={len(prompts)}"]
-        overrides += [_override(k.replace("__", "."), v) for k, v in knobs.items()]
-        cfg = compose_overrides(overrides)
-        job = validate(cfg)
+        cfg, job, overrides = composed_job(None if loaded is not None else model, texts,
+                                           metrics, knobs, tmp, log)
         if loaded is not None:
             job, work = _loaded_job(job, *loaded)
         else:
@@ -168,6 +153,57 @@ def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("pro
     if log:
         table.attrs["run_id"] = run_id
     return table
+
+
+def composed_job(model: str | None, texts: Any, metrics: list[str] | tuple[str, ...] | None,
+                 knobs: dict[str, Any], tmp: str, log: bool):
+    """The job ``measure`` runs: (the composed config, its validated dataclasses, the
+    overrides). ``model`` None: a model in memory (:func:`_loaded_job` fills it in);
+    ``metrics`` None: conf/config.yaml's list; prompts given as a list are written to ``tmp``
+    (to lw's cache when ``log``). A bad knob is a ConfigError naming it."""
+    from lw.config.schema import validate
+
+    overrides = [] if metrics is None else [f"metrics=[{','.join(metrics)}]"]
+    if model is None:
+        overrides.append("model=tiny-pythia")  # replaced by the model in memory
+    elif (CONF_DIR / "model" / f"{model}.yaml").exists():
+        overrides.append(f"model={model}")
+    else:  # a hub id or a folder
+        overrides += ["model=pythia-70m", _override("model.name", Path(str(model)).name),
+                      _override("model.id", str(model)), "model.revision=main"]
+    if isinstance(texts, str):
+        overrides.append(f"data={texts}")
+    else:
+        prompts = [" ".join(str(t).split()) for t in texts]
+        overrides += ["data=local", _override("data.path", _prompts_file(prompts, tmp, log)),
+                      f"data.n_prompts={len(prompts)}"]
+    overrides += [_override(k.replace("__", "."), v) for k, v in knobs.items()]
+    from hydra.errors import HydraException
+
+    try:
+        cfg = compose_overrides(overrides)
+    except HydraException as error:
+        raise _one_line(error) from None
+    return cfg, validate(cfg), overrides
+
+
+def _one_line(error: Exception):
+    """Hydra's composition error as lw's one line: the knob and what is wrong with it, or the
+    option that does not exist and the ones that do."""
+    from lw.errors import ConfigError
+
+    text = str(error).split("Config search path:")[0]
+    found = re.match(r"Could not override '([^']+)'", text)
+    if found:
+        cause = str(error.__cause__ or "").splitlines()
+        return ConfigError(f"{found[1]}: {cause[0] if cause else 'not an lw config field'} "
+                           "(knobs are lw's config fields, dots written __: "
+                           "data__n_prompts=32)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 2:  # a missing option: Hydra lists the ones there are, one a line
+        return ConfigError(f"{lines[0]}; {lines[1]} {', '.join(lines[2:])}")
+    cause = str(error.__cause__ or "").splitlines()
+    return ConfigError(" ".join(lines) + (f": {cause[0]}" if cause else ""))
 
 
 def _prompts_file(prompts: list[str], tmp: str, log: bool) -> str:
@@ -202,19 +238,26 @@ def _loaded_job(job, model, tokenizer):
                                     arch=model.config.model_type, adapters=[],
                                     arch_config={"vocab_size": vocab})
 
+    # a model with its LM head (one that trains): lw measures its base model, and metrics that
+    # read the head (logit lens) get the head in memory, not a checkpoint's
+    base = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if base is not model else None
+
     def work():
         device = next(model.parameters()).device
-        loaded = wrap_model(model.eval(), tokenizer, job.model, revision="in memory")
+        loaded = wrap_model(base.eval(), tokenizer, job.model, revision="in memory")
         loaded.info = dataclasses.replace(loaded.info, source="in-memory")
+        if head is not None:
+            loaded.head = head.weight.detach()
         plan = plan_job(job, tokenizer)
         return measure(job, forward_stage(job, loaded, plan, device), plan, loaded, device)
     return job, work
 
 
-def _log(cfg, job, work, overrides: list[str], in_memory: bool):
+def _log(cfg, job, work, overrides: list[str], in_memory: bool, folder: Path | None = None):
     """The job as ``python -m lw.run`` logs it (lw.sweep.logged: claim, compute, save, upload,
-    finish): (its result, its run id, None), or (None, the run id, the values of the FINISHED
-    run that has the job already)."""
+    finish) from ``folder`` (default: a new temporary one): (its result, its run id, None), or
+    (None, the run id, the values of the FINISHED run that has the job already)."""
     from lw.sweep.logged import logged_job
     from lw.sweep.names import run_name
     from lw.tracking.read import run_results
@@ -223,7 +266,7 @@ def _log(cfg, job, work, overrides: list[str], in_memory: bool):
     if in_memory:  # its weights are not in the identity: never taken for another's run
         job.tracking = dataclasses.replace(job.tracking, rerun=True)
     name = job.run_name or run_name(job, overrides)
-    folder = Path(tempfile.mkdtemp(prefix="lw-job-"))
+    folder = Path(folder or tempfile.mkdtemp(prefix="lw-job-"))
     result, claimed = logged_job(cfg, job, name, overrides, f"job ({name})", folder, work)
     if result is not None:
         print(f"[lw] logged run {claimed.run_id} ({name}) to {tracking_uri(job.tracking)}")

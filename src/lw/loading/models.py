@@ -46,6 +46,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
+    head: torch.Tensor | None = None  # the LM head in memory (a model measured as it trains)
 
     def attention_modules(self) -> list[torch.nn.Module]:
         """Each block's attention module, at the architecture's declared ``attention`` path
@@ -70,7 +71,7 @@ class LoadedModel:
         tokens (logit lens, answer letters) read the final states through."""
         from lw.loading.answers import output_embedding
 
-        return output_embedding(self.model)
+        return self.head if self.head is not None else output_embedding(self.model)
 
 
 def load_tokenizer(cfg: ModelConfig):
