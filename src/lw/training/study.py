@@ -1,0 +1,260 @@
+"""The offline training study: a small GPT-NeoX (Pythia's architecture) trained from scratch on
+offline text with ``transformers.Trainer``, saved at log-spaced steps as ``<out>/step<N>/``
+(model and tokenizer: revisions of the folder for ``model.id=<out> model.revision=step<N>``),
+with Seq-VCR added to the language-modelling loss when ``train.seq_vcr.on``.
+
+``TrainFirst`` is the Hydra callback an experiment names; it trains once before the jobs run.
+A finished training leaves ``<out>/lw-training.json``, its identity (the train config, the
+data's identity, the study's code version, transformers' and torch's versions): the same
+identity is not trained again, a different one is trained afresh (nothing silently stale).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lw.config.training import TrainConfig
+from lw.errors import LwError
+from lw.training.seq_vcr import SeqVCRProjection, seq_vcr_loss, with_pause_tokens
+
+log = logging.getLogger(__name__)
+
+# Bump when a change here changes what a training saves: older folders are then retrained.
+STUDY_VERSION = 1
+MARKER = "lw-training.json"
+PAUSE_TOKEN = "<|pause|>"
+EOS = "<|endoftext|>"
+_STEP_FOLDER = re.compile(r"step\d+")
+
+
+def training_identity(cfg: TrainConfig) -> dict:
+    """Everything the saved checkpoints depend on (the output folder aside)."""
+    from lw.job.identity import data_identity
+    from lw.loading.data_sources import corpus_config
+
+    train = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    return {"study_version": STUDY_VERSION, "train": train,
+            "data": data_identity(corpus_config(cfg.data)),
+            "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+def finished(cfg: TrainConfig, identity: dict) -> bool:
+    """``cfg.out`` holds a finished training of this identity, every checkpoint in place."""
+    out = Path(cfg.out)
+    marker = out / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return done == identity and all((out / f"step{step}" / "config.json").is_file()
+                                    for step in cfg.checkpoint_steps())
+
+
+def train_once(cfg: TrainConfig) -> Path:
+    """Train unless ``cfg.out`` already holds this very training; the folder either way."""
+    out = Path(cfg.out)
+    identity = training_identity(cfg)
+    if finished(cfg, identity):
+        log.info("[lw] %s holds this training already (%s): not retrained", out, MARKER)
+        return out
+    if (out / MARKER).exists() or any(_owned(out)):
+        log.warning("[lw] %s holds another training (its config or lw's training code "
+                    "changed): training afresh", out)
+    for path in _owned(out):  # only what a training writes: a user's other files stay
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    train(cfg)
+    (out / MARKER).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def _owned(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return [p for p in out.iterdir()
+            if p.name == MARKER or (p.is_dir() and _STEP_FOLDER.fullmatch(p.name))]
+
+
+def train(cfg: TrainConfig) -> None:
+    """Train ``cfg``'s model from its seeded initialisation, saving ``<out>/step<N>/`` at
+    each of ``cfg.checkpoint_steps()`` (step 0 before the first optimizer step)."""
+    from lw.loading.model_sources import load_tokenizer_of
+    from lw.loading.prompts import corpus_texts
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = corpus_texts(cfg.data)[:cfg.texts or None]
+    tokenizer = learnt_tokenizer(texts, cfg.vocab_size) if cfg.vocab_size else \
+        load_tokenizer_of(cfg.tokenizer)
+    vcr = cfg.seq_vcr
+    if vcr.on and vcr.pause_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": [PAUSE_TOKEN]})
+    model = initial_model(cfg, len(tokenizer))
+    blocks = packed_blocks(tokenizer, texts, cfg.seq_len)
+    needed = cfg.steps * cfg.batch_size
+    log.info("[lw] training %s: %d parameters, %d blocks of %d tokens (%d steps x %d: %.2f "
+             "epochs)", out, sum(p.numel() for p in model.parameters()), len(blocks),
+             cfg.seq_len, cfg.steps, cfg.batch_size, needed / len(blocks))
+    steps = cfg.checkpoint_steps()
+    save_checkpoint(model, tokenizer, out / "step0") if 0 in steps else None
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, warmup_steps=round(cfg.warmup * cfg.steps),
+        lr_scheduler_type="cosine", weight_decay=0.01, seed=cfg.seed, data_seed=cfg.seed,
+        save_strategy="no", report_to="none", logging_steps=max(1, cfg.steps // 16),
+        disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+    projection = None
+    if vcr.on:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)  # apart from the model's own draws
+            projection = SeqVCRProjection(cfg.hidden_size, vcr.projection_size).to(args.device)
+    params = list(model.parameters()) + (list(projection.parameters()) if projection else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
+    trainer = _StudyTrainer(
+        model=model, args=args, train_dataset=_Blocks(blocks), optimizers=(optimizer, None),
+        callbacks=[_SaveAt(steps, tokenizer, out)])
+    trainer.study = cfg
+    trainer.projection = projection
+    trainer.pause_id = tokenizer.convert_tokens_to_ids(PAUSE_TOKEN) if vcr.pause_tokens else None
+    trainer.train()
+
+
+def initial_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The seeded initialisation: a GPT-NeoX shaped as Pythia's (step 0)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.seq_len + cfg.seq_vcr.pause_tokens, rotary_pct=0.25,
+        use_parallel_residual=True, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return GPTNeoXForCausalLM(config)
+
+
+def learnt_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2's and Pythia's kind) of ``vocab_size`` tokens learnt from the
+    texts, EOS ``<|endoftext|>`` as Pythia's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS,
+                                                bos_token=EOS, unk_token=EOS)
+
+
+def packed_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """The texts' tokens end to end, each text closed by EOS, cut into rows of ``seq_len``
+    (the remainder dropped): Pythia's packing, no padding anywhere."""
+    from lw.loading.prompts import tokenize
+
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text_ids in tokenize(tokenizer, texts):
+        ids.extend(text_ids)
+        ids.append(eos)
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise LwError(f"train.seq_len={seq_len}: the data holds {len(ids)} tokens, not one block")
+    return torch.tensor(ids[:rows * seq_len]).view(rows, seq_len)
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+class _StudyTrainer(transformers.Trainer):
+    """The language-modelling loss, plus Seq-VCR on the chosen layer when it is on."""
+
+    study: TrainConfig
+    projection: torch.nn.Module | None
+    pause_id: int | None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        vcr = self.study.seq_vcr
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        if vcr.on and vcr.pause_tokens:
+            at = max(1, round(vcr.pause_at * ids.shape[1]))
+            ids, labels = with_pause_tokens(ids, labels, vcr.pause_tokens, self.pause_id, at)
+        outputs = model(input_ids=ids, labels=labels, output_hidden_states=vcr.on)
+        loss = outputs.loss
+        if vcr.on:
+            z = self.projection(outputs.hidden_states[vcr.layer])
+            loss = loss + seq_vcr_loss(z, vcr.lambda_var, vcr.lambda_cov, vcr.eta)
+        return (loss, outputs) if return_outputs else loss
+
+
+class _SaveAt(transformers.TrainerCallback):
+    """Saves ``<out>/step<N>/`` after optimizer step N, for N in ``steps``."""
+
+    def __init__(self, steps: list[int], tokenizer, out: Path) -> None:
+        self.steps, self.tokenizer, self.out = set(steps), tokenizer, out
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            save_checkpoint(model, self.tokenizer, self.out / f"step{state.global_step}")
+
+
+class TrainFirst(Callback):
+    """Hydra callback: trains the study's model once before a run or sweep starts.
+
+    Its keys in the experiment yaml are ``TrainConfig``'s (``train.*`` in the docs)::
+
+        hydra:
+          callbacks:
+            train_first:
+              _target_: lw.training.study.TrainFirst
+              out: training/tiny-neox
+              steps: 256
+    """
+
+    def __init__(self, **train: Any) -> None:
+        plain = {k: OmegaConf.to_container(v, resolve=True)
+                 if isinstance(v, DictConfig | ListConfig) else v for k, v in train.items()}
+        self.cfg = TrainConfig(**plain)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        train_once(self.cfg)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        train_once(self.cfg)
+        self._check_revisions(config)
+
+    def _check_revisions(self, config: DictConfig) -> None:
+        """A swept ``model.revision`` the training did not save: said before any job runs."""
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        swept = str(params.get("model.revision", ""))
+        saved = [f"step{step}" for step in self.cfg.checkpoint_steps()]
+        missing = [r.strip() for r in swept.split(",") if r.strip() and r.strip() not in saved]
+        if missing:
+            raise LwError(f"model.revision={','.join(missing)}: not saved by the training in "
+                          f"{self.cfg.out}; it saves {','.join(saved)}")

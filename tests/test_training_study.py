@@ -1,0 +1,95 @@
+"""The offline training study (lw.training.study): a few steps of a tiny config save loadable,
+distinct checkpoints at the log-spaced steps, step 0 is the seeded initialisation, a second
+launch does not retrain and a changed knob does; bad train options say one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lw.config.training import TrainConfig
+from lw.errors import ConfigError, LwError
+from lw.training.study import MARKER, TrainFirst, train_once
+
+TINY = dict(texts=120, vocab_size=300, hidden_size=16, layers=2, heads=2, intermediate_size=32,
+            steps=4, batch_size=4, seq_len=16, learning_rate=0.01, seed=3)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+@pytest.mark.slow
+def test_checkpoints_saved_loadable_distinct_and_not_retrained(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), **TINY)
+    assert cfg.checkpoint_steps() == [0, 1, 2, 4]
+    out = train_once(cfg)
+    weights = {step: _weights(out / f"step{step}") for step in (0, 1, 2, 4)}
+    for a, b in [(0, 1), (1, 2), (2, 4)]:
+        assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
+
+    # step 0 is the seeded initialisation: the same config built under the same seed
+    torch.manual_seed(3)
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "step0"))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in weights[0].items())
+
+    # the saved tokenizer is the model's: its ids fit the embedding
+    tokenizer = AutoTokenizer.from_pretrained(out / "step4")
+    ids = tokenizer("The moon is a satellite.", return_tensors="pt")["input_ids"]
+    assert int(ids.max()) < weights[4]["gpt_neox.embed_in.weight"].shape[0]
+    assert json.loads((out / MARKER).read_text())["train"]["steps"] == 4
+
+    # a second launch (the Hydra callback, same keys) trains nothing: files untouched
+    stamp = (out / "step4" / "model.safetensors").stat().st_mtime_ns
+    TrainFirst(out=cfg.out, **TINY).on_run_start(config=None)
+    assert (out / "step4" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # a changed knob trains afresh: another final model, the marker says the new value
+    TrainFirst(out=cfg.out, **{**TINY, "learning_rate": 0.02}).on_run_start(config=None)
+    assert json.loads((out / MARKER).read_text())["train"]["learning_rate"] == 0.02
+    changed = _weights(out / "step4")
+    assert any(not torch.equal(changed[k], weights[4][k]) for k in changed)
+    assert torch.equal(_weights(out / "step0")["gpt_neox.embed_in.weight"],
+                       weights[0]["gpt_neox.embed_in.weight"])  # same seed, same start
+
+
+@pytest.mark.slow
+def test_seq_vcr_with_pause_tokens_trains(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "vcr"), **{**TINY, "steps": 2}, checkpoints=[2],
+                      seq_vcr={"on": True, "layer": 1, "projection_size": 8, "pause_tokens": 2})
+    out = train_once(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "step2")
+    assert "<|pause|>" in tokenizer.get_vocab()
+    assert _weights(out / "step2")["gpt_neox.embed_in.weight"].shape[0] == len(tokenizer)
+
+
+def test_swept_revision_not_saved_says_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    first = TrainFirst(out=str(tmp_path), **TINY)
+    config = OmegaConf.create({"hydra": {"sweeper": {"params": {
+        "model.revision": "step0,step3"}}}})
+    with pytest.raises(LwError, match=r"model.revision=step3: not saved .* step0,step1,step2"):
+        first._check_revisions(config)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"hidden_size": 10, "heads": 4}, "train.hidden_size=10 is not a multiple"),
+    ({"batch_size": 1}, r"train.batch_size=1: must be >= 2"),
+    ({"checkpoints": [0, 999]}, r"train.checkpoints=\[0, 999\]"),
+    ({"vocab_size": 100}, "train.vocab_size=100"),
+    ({"seq_vcr": {"layer": 7}}, r"train.seq_vcr.layer=7: the model has hidden states 0..4"),
+    ({"seq_vcr": {"eta": 0}}, "train.seq_vcr.eta=0: must be > 0"),
+    ({"seq_vcr": {"pause_at": 1.0}}, "train.seq_vcr.pause_at=1.0"),
+])
+def test_bad_train_options_say_one_line(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**bad)
