@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import safetensors.torch
 
+from conftest import lw_cli
 from lw.config.schema import ModelConfig
 from lw.errors import LwError
 from lw.job.plots import plt, step_depth_heatmap
@@ -142,3 +143,68 @@ def test_a_fingerprint_compares_safetensors_first_else_bin():
     assert weights_fingerprint(both) == "a" * 64
     assert weights_fingerprint({"pytorch_model.bin": "b" * 64}) == "b" * 64
     assert weights_fingerprint({"config.json": "c"}) == ""
+
+
+def test_revisions_nobody_can_check_are_said_once(hub_down, capsys):
+    from omegaconf import OmegaConf
+
+    from lw.sweep.revisions import note_same_weights
+
+    config = OmegaConf.create({"model": {"name": "pythia-14m", "id": "EleutherAI/pythia-14m"}})
+    assert note_same_weights(config, {"model.revision": ["step0", "step1"]}) == {}
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "[lw] model EleutherAI/pythia-14m: could not check whether revisions step0, step1 hold "
+        "identical weights")
+
+
+# --- a sweep over the local checkpoints, and its report -----------------------------------
+
+@pytest.mark.slow
+def test_a_checkpoints_sweep_warns_tags_and_reports_identical_revisions(checkpoints, tmp_path,
+                                                                        lw_cache):
+    from mlflow.tracking import MlflowClient
+
+    from lw import report
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    done = lw_cli(tmp_path, "-m", "model=tiny-pythia", "model.source=hub", "model.name=run",
+                  f"model.id={checkpoints}", "model.revision=step0,step1,step2",
+                  "data=wiki-vital", "data.n_prompts=4", "data.max_tokens=32",
+                  "metrics=[prompt_entropy]", f"tracking.uri={store}",
+                  f"tracking.artifact_location={tmp_path}/artifacts",
+                  f"hydra.sweep.dir={tmp_path}/multirun",
+                  env={"HF_HUB_OFFLINE": "1", "LW_CACHE_DIR": str(lw_cache)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stdout.splitlines() if "identical weights" in line]
+    assert warnings == [f"[lw] warning: model {checkpoints} revisions step1, step2 hold "
+                        f"identical weights (same sha256 {warnings[0].split('sha256 ')[1][:12]}"
+                        f"..., from content sha256 of the weight files in {checkpoints}): "
+                        "their curves will coincide"]
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    kids = {r.data.tags["lw.model.revision"]: r for r in runs
+            if "mlflow.parentRunId" in r.data.tags}
+    assert {r: run.data.tags.get("lw.model.same_weights") for r, run in kids.items()} == {
+        "step0": None, "step1": "step1, step2", "step2": "step1, step2"}
+
+    out = tmp_path / "report"
+    report.main(["--uri", store, "--all", "--no-log", "--out", str(out)])
+    summary = pd.read_csv(out / "summary.csv").set_index("revision")
+    assert summary["same weights as"].fillna("").to_dict() == {
+        "step0": "", "step1": "step1, step2", "step2": "step1, step2"}
+    # the warning was right: the two revisions measure the same, the other does not
+    entropy = [c for c in summary.columns if c.startswith("summary/prompt_entropy")]
+    assert entropy
+    pd.testing.assert_series_equal(summary.loc["step1", entropy], summary.loc["step2", entropy],
+                                   check_names=False)
+    page = (out / "index.html").read_text()
+    for kind in ("heatmap", "curves"):
+        name = f"steps_{kind}_prompt_entropy_max_run_wiki-vital.png"
+        assert (out / name).stat().st_size > 0 and f'src="{name}"' in page
+    assert "Over training steps" in page and "*: identical weights to another step" in page
+    sweep = report.read_sweep(client, kids["step0"].data.tags["mlflow.parentRunId"],
+                              per_prompt=False)
+    sweep.curves["training step"] = sweep.curves["lw.model.revision"].map(report.training_step)
+    assert sorted(report.step_labels(sweep.curves).values()) == [
+        "0", "1 (same weights: step1, step2)", "2 (same weights: step1, step2)"]

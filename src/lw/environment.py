@@ -128,6 +128,8 @@ VARIABLES: tuple[Variable, ...] = (
              group="internal", internal=True),
     Variable("LW_SWEEP_VARIES", "the config keys a sweep varies (run names)",
              group="internal", internal=True),
+    Variable("LW_SWEEP_SAME_WEIGHTS", "the revisions of a sweep's models holding identical "
+             "weights (their runs' tag lw.model.same_weights)", group="internal", internal=True),
     Variable("LW_SWEEP_PID", "the sweep's process (a job knows its sweep is alive)",
              group="internal", internal=True),
     Variable("LW_REFUSED_PROBE_S", "how long lw waits for a refused tracking server before "

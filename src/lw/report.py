@@ -60,6 +60,8 @@ def summary_table(runs: list) -> pd.DataFrame:
                "data": tags.get("lw.data"), "perturbation": tags.get("lw.perturbation")}
         row.update({k[len("lw.perturbation."):]: v for k, v in tags.items()
                     if k.startswith("lw.perturbation.")})
+        if "lw.model.same_weights" in tags:  # lw.sweep.revisions: its curves are another's
+            row["same weights as"] = tags["lw.model.same_weights"]
         row.update({k: v for k, v in sorted(run.data.metrics.items())
                     if k.startswith("summary/") or k in ("n_prompts", "prompts_per_second")})
         rows.append(row)
@@ -78,13 +80,14 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
     curves["training step"] = curves["lw.model.revision"].map(training_step) \
         if "lw.model.revision" in curves else float("nan")
     hue, panels = line_grouping(curves)
+    labels = step_labels(curves) if hue == "training step" else None
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
     for metric in sorted(curves["metric"].unique()):
         if curves.loc[curves["metric"] == metric, "value"].isna().all():
             continue
         name = f"curve_{metric.replace('/', '_')}.png"
-        figure = sweep_curves(curves, metric, hue, panels)  # titled by the page, once
+        figure = sweep_curves(curves, metric, hue, panels, labels=labels)  # titled by the page
         figure.savefig(out / name, dpi=100, bbox_inches="tight")
         plt.close(figure)
         figures.append((metric, name))
@@ -110,11 +113,12 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
             histograms.append((f"the run with the largest dip: {names[most]}",
                                "histograms_most_bimodal_run.png"))
     cross = cross_model_figures(client, parent, out)
+    steps = training_figures(curves, out) if hue == "training step" else []
     summary = summary_table(sweep.runs)
     summary.to_csv(out / "summary.csv", index=False)
     page = out / "index.html"
     page.write_text(report_html(parent, len(sweep.runs), hue, panels, summary, figures,
-                                histograms, sweep.missing, cross))
+                                histograms, sweep.missing, cross, steps))
     for line in sweep.missing:
         print(f"[lw] left out of the report: {line}")
     if log:
@@ -127,6 +131,51 @@ def write_report(client, parent: str, out: Path, log: bool = True) -> Path:
                   "the files are kept in {out}/ (--no-log skips logging)".replace("{out}",
                                                                                 str(out)))
     return page
+
+
+def same_weights_steps(rows: pd.DataFrame) -> dict[int, str]:
+    """Training step -> the revisions holding its very weights (tag lw.model.same_weights)."""
+    if "lw.model.same_weights" not in rows:
+        return {}
+    marked = rows[rows["lw.model.same_weights"].fillna("") != ""]
+    return {int(step): ", ".join(sorted(set(group["lw.model.same_weights"])))
+            for step, group in marked.groupby("training step")}
+
+
+def step_labels(curves: pd.DataFrame) -> dict[float, str]:
+    """The legend's name of each training step, with the revisions that share its weights."""
+    same = same_weights_steps(curves)
+    return {step: f"{step:.0f}" + (f" (same weights: {same[int(step)]})"
+                                   if int(step) in same else "")
+            for step in curves["training step"].dropna().unique()}
+
+
+def training_figures(curves: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
+    """A checkpoints sweep, per metric and model (and data set): the step x depth heat map and
+    the curves over training step at depths 0, 0.25, 0.5, 0.75, 1 (each the nearest layer);
+    steps holding another's weights marked."""
+    import re
+
+    from lw.job.plots import STEP_MARK, plt, step_curves, step_depth_heatmap
+
+    rows = curves[curves["training step"].notna() & curves["value"].notna()]
+    keys = [k for k in ("lw.model", "lw.data") if k in rows]
+    found = []
+    for key, group in rows.groupby(["metric", *keys], sort=True):
+        metric, *names = key
+        marked = set(same_weights_steps(group))
+        values = pd.DataFrame({"step": group["training step"].astype(int),
+                               "depth": group["depth"], "value": group["value"]})
+        stem = re.sub(r"[^\w.-]+", "_", "_".join([metric, *map(str, names)]))
+        for kind, draw, what in (("heatmap", step_depth_heatmap, "over training step x depth"),
+                                 ("curves", step_curves, "over training step at depths")):
+            figure = draw(values, metric, marked=marked)
+            figure.savefig(out / f"steps_{kind}_{stem}.png", dpi=100)
+            plt.close(figure)
+            note = f" ({STEP_MARK}: identical weights to another step)" if marked else ""
+            found.append((f"{metric}, {' '.join(map(str, names))}: {what}{note}",
+                          f"steps_{kind}_{stem}.png"))
+    return found
 
 
 def cross_model_figures(client, parent: str, out: Path) -> list[tuple[str, str]]:
@@ -168,7 +217,8 @@ def cross_model_figures(client, parent: str, out: Path) -> list[tuple[str, str]]
 
 def report_html(parent: str, n_runs: int, hue: str, panels: list[str], summary: pd.DataFrame,
                 figures: list[tuple[str, str]], histograms: list[tuple[str, str]],
-                missing: list[str] = (), cross: list[tuple[str, str]] = ()) -> str:
+                missing: list[str] = (), cross: list[tuple[str, str]] = (),
+                steps: list[tuple[str, str]] = ()) -> str:
     from html import escape
 
     def images(items, css: str):
@@ -201,6 +251,7 @@ per {escape(hue)}, a panel per {escape(", ".join(panels) or "sweep")}.</p>
 </div>
 <h2>Per-layer metrics over depth</h2>
 {images(figures, "grid")}
+{"<h2>Over training steps</h2>" + images(steps, "grid") if steps else ""}
 <h2>Prompt-entropy histograms and dip test</h2>
 {images(histograms, "wide")}
 {"<h2>Cross-model CKA</h2>" + images(cross, "grid") if cross else ""}

@@ -94,9 +94,10 @@ def entropy_histograms(per_prompt: pd.DataFrame, table: pd.DataFrame,
 
 
 def sweep_curves(frame: pd.DataFrame, metric: str, hue: str, panels: list[str],
-                 title: str = "") -> plt.Figure:
+                 title: str = "", labels: dict | None = None) -> plt.Figure:
     """One panel per combination of ``panels`` tags, a curve of ``metric`` over relative depth
-    per value of the ``hue`` tag. ``frame``: long rows (run tags..., metric, depth, value)."""
+    per value of the ``hue`` tag, named in the legend by ``labels[value]`` where given.
+    ``frame``: long rows (run tags..., metric, depth, value)."""
     rows = frame[frame["metric"] == metric]
     groups = list(rows.groupby(panels, sort=True)) if panels else [((), rows)]
     n_cols = min(3, len(groups))
@@ -113,9 +114,10 @@ def sweep_curves(frame: pd.DataFrame, metric: str, hue: str, panels: list[str],
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(levels)))
         for color, level in zip(colors, levels, strict=True):
             curve = group[group[hue] == level].groupby("depth")["value"].mean()
+            label = (labels or {}).get(level, f"{level}")
             (line,) = ax.plot(curve.index, curve.values, color=color, marker="o", markersize=2,
-                              label=f"{level}")
-            handles.setdefault(f"{level}", line)
+                              label=label)
+            handles.setdefault(label, line)
         key = key if isinstance(key, tuple) else (key,)
         ax.set_title(", ".join(str(k) for k in key), fontsize=10)
         ax.set_xlabel(DEPTH_LABEL, fontsize=9)
@@ -185,11 +187,27 @@ def figures_of(result: JobResult, title: str) -> dict:
     return figures
 
 
-def step_depth_heatmap(values: pd.DataFrame, title: str) -> plt.Figure:
+STEP_MARK = "*"  # after a training step whose weights another step holds too
+
+
+def _step_axis(ax: plt.Axes, steps: list, marked=()) -> None:
+    """Training steps as evenly spaced categories (log-spaced steps stay readable), at most ~16
+    labelled; a step in ``marked`` (its weights are another step's) labelled with STEP_MARK."""
+    labels = [(f"{step:g}" if isinstance(step, float) else str(step))
+              + (STEP_MARK if step in marked else "") for step in steps]
+    every = max(1, len(labels) // 16)
+    ax.set_xticks(range(0, len(labels), every), labels[::every], rotation=45, fontsize=7)
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.set_xlabel("training step" + (f" ({STEP_MARK} identical weights to another step)"
+                                     if marked else ""), fontsize=9)
+
+
+def step_depth_heatmap(values: pd.DataFrame, title: str, marked=()) -> plt.Figure:
     """A metric over training: x = training step (each measured step one column, evenly spaced,
     so log-spaced steps 0, 1, 2, 4, ... stay readable), y = relative depth 0 (bottom) .. 1 (top),
     colour = ``value`` (a missing or NaN cell left blank), the colour bar labelled ``title``.
-    ``values``: rows (step, depth, value); repeated (step, depth) cells are averaged."""
+    ``values``: rows (step, depth, value); repeated (step, depth) cells are averaged. Steps in
+    ``marked`` hold the same weights as another step (lw.sweep.revisions): labelled so."""
     cells = values.assign(depth=values["depth"].astype(float).round(9))
     grid = cells.groupby(["depth", "step"])["value"].mean().unstack("step")
     grid = grid.reindex(columns=sorted(grid.columns, key=float)).sort_index()
@@ -201,19 +219,44 @@ def step_depth_heatmap(values: pd.DataFrame, title: str) -> plt.Figure:
     last = depths[-1] + (depths[-1] - middles[-1] if len(depths) > 1 else 0.5)
     depth_edges = np.concatenate([[first], middles, [last]])
     step_edges = np.arange(grid.shape[1] + 1) - 0.5
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * grid.shape[1] + 2.5), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * grid.shape[1] + 3.0), 3.6))
     mesh = ax.pcolormesh(step_edges, depth_edges, np.ma.masked_invalid(grid.to_numpy(float)),
                          cmap="viridis", shading="flat")
     fig.colorbar(mesh, ax=ax).set_label(title, fontsize=9)
-    labels = [f"{step:g}" if isinstance(step, float) else str(step) for step in grid.columns]
-    every = max(1, len(labels) // 16)  # at most ~16 tick labels, always the first
-    ax.set_xticks(range(0, len(labels), every), labels[::every], rotation=45, fontsize=7)
-    ax.set_xlim(step_edges[0], step_edges[-1])
-    ax.set_xlabel("training step", fontsize=9)
+    _step_axis(ax, list(grid.columns), marked)
     ax.set_ylabel(DEPTH_LABEL.replace(" (", "\n("), fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=10)
+    _step_margins(fig, right=0.45)  # the colour bar's label
+    return fig
+
+
+def _step_margins(fig: plt.Figure, right: float = 0.2) -> None:
     width, height = fig.get_size_inches()  # room in inches for the rotated steps and labels
-    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.8 / height,
+    fig.subplots_adjust(left=0.8 / width, right=1 - right / width, bottom=0.8 / height,
                         top=1 - 0.35 / height)
+
+
+def step_curves(values: pd.DataFrame, title: str, depths=(0, 0.25, 0.5, 0.75, 1),
+                marked=()) -> plt.Figure:
+    """A metric over training step (evenly spaced, as in step_depth_heatmap) at a few relative
+    ``depths``, each the nearest measured layer's, one line per depth. ``values``: rows
+    (step, depth, value) of one model; ``marked`` as in step_depth_heatmap."""
+    steps = sorted(values["step"].unique(), key=float)
+    present = np.sort(values["depth"].astype(float).unique())
+    nearest = sorted({float(present[np.abs(present - d).argmin()]) for d in depths})
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * len(steps) + 2.5), 3.6))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(nearest)))
+    for color, depth in zip(colors, nearest, strict=True):
+        rows = values[np.isclose(values["depth"].astype(float), depth)]
+        curve = rows.groupby("step")["value"].mean().reindex(steps)
+        ax.plot(range(len(steps)), curve.to_numpy(float), color=color, marker="o",
+                markersize=3, label=f"{depth:.2f}")
+    _step_axis(ax, steps, marked)
+    ax.set_ylabel(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(title="relative depth", fontsize=7, title_fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=10)
+    _step_margins(fig)
     return fig

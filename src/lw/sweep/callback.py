@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lw.errors import LwError
 from lw.sweep.names import sweep_name
+from lw.sweep.revisions import note_same_weights
 from lw.tracking import sweep_state
 from lw.tracking.health import KEPT_FILE, fail_run, store_lost
 from lw.tracking.resume import Heartbeat, owner_tags, reap
@@ -112,7 +113,8 @@ class ParentRunCallback(Callback):
         # what the jobs read (lw.tracking.sweep_state), a parent run or not; its workers die
         # with it (lw.resume)
         state = sweep_state.SweepState(models=tuple(varied.get("model", [])),
-                                       varies=tuple(varied), pid=os.getpid())
+                                       varies=tuple(varied), pid=os.getpid(),
+                                       same_weights=note_same_weights(config, varied))
         sweep_state.begin(state)
         tracking = _tracking(config)
         try:

@@ -26,6 +26,8 @@ TAGS: tuple[Key, ...] = (
     Key("lw.model.revision", "the revision measured (a hub branch, tag or commit; "
         "`random-init-seed<N>` for random weights)"),
     Key("lw.model.commit", "the hub commit that revision resolved to"),
+    Key("lw.model.same_weights", "a sweep over revisions: the revisions (this one among them) "
+        "whose weight files have the same sha256, so their curves coincide"),
     Key("lw.model.family", "decoder, encoder or ssm"),
     Key("lw.model.n_layers", "L: the run's curves have L+1 points (0 = embeddings)"),
     Key("lw.model.*", "the rest of the model's shape (hidden_size, n_params, ...: "

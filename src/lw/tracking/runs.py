@@ -128,9 +128,12 @@ def job_record(cfg: DictConfig, run_name: str, overrides: list[str], job_hash: s
         **identity_tags(identity or {}, job_key),
         "mlflow.runColor": run_color(cfg.model.name), **source_tags(uri),
     }
-    parent = sweep_state.current().parent
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    sweep = sweep_state.current()
+    if sweep.parent:
+        tags["mlflow.parentRunId"] = sweep.parent
+    same = sweep.same_weights.get(f"{cfg.model.id}@{cfg.model.revision}")
+    if same:  # lw.sweep.revisions: this revision's weights are another's too
+        tags["lw.model.same_weights"] = same
     folder = Path(folder or tempfile.mkdtemp(prefix="lw-job-"))
     write_config(cfg, overrides, folder, identity)
     record = {"run_name": run_name, "experiment": tracking.experiment, "tracking_uri": uri,
