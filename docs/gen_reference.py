@@ -187,6 +187,14 @@ def config_page() -> str:
             "([the two formulas](../explanation/formulas.md)) |",
             f"| `metric.normalizations` | `{list(schema.NORMALIZATIONS)}` | a non-empty list of "
             f"{', '.join(f'`{n}`' for n in schema.NORMALIZATIONS)} |", ""]
+    from lw.config.training import SeqVCRConfig, TrainConfig
+
+    out += ["## `train` (the training study)", "",
+            "The keys of the Hydra callback `lw.training.study.TrainFirst` in an experiment "
+            "yaml (`hydra.callbacks.train_first`), not job options: "
+            "[the training study](../how-to/training-study.md).", "",
+            options_table(TrainConfig, "train.", skip=("seq_vcr",)), "",
+            options_table(SeqVCRConfig, "train.seq_vcr."), ""]
     experiments = sorted((CONF_DIR / "experiment").glob("*.yaml"))
     out += ["## Experiments (`+experiment=<name>`)", "",
             "Each pins a study of the papers (models, data, metrics, sweep):", "",

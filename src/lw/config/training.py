@@ -43,22 +43,20 @@ class TrainConfig:
     out: str = "training/tiny-neox"  # folder of the checkpoints (<out>/step<N>/), under the cwd
     data: str = "wiki-vital"         # the text: an offline data option (conf/data/<name>.yaml)
     texts: int = 0                   # train on the data's first N texts (0: all of them)
-    # the tokenizer: a byte-level BPE of vocab_size tokens learnt from the data (Pythia's kind,
-    # small so the output layer does not dominate on CPUs); vocab_size=0: the tokenizer of the
-    # offline model option `tokenizer`
+    # > 0: the tokenizer is a byte-level BPE of this many tokens learnt from the text (Pythia's
+    # kind, small so that the output layer does not dominate on CPUs); 0: `tokenizer`'s own
     vocab_size: int = 4096
-    tokenizer: str = "smollm2"
-    # the model: a GPT-NeoX as Pythia's (rotary on a quarter of each head, parallel residual)
-    hidden_size: int = 64
-    layers: int = 4
-    heads: int = 4
-    intermediate_size: int = 256
+    tokenizer: str = "smollm2"       # with vocab_size=0: whose tokenizer (an offline model)
+    hidden_size: int = 64            # GPT-NeoX as Pythia's: rotary on 1/4 of a head, parallel
+    layers: int = 4                  # transformer blocks
+    heads: int = 4                   # attention heads (hidden_size a multiple of them)
+    intermediate_size: int = 256     # MLP width
     steps: int = 256                 # optimizer steps
     batch_size: int = 16             # sequences per step
     seq_len: int = 128               # tokens per sequence (texts packed end to end, as Pythia)
     learning_rate: float = 0.001     # AdamW peak; warmup then cosine decay to 0
     warmup: float = 0.01             # share of the steps spent warming up (Pythia: 1%)
-    seed: int = 0                    # initialisation, data order, dropout
+    seed: int = 0                    # initialisation, data order, Seq-VCR projection
     # steps saved; empty: 0, 1, 2, 4, ... up to and including `steps` (Pythia's log spacing)
     checkpoints: list[int] = field(default_factory=list)
     seq_vcr: SeqVCRConfig = field(default_factory=SeqVCRConfig)

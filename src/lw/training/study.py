@@ -31,7 +31,7 @@ from lw.training.seq_vcr import SeqVCRProjection, seq_vcr_loss, with_pause_token
 log = logging.getLogger(__name__)
 
 # Bump when a change here changes what a training saves: older folders are then retrained.
-STUDY_VERSION = 1
+STUDY_VERSION = 2
 MARKER = "lw-training.json"
 PAUSE_TOKEN = "<|pause|>"
 EOS = "<|endoftext|>"
@@ -138,7 +138,7 @@ def initial_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
     config = GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.seq_len + cfg.seq_vcr.pause_tokens, rotary_pct=0.25,
+        max_position_embeddings=2048, rotary_pct=0.25,  # Pythia's context (rotary: no weights)
         use_parallel_residual=True, tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
