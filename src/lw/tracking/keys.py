@@ -16,7 +16,8 @@ class Key:
     pattern: str
     meaning: str
     on: str = "job"  # job: each job's run; parent: the sweep's parent run (or a comparison's
-    #                  run, python -m lw.crossmodel <run id>...); both
+    #                  run, python -m lw.crossmodel <run id>...); both; training: the training
+    #                  run lw.LayerwiseCallback logs under (its measurements are its children)
 
 
 TAGS: tuple[Key, ...] = (
@@ -68,13 +69,17 @@ TAGS: tuple[Key, ...] = (
     Key("lw.crossmodel.of", "a comparison's run: the run ids it compares", "parent"),
     Key("lw.crossmodel.measure", "a comparison's run: the pairwise measure", "parent"),
     Key("lw.synced_from", "the job folder `python -m lw.sync` logged this run from"),
+    Key("lw.train.step", "a measurement during training (lw.LayerwiseCallback): the training "
+        "step it measured; its parent is the training run"),
     # MLflow's own, set by lw
-    Key("mlflow.parentRunId", "the sweep's parent run"),
+    Key("mlflow.parentRunId", "the sweep's parent run (a measurement during training: the "
+        "training run)"),
     Key("mlflow.runName", "the run's name: what the sweep varies (`smollm2 wiki-vital`)",
         "both"),
     Key("mlflow.runColor", "one colour per model, the same in every sweep"),
     Key("mlflow.user", "MLFLOW_TRACKING_USERNAME on a server, else the OS user", "both"),
-    Key("mlflow.source.name", "lw.run", "both"),
+    Key("mlflow.source.name", "lw.run (lw.training on a training run lw.LayerwiseCallback "
+        "opened itself)", "both"),
     Key("mlflow.source.type", "LOCAL", "both"),
     Key("mlflow.loggedArtifacts", "the tables MLflow's UI lists (results/table.json)"),
 )
@@ -130,6 +135,10 @@ ARTIFACTS: tuple[Key, ...] = (
         "each prompt's text hash, what `python -m lw.crossmodel <run id>...` compares"),
     Key("figures/*.png", "the job's figures (`metrics_vs_depth.png`, histograms, a metric's "
         "own); on the parent, the cross-model heat maps (`cross_cka_<a>__<b>.png`)", "both"),
+    Key("layers/table.csv", "lw.LayerwiseCallback: every measurement so far, long: step, "
+        "layer, depth (0..1), metric (a per-layer series), value", "training"),
+    Key("layers/*.png", "lw.LayerwiseCallback: a heat map per series over (training step x "
+        "relative depth), redrawn after each measurement", "training"),
     Key("error.txt", "a failed job's error and traceback (also in its folder)"),
     Key("report/*", "`python -m lw.report --all`: the sweep's report page and figures",
         "parent"),
