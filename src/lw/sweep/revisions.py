@@ -48,9 +48,11 @@ def note_same_weights(config: DictConfig, varied: dict[str, list[str]]) -> dict[
     if len(revisions) < 2:
         return {}
     marked: dict[str, str] = {}
+    checked: set[str] = set()
     for model in swept_models(config, varied):
-        if model.source != "hub":  # packaged and random weights have no revisions
+        if model.source != "hub" or model.id in checked:  # packaged, random: no revisions
             continue
+        checked.add(model.id)
         check = same_weights(model, revisions)
         for group in check.groups():
             sha = check.fingerprints[group[0]].split(",")[0]
