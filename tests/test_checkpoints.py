@@ -208,3 +208,29 @@ def test_a_checkpoints_sweep_warns_tags_and_reports_identical_revisions(checkpoi
     sweep.curves["training step"] = sweep.curves["lw.model.revision"].map(report.training_step)
     assert sorted(report.step_labels(sweep.curves).values()) == [
         "0", "1 (same weights: step1, step2)", "2 (same weights: step1, step2)"]
+
+
+def test_offline_hub_revisions_compare_by_the_cache_blob_names(hub_down, tmp_path,
+                                                               monkeypatch):
+    """The hub cache names an LFS blob by its sha256: revisions cached here are checked
+    without the hub (what a machine that measured them before has)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--run"
+    blobs = {"a": "a" * 64, "b": "b" * 64}
+    for sha in blobs.values():
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / sha).write_bytes(b"weights")
+    for i, (name, blob) in enumerate((("step0", "a"), ("step1", "b"), ("step2", "b"))):
+        commit = f"{i}" * 40
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / name).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "model.safetensors").symlink_to(repo / "blobs" / blobs[blob])
+        (snapshot / "config.json").write_text("{}")
+    check = same_weights(ModelConfig(name="p", source="hub", id="org/run"),
+                         ["step0", "step1", "step2", "step3"])
+    assert check.groups() == [["step1", "step2"]]
+    assert set(check.unchecked) == {"step3"} and "hub cache" in check.source
