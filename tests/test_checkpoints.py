@@ -155,7 +155,8 @@ def test_revisions_nobody_can_check_are_said_once(hub_down, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "[lw] model EleutherAI/pythia-14m: could not check whether revisions step0, step1 hold "
-        "identical weights")
+        "identical weights (the hub is out of reach, and neither its cache nor a folder "
+        "EleutherAI/pythia-14m holds it)")
 
 
 # --- a sweep over the local checkpoints, and its report -----------------------------------

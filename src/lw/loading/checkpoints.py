@@ -123,6 +123,7 @@ def same_weights(cfg: ModelConfig, revisions: list[str]) -> SameWeights:
     from lw.loading.hub import hub_file_hashes, hub_reachable
 
     folder = local_folder(cfg.id)
+    nothing = "it has no weight files"
     if folder is not None:
         def hashes(revision: str) -> dict[str, str]:
             checkpoint = model_folder(replace(cfg, revision=revision))
@@ -132,8 +133,12 @@ def same_weights(cfg: ModelConfig, revisions: list[str]) -> SameWeights:
     else:
         def hashes(revision: str) -> dict[str, str]:
             return hub_file_hashes(cfg.id, revision)
-        source = ("the hub's sha256 of the weight files" if hub_reachable() else
-                  "the local hub cache's sha256 of the weight files (the hub is out of reach)")
+        if hub_reachable():
+            source = "the hub's sha256 of the weight files"
+        else:  # nor a folder here (yet: a training may be about to write it)
+            source = "the local hub cache's sha256 of the weight files (the hub is out of reach)"
+            nothing = (f"the hub is out of reach, and neither its cache nor a folder {cfg.id} "
+                       "holds it")
     check = SameWeights({}, source)
     with ThreadPoolExecutor(max_workers=8) as pool:
         futures = {revision: pool.submit(hashes, revision) for revision in revisions}
@@ -141,11 +146,11 @@ def same_weights(cfg: ModelConfig, revisions: list[str]) -> SameWeights:
         try:
             fingerprint = weights_fingerprint(future.result())
         except Exception as error:  # noqa: BLE001 - a revision the check cannot see: say why
-            check.unchecked[revision] = str(error).strip().splitlines()[0][:200] if str(
-                error).strip() else type(error).__name__
+            lines = str(error).strip().splitlines()
+            check.unchecked[revision] = lines[0][:200] if lines else type(error).__name__
             continue
         if fingerprint:
             check.fingerprints[revision] = fingerprint
         else:
-            check.unchecked[revision] = "no weight files known"
+            check.unchecked[revision] = nothing
     return check
