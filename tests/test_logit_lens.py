@@ -77,15 +77,20 @@ def test_lens_products_match_numpy_reference(last_normed):
 
 
 @pytest.mark.slow
-def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
+def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_its_sample_is_wired_through():
+    """Every predicted token (tokens=0) against the causal LM's own loss; then the sample: one
+    token per prompt counted, the last layer still the model's prediction, and a sample as
+    large as every prompt's tokens is the full lens exactly. (How far the default sample moves
+    the curves is measured in docs/FINDINGS.md, not bounded here: at small N it is noise.)"""
     from transformers import AutoModelForCausalLM
 
     from lw.job.stages import compute, plan_job
     from lw.loading.model_sources import model_source
     from lw.loading.models import load_tokenizer
 
-    job = compose_job(["model=smollm2", "data.n_prompts=4", "data.max_tokens=24",
-                       "data.min_tokens=8", "metrics=[logit_lens]", "metric.logit_lens.tokens=0"])
+    base = ["model=smollm2", "data.n_prompts=6", "data.max_tokens=24", "data.min_tokens=8",
+            "metrics=[logit_lens]"]
+    job = compose_job([*base, "metric.logit_lens.tokens=0"])
     result = compute(job)
     table = result.table
     last = table.iloc[-1]
@@ -106,6 +111,14 @@ def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_prediction():
     assert result.summary["logit_lens/model_loss"] == pytest.approx(losses / tokens, rel=1e-4)
     # an early layer is far from the final prediction
     assert table["logit_lens/ce"].iloc[1] > last["logit_lens/ce"]
+    sampled = compute(compose_job([*base, "metric.logit_lens.tokens=1"]))
+    assert sampled.summary["logit_lens/predicted_tokens"] == len(plan.ids)
+    assert sampled.table["logit_lens/kl"].iloc[-1] == pytest.approx(0.0, abs=1e-6)
+    assert sampled.table["logit_lens/top1"].iloc[-1] == 1.0
+    whole = compute(compose_job([*base, "metric.logit_lens.tokens=24"]))
+    for name in ("ce", "kl", "top1"):
+        np.testing.assert_allclose(whole.table[f"logit_lens/{name}"],
+                                   table[f"logit_lens/{name}"], rtol=1e-6, atol=1e-9)
 
 
 def test_the_token_sample_is_seeded_by_the_prompt_at_most_k_per_prompt_and_batch_free():
@@ -122,22 +135,3 @@ def test_the_token_sample_is_seeded_by_the_prompt_at_most_k_per_prompt_and_batch
     assert torch.equal(got, again)                       # the same prompts in another order
     assert not torch.equal(got, sample_predicted(predicts, ids, tokens=5, seed=8))
     assert torch.equal(sample_predicted(predicts, ids, tokens=0, seed=7), predicts)
-
-
-@pytest.mark.slow
-def test_the_sampled_lens_stays_near_the_full_lens_on_smollm2():
-    """The default sample (metric.logit_lens.tokens) against every token, on real weights and
-    the same prompts: the per-layer means agree within what a sample of 32 tokens allows."""
-    from lw.job.stages import compute
-
-    base = ["model=smollm2", "data.n_prompts=32", "data.max_tokens=24", "data.min_tokens=16",
-            "metrics=[logit_lens]"]
-    full = compute(compose_job([*base, "metric.logit_lens.tokens=0"]))
-    sampled = compute(compose_job(base))
-    assert sampled.summary["logit_lens/predicted_tokens"] == 32  # one per prompt
-    assert full.summary["logit_lens/predicted_tokens"] > 32 * 14
-    # 32 sampled tokens: per-token CE spreads over several nats in early layers, so a layer's
-    # mean may move by ~2 nats (CE, measured 2.26) and KL by ~3.5; the bound is what such a sample allows
-    for name, bound in (("ce", 3.0), ("kl", 6.0), ("top1", 0.35)):
-        gap = (sampled.table[f"logit_lens/{name}"] - full.table[f"logit_lens/{name}"]).abs()
-        assert gap.max() < bound, (name, gap.round(3).tolist())
