@@ -38,9 +38,20 @@ class SeqVCRConfig:
                f"train.seq_vcr.pause_at={self.pause_at}: must lie strictly between 0 and 1")
 
 
+TASKS = ("text", "multiplication")
+
+
 @dataclass
 class TrainConfig:
     out: str = "training/tiny-neox"  # folder of the checkpoints (<out>/step<N>/), under the cwd
+    # what the model learns: "text" (the data option's texts, packed) or "multiplication"
+    # (digit-multiplication problems drawn from problem_seed, one per row, only the answer
+    # learnt; a digit tokenizer: data, texts, vocab_size, tokenizer and seq_len are not used)
+    task: str = "text"
+    digits: int = 3                  # multiplication: digits of each operand (paper: 4 and 5)
+    train_problems: int = 16384      # multiplication: distinct problems trained on
+    test_problems: int = 512         # multiplication: held-out problems, none trained on
+    problem_seed: int = 0            # multiplication: draws the problems (fixed as seed varies)
     data: str = "wiki-vital"         # the text: an offline data option (conf/data/<name>.yaml)
     texts: int = 0                   # train on the data's first N texts (0: all of them)
     # > 0: the tokenizer is a byte-level BPE of this many tokens learnt from the text (Pythia's
@@ -68,6 +79,14 @@ class TrainConfig:
         _check(bool(self.out and self.out.strip()), "train.out is empty: name a folder")
         for name in ("hidden_size", "layers", "heads", "intermediate_size", "steps"):
             _check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)}: must be >= 1")
+        _check(self.task in TASKS, f"train.task={self.task!r}: one of {', '.join(TASKS)}")
+        _check(1 <= self.digits <= 9, f"train.digits={self.digits}: must lie in [1, 9]")
+        _check(self.train_problems >= self.batch_size,
+               f"train.train_problems={self.train_problems}: must be >= train.batch_size="
+               f"{self.batch_size}")
+        _check(self.test_problems >= 1, f"train.test_problems={self.test_problems}: must be >= 1")
+        _check(0 <= self.problem_seed <= SEED_MAX,
+               f"train.problem_seed={self.problem_seed}: must lie in [0, 2**63 - 1]")
         _check(self.texts >= 0, f"train.texts={self.texts}: must be >= 0 (0: all)")
         _check(self.vocab_size == 0 or self.vocab_size >= 300,
                f"train.vocab_size={self.vocab_size}: 0 (the tokenizer option's) or >= 300 (the "

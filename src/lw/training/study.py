@@ -44,8 +44,12 @@ def training_identity(cfg: TrainConfig) -> dict:
     from lw.loading.data_sources import corpus_config
 
     train = {k: v for k, v in asdict(cfg).items() if k != "out"}
-    return {"study_version": STUDY_VERSION, "train": train,
-            "data": data_identity(corpus_config(cfg.data)),
+    if cfg.task == "multiplication":  # generated: the generator's version is its identity
+        from lw.training.multiplication import TASK_VERSION
+        data = {"task": cfg.task, "version": TASK_VERSION}
+    else:
+        data = data_identity(corpus_config(cfg.data))
+    return {"study_version": STUDY_VERSION, "train": train, "data": data,
             "transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
 
 
@@ -87,26 +91,41 @@ def _owned(out: Path) -> list[Path]:
             if p.name == MARKER or (p.is_dir() and _STEP_FOLDER.fullmatch(p.name))]
 
 
-def train(cfg: TrainConfig) -> None:
+def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> transformers.Trainer:
     """Train ``cfg``'s model from its seeded initialisation, saving ``<out>/step<N>/`` at
-    each of ``cfg.checkpoint_steps()`` (step 0 before the first optimizer step)."""
+    each of ``cfg.checkpoint_steps()`` (step 0 before the first optimizer step).
+
+    ``callbacks``: more ``transformers.TrainerCallback``s (``lw.LayerwiseCallback``); the
+    tokenizer is the Trainer's ``processing_class``. Returns the trained Trainer."""
     from lw.loading.model_sources import load_tokenizer_of
     from lw.loading.prompts import corpus_texts
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    texts = corpus_texts(cfg.data)[:cfg.texts or None]
-    tokenizer = learnt_tokenizer(texts, cfg.vocab_size) if cfg.vocab_size else \
-        load_tokenizer_of(cfg.tokenizer)
+    pause_position = None  # None: pause_at's share of each row
+    if cfg.task == "multiplication":
+        from lw.training import multiplication as task
+
+        tokenizer = task.digit_tokenizer()
+        problems, _ = task.problems(cfg.digits, cfg.train_problems, cfg.test_problems,
+                                    cfg.problem_seed)
+        pause_position = task.question_length(cfg.digits)
+    else:
+        texts = corpus_texts(cfg.data)[:cfg.texts or None]
+        tokenizer = learnt_tokenizer(texts, cfg.vocab_size) if cfg.vocab_size else \
+            load_tokenizer_of(cfg.tokenizer)
     vcr = cfg.seq_vcr
     if vcr.on and vcr.pause_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": [PAUSE_TOKEN]})
     model = initial_model(cfg, len(tokenizer))
-    blocks = packed_blocks(tokenizer, texts, cfg.seq_len)
+    if cfg.task == "multiplication":
+        dataset = task.ProblemSet(tokenizer, problems)
+    else:
+        dataset = _Blocks(packed_blocks(tokenizer, texts, cfg.seq_len))
     needed = cfg.steps * cfg.batch_size
-    log.info("[lw] training %s: %d parameters, %d blocks of %d tokens (%d steps x %d: %.2f "
-             "epochs)", out, sum(p.numel() for p in model.parameters()), len(blocks),
-             cfg.seq_len, cfg.steps, cfg.batch_size, needed / len(blocks))
+    log.info("[lw] training %s: %d parameters, %d rows of %d tokens (%d steps x %d: %.2f "
+             "epochs)", out, sum(p.numel() for p in model.parameters()), len(dataset),
+             len(dataset[0]["input_ids"]), cfg.steps, cfg.batch_size, needed / len(dataset))
     steps = cfg.checkpoint_steps()
     save_checkpoint(model, tokenizer, out / "step0") if 0 in steps else None
     args = transformers.TrainingArguments(
@@ -123,12 +142,15 @@ def train(cfg: TrainConfig) -> None:
     params = list(model.parameters()) + (list(projection.parameters()) if projection else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
     trainer = _StudyTrainer(
-        model=model, args=args, train_dataset=_Blocks(blocks), optimizers=(optimizer, None),
-        callbacks=[_SaveAt(steps, tokenizer, out)])
+        model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None),
+        callbacks=[_SaveAt(steps, tokenizer, out), *callbacks], processing_class=tokenizer,
+        data_collator=transformers.default_data_collator)  # rows of equal length: no padding
     trainer.study = cfg
     trainer.projection = projection
     trainer.pause_id = tokenizer.convert_tokens_to_ids(PAUSE_TOKEN) if vcr.pause_tokens else None
+    trainer.pause_position = pause_position
     trainer.train()
+    return trainer
 
 
 def initial_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
@@ -198,12 +220,13 @@ class _StudyTrainer(transformers.Trainer):
     study: TrainConfig
     projection: torch.nn.Module | None
     pause_id: int | None
+    pause_position: int | None  # where pauses go (a question's end); None: pause_at's share
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         vcr = self.study.seq_vcr
         ids, labels = inputs["input_ids"], inputs["labels"]
         if vcr.on and vcr.pause_tokens:
-            at = max(1, round(vcr.pause_at * ids.shape[1]))
+            at = self.pause_position or max(1, round(vcr.pause_at * ids.shape[1]))
             ids, labels = with_pause_tokens(ids, labels, vcr.pause_tokens, self.pause_id, at)
         outputs = model(input_ids=ids, labels=labels, output_hidden_states=vcr.on)
         loss = outputs.loss
