@@ -23,9 +23,9 @@ replacement (seeded by ``seed`` and the prompt's own ids, so a prompt gets the s
 any batch), instead of every one (``tokens=0``). The projection's cost is per token, so a
 sample of K out of a prompt's T tokens costs about K / T of the full lens; the default is sized
 so that the lens costs at most a tenth of the bare forward pass on smollm2 at N = 512
-(bench/metric_cost.json); at small N it is noisy (docs/FINDINGS.md: on 32 smollm2 prompts
-a layer's mean CE moved by up to 2.3 nats against every token's). Every predicted token counts equally in the means, so a
-sample weighs prompts equally instead of by length.
+(bench/metric_cost.json); at small N it is noisy (docs/FINDINGS.md: on 32 smollm2 prompts a
+layer's mean CE moved by up to 2.3 nats against every token's). Every predicted token counts
+equally in the means, so a sample weighs prompts equally instead of by length.
 """
 
 from __future__ import annotations
