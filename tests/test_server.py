@@ -188,7 +188,8 @@ def team(postgres, tmp_path_factory):
     server.add_user("alice", ALICE_PW)
     server.add_user("bob", BOB_PW)
     tmp = tmp_path_factory.mktemp("team-sweep")
-    done = sweep(tmp, server.uri, "-m", "model=tiny-pythia,tiny-mamba")
+    done = sweep(tmp, server.uri, "-m", "model=tiny-pythia,tiny-mamba",
+                 "extraction.log_pooled=true")  # what a teammate's lw.crossmodel reads
     assert done.returncode == 0, done.stderr[-3000:]
     experiment = server.api("GET", "2.0/mlflow/experiments/get-by-name", auth=("alice", ALICE_PW),
                             params={"experiment_name": "lw"}).json()["experiment"]
@@ -474,6 +475,41 @@ def test_a_reader_gets_the_report_files_and_one_line_instead_of_a_traceback(team
     users = {t["value"] for r in reply.json()["runs"] for t in r["data"]["tags"]
              if t["key"] == "mlflow.user"}
     assert users == {"alice"}
+
+
+def test_a_reader_compares_two_runs_into_a_local_folder_it_is_told(team, tmp_path):
+    """bob (READ) compares alice's two runs with lw.crossmodel on the team server: the store
+    refuses him a run of his own, so the matrix goes to a local folder the last line names,
+    equal to CKA on the pooled vectors the runs logged."""
+    import numpy as np
+
+    from lw.job import pooled
+    from lw.metrics.cka import cka_between
+
+    server = team["server"]
+    read = run_as_alice(server.uri, tmp_path)
+    runs = {r["tags"]["lw.model"]: i for i, r in read.items() if "lw.model" in r["tags"]}
+    vectors = {}
+    for model, run in runs.items():
+        (tmp_path / f"{model}.pt").write_bytes(read[run]["files"]["results/pooled.pt"])
+        vectors[model] = pooled.load(tmp_path / f"{model}.pt")
+    ids = [runs["tiny-pythia"], runs["tiny-mamba"]]
+    done = subprocess.run([str(PYTHON), "-m", "lw.crossmodel", *ids],
+                          env=cli_env(MLFLOW_TRACKING_URI=server.uri,
+                                      MLFLOW_TRACKING_USERNAME="bob",
+                                      MLFLOW_TRACKING_PASSWORD=BOB_PW),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    folder = Path(last.rsplit(" in ", 1)[1])
+    assert folder.is_dir() and folder.resolve().is_relative_to(tmp_path.resolve()), last
+    table = np.genfromtxt(folder / "cross_cka" / "tiny-pythia__tiny-mamba.csv", delimiter=",",
+                          skip_header=1)
+    (a, hashes_a), (b, hashes_b) = vectors["tiny-pythia"], vectors["tiny-mamba"]
+    rows_a, rows_b = pooled.common_rows(hashes_a, hashes_b)
+    np.testing.assert_allclose(table[:, 1:], cka_between(a[rows_a], b[rows_b]).numpy(),
+                               rtol=1e-6)
 
 
 class SlowProxy:
