@@ -14,7 +14,7 @@ from lw.errors import ConfigError, LwError
 from lw.training.study import MARKER, TrainFirst, train_once
 
 TINY = dict(texts=120, vocab_size=300, hidden_size=16, layers=2, heads=2, intermediate_size=32,
-            steps=4, batch_size=4, seq_len=16, learning_rate=0.01, seed=3)
+            steps=4, batch_size=4, seq_len=16, learning_rate=0.01, seed=3, watch_prompts=8)
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
@@ -24,12 +24,32 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_checkpoints_saved_loadable_distinct_and_not_retrained(tmp_path):
+def test_checkpoints_saved_loadable_distinct_watched_and_not_retrained(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the watcher's run: lw's store rule
     cfg = TrainConfig(out=str(tmp_path / "run"), **TINY)
     assert cfg.checkpoint_steps() == [0, 1, 2, 4]
-    out = train_once(cfg)
+    assert train_once(cfg) is True
+    out = tmp_path / "run"
+    # watched while training (lw.LayerwiseCallback): one run per saved step under a training
+    # run, which holds the long table and a heat map
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    training = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(training) == 1 and training[0].info.status == "FINISHED"
+    steps = sorted(int(r.data.tags["lw.train.step"]) for r in runs
+                   if r.data.tags.get("mlflow.parentRunId") == training[0].info.run_id)
+    assert steps == [0, 1, 2, 4]
+    import pandas as pd
+
+    table = pd.read_csv(out / "lw" / "layers" / "table.csv")
+    entropy = table[table.metric.str.startswith("prompt_entropy/")]
+    assert len(entropy) and entropy.groupby("metric").size().eq(4 * 3).all()  # steps x layers
+    assert sorted(entropy.step.unique()) == [0, 1, 2, 4]
+    assert (out / "lw" / "layers" / f"{entropy.metric.iloc[0]}.png").is_file()
     weights = {step: _weights(out / f"step{step}") for step in (0, 1, 2, 4)}
     for a, b in [(0, 1), (1, 2), (2, 4)]:
         assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
@@ -61,9 +81,10 @@ def test_checkpoints_saved_loadable_distinct_and_not_retrained(tmp_path):
 
 @pytest.mark.slow
 def test_seq_vcr_with_pause_tokens_trains(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "vcr"), **{**TINY, "steps": 2}, checkpoints=[2],
+    cfg = TrainConfig(out=str(tmp_path / "vcr"), **{**TINY, "steps": 2}, checkpoints=[2], watch=[],
                       seq_vcr={"on": True, "layer": 1, "projection_size": 8, "pause_tokens": 2})
-    out = train_once(cfg)
+    train_once(cfg)
+    out = tmp_path / "vcr"
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out / "step2")

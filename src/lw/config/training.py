@@ -71,6 +71,11 @@ class TrainConfig:
     # steps saved; empty: 0, 1, 2, 4, ... up to and including `steps` (Pythia's log spacing)
     checkpoints: list[int] = field(default_factory=list)
     seq_vcr: SeqVCRConfig = field(default_factory=SeqVCRConfig)
+    # measured while training (lw.LayerwiseCallback, text task): these metrics at each saved
+    # step, logged to a training run with a step x depth heat map each; [] = none. Not part
+    # of the training's identity: measuring never changes what is trained
+    watch: list[str] = field(default_factory=lambda: ["prompt_entropy"])
+    watch_prompts: int = 64          # prompts of the data option measured at each saved step
 
     def __post_init__(self) -> None:
         if isinstance(self.seq_vcr, dict):  # from a yaml or keyword arguments
@@ -87,6 +92,9 @@ class TrainConfig:
         _check(self.test_problems >= 1, f"train.test_problems={self.test_problems}: must be >= 1")
         _check(0 <= self.problem_seed <= SEED_MAX,
                f"train.problem_seed={self.problem_seed}: must lie in [0, 2**63 - 1]")
+        self.watch = [str(name) for name in self.watch]
+        _check(self.watch_prompts >= 2,
+               f"train.watch_prompts={self.watch_prompts}: must be >= 2")
         _check(self.texts >= 0, f"train.texts={self.texts}: must be >= 0 (0: all)")
         _check(self.vocab_size == 0 or self.vocab_size >= 300,
                f"train.vocab_size={self.vocab_size}: 0 (the tokenizer option's) or >= 300 (the "

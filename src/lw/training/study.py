@@ -36,6 +36,9 @@ MARKER = "lw-training.json"
 PAUSE_TOKEN = "<|pause|>"
 EOS = "<|endoftext|>"
 _STEP_FOLDER = re.compile(r"step\d+")
+WATCHED = "lw"  # <out>/lw/: what lw.LayerwiseCallback measured while training (its folder)
+# options that do not change the checkpoints: where they go, and what is measured meanwhile
+NOT_TRAINING = ("out", "watch", "watch_prompts")
 
 
 def training_identity(cfg: TrainConfig) -> dict:
@@ -43,7 +46,7 @@ def training_identity(cfg: TrainConfig) -> dict:
     from lw.job.identity import data_identity
     from lw.loading.data_sources import corpus_config
 
-    train = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    train = {k: v for k, v in asdict(cfg).items() if k not in NOT_TRAINING}
     if cfg.task == "multiplication":  # generated: the generator's version is its identity
         from lw.training.multiplication import TASK_VERSION
         data = {"task": cfg.task, "version": TASK_VERSION}
@@ -67,36 +70,53 @@ def finished(cfg: TrainConfig, identity: dict) -> bool:
                                     for step in cfg.checkpoint_steps())
 
 
-def train_once(cfg: TrainConfig) -> Path:
-    """Train unless ``cfg.out`` already holds this very training; the folder either way."""
+def train_once(cfg: TrainConfig, **watch_knobs: Any) -> bool:
+    """Train unless ``cfg.out`` already holds this very training; whether it trained. With
+    ``cfg.watch`` (text task), lw.LayerwiseCallback measures each saved step as it is saved
+    (``watch_knobs``: more of its knobs, e.g. ``tracking__uri``)."""
     out = Path(cfg.out)
     identity = training_identity(cfg)
     if finished(cfg, identity):
         log.info("[lw] %s holds this training already (%s): not retrained", out, MARKER)
-        return out
+        return False
     if (out / MARKER).exists() or any(_owned(out)):
         log.warning("[lw] %s holds another training (its config or lw's training code "
                     "changed): training afresh", out)
     for path in _owned(out):  # only what a training writes: a user's other files stay
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    train(cfg)
+    watcher = None
+    if cfg.watch and cfg.task == "text":
+        from lw.training.callback import LayerwiseCallback
+
+        watcher = LayerwiseCallback(cfg.data, metrics=cfg.watch,
+                                    data__n_prompts=cfg.watch_prompts,
+                                    data__max_tokens=cfg.seq_len,
+                                    data__min_tokens=max(2, cfg.seq_len // 2), **watch_knobs)
+        watcher.folder = out / WATCHED
+    try:
+        train(cfg, watcher=watcher)
+    finally:
+        if watcher is not None:
+            watcher.finish()
     (out / MARKER).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
-    return out
+    return True
 
 
 def _owned(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
     return [p for p in out.iterdir()
-            if p.name == MARKER or (p.is_dir() and _STEP_FOLDER.fullmatch(p.name))]
+            if p.name == MARKER or (p.is_dir() and (_STEP_FOLDER.fullmatch(p.name)
+                                                    or p.name == WATCHED))]
 
 
-def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> transformers.Trainer:
+def train(cfg: TrainConfig, callbacks: list | tuple = (), watcher=None) -> transformers.Trainer:
     """Train ``cfg``'s model from its seeded initialisation, saving ``<out>/step<N>/`` at
     each of ``cfg.checkpoint_steps()`` (step 0 before the first optimizer step).
 
     ``callbacks``: more ``transformers.TrainerCallback``s (``lw.LayerwiseCallback``); the
-    tokenizer is the Trainer's ``processing_class``. Returns the trained Trainer."""
+    tokenizer is the Trainer's ``processing_class``. ``watcher``: an lw.LayerwiseCallback
+    that measures each checkpoint as it is saved (step 0 included). Returns the Trainer."""
     from lw.loading.model_sources import load_tokenizer_of
     from lw.loading.prompts import corpus_texts
 
@@ -127,7 +147,10 @@ def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> transformers.Traine
              "epochs)", out, sum(p.numel() for p in model.parameters()), len(dataset),
              len(dataset[0]["input_ids"]), cfg.steps, cfg.batch_size, needed / len(dataset))
     steps = cfg.checkpoint_steps()
-    save_checkpoint(model, tokenizer, out / "step0") if 0 in steps else None
+    if 0 in steps:
+        save_checkpoint(model, tokenizer, out / "step0")
+        if watcher is not None:
+            watcher.measure(model, tokenizer, 0)
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, warmup_steps=round(cfg.warmup * cfg.steps),
@@ -143,7 +166,7 @@ def train(cfg: TrainConfig, callbacks: list | tuple = ()) -> transformers.Traine
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
     trainer = _StudyTrainer(
         model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None),
-        callbacks=[_SaveAt(steps, tokenizer, out), *callbacks], processing_class=tokenizer,
+        callbacks=[_SaveAt(steps, tokenizer, out, watcher), *callbacks], processing_class=tokenizer,
         data_collator=transformers.default_data_collator)  # rows of equal length: no padding
     trainer.study = cfg
     trainer.projection = projection
@@ -237,14 +260,18 @@ class _StudyTrainer(transformers.Trainer):
 
 
 class _SaveAt(transformers.TrainerCallback):
-    """Saves ``<out>/step<N>/`` after optimizer step N, for N in ``steps``."""
+    """Saves ``<out>/step<N>/`` after optimizer step N, for N in ``steps``, and has the
+    watcher (lw.LayerwiseCallback) measure the weights it saved."""
 
-    def __init__(self, steps: list[int], tokenizer, out: Path) -> None:
+    def __init__(self, steps: list[int], tokenizer, out: Path, watcher=None) -> None:
         self.steps, self.tokenizer, self.out = set(steps), tokenizer, out
+        self.watcher = watcher
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
             save_checkpoint(model, self.tokenizer, self.out / f"step{state.global_step}")
+            if self.watcher is not None:
+                self.watcher.measure(model, self.tokenizer, state.global_step)
 
 
 class TrainFirst(Callback):
@@ -266,11 +293,20 @@ class TrainFirst(Callback):
         self.cfg = TrainConfig(**plain)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        train_once(self.cfg)
+        train_once(self.cfg, **_tracking_knobs(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        train_once(self.cfg)
+        trained = train_once(self.cfg, **_tracking_knobs(config))
         self._check_revisions(config)
+        if trained:  # the sweep's check of identical revisions ran before the folder existed
+            import dataclasses
+
+            from lw.sweep.callback import sweep_values
+            from lw.sweep.revisions import note_same_weights
+            from lw.tracking import sweep_state
+
+            same = note_same_weights(config, sweep_values(config))
+            sweep_state.begin(dataclasses.replace(sweep_state.current(), same_weights=same))
 
     def _check_revisions(self, config: DictConfig) -> None:
         """A swept ``model.revision`` the training did not save: said before any job runs."""
@@ -281,3 +317,12 @@ class TrainFirst(Callback):
         if missing:
             raise LwError(f"model.revision={','.join(missing)}: not saved by the training in "
                           f"{self.cfg.out}; it saves {','.join(saved)}")
+
+
+def _tracking_knobs(config: DictConfig) -> dict[str, Any]:
+    """The run's store and experiment, for the watcher's training run beside the jobs' runs."""
+    tracking = (config.get("tracking") if config is not None else None) or {}
+    knobs = {f"tracking__{key}": tracking[key] for key in ("uri", "artifact_location",
+                                                          "experiment")
+             if tracking.get(key) is not None}
+    return knobs
