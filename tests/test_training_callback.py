@@ -149,6 +149,9 @@ def test_runs_and_artifacts_under_transformers_mlflow_run(trained, tmp_path):
     assert sorted(steps) == [3, 6]
     for step, run in steps.items():
         assert run.info.status == "FINISHED" and run.info.run_name == f"step {step}"
+        # the model in memory, not the config option that stands in for it when composing
+        assert run.data.tags["lw.model"] == "gpt_neox" == run.data.params["model.arch"]
+        assert run.data.tags["lw.model.revision"] == "in memory"
         for tag in run.data.tags:
             assert declared(tag, TAGS), tag
         table = logged_table(client, run.info.run_id, "results/table.csv", tmp_path / str(step))

@@ -137,7 +137,7 @@ def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("pro
         cfg, job, overrides = composed_job(None if loaded is not None else model, texts,
                                            metrics, knobs, tmp, log)
         if loaded is not None:
-            job, work = _loaded_job(job, *loaded)
+            job, work = _loaded_job(job, *loaded, cfg=cfg)
         else:
             def work():
                 return compute(job)
@@ -225,18 +225,25 @@ def _prompts_file(prompts: list[str], tmp: str, log: bool) -> str:
     return str(path)
 
 
-def _loaded_job(job, model, tokenizer):
+def _loaded_job(job, model, tokenizer, cfg=None):
     """The job on a model already in memory (its description from the model itself), and the
-    job's stages (lw.job: plan, forward, measure) to run on it."""
+    job's stages (lw.job: plan, forward, measure) to run on it. ``cfg``, the composed config
+    a logged job records, is made to describe the same model."""
+    from omegaconf import open_dict
+
     from lw.job.stages import forward_stage, measure, plan_job
     from lw.loading.models import wrap_model
 
     name = str(getattr(model.config, "name_or_path", "") or model.config.model_type)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     # source "random": the plan then takes the vocabulary size from arch_config, not the hub
-    job.model = dataclasses.replace(job.model, name=Path(name).name, id=name, source="random",
-                                    arch=model.config.model_type, adapters=[],
-                                    arch_config={"vocab_size": vocab})
+    described = dict(name=Path(name).name, id=name, source="random", revision="in memory",
+                     arch=model.config.model_type, tokenizer="", adapters=[],
+                     arch_config={"vocab_size": vocab})
+    job.model = dataclasses.replace(job.model, **described)
+    if cfg is not None:  # its params and tags (lw.model, ...) name this model, not the stand-in
+        with open_dict(cfg):
+            cfg.model.update(described)
 
     # a model with its LM head (one that trains): lw measures its base model, and metrics that
     # read the head (logit lens) get the head in memory, not a checkpoint's

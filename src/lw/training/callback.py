@@ -129,7 +129,7 @@ class LayerwiseCallback(TrainerCallback):
             cfg, job, overrides = api.composed_job(None, self.prompts, self.metrics, {
                 **self.knobs, "tracking__uri": run.uri, "tracking__experiment": run.experiment,
                 "run_name": f"step {step}"}, tmp, True)
-        job, work = api._loaded_job(job, model, tokenizer)
+        job, work = api._loaded_job(job, model, tokenizer, cfg)
         result = untouched(model, work)
         result.tags[STEP_TAG] = str(step)
         away, child = None, None
