@@ -13,6 +13,8 @@ case's own):
            one of the job's own metrics, the job without it: -<metric>), on an empty cache of
            its own; "+ / floor" is its cost over the job case, in floors.
 
+`--training-study` times the whole offline training study (bench/training_study.json).
+
 `--metric-costs` measures every metric that runs offline on wiki-vital that way (smollm2, 64
 prompts by default) and writes bench/metric_cost.json, which the docs' metrics reference shows
 (cost / forward pass).
@@ -166,6 +168,10 @@ def main() -> None:
     parser.add_argument("--pairwise", action="store_true",
                         help="each pairwise measure's whole layer x layer matrix at smollm2's "
                              "shape (N=512, 31 layers, 576 wide), seconds (bench/pairwise.json)")
+    parser.add_argument("--training-study", action="store_true",
+                        help="the whole +experiment=training_dynamics_offline (training, then "
+                             "the checkpoints sweep) in a fresh folder, wall and CPU seconds "
+                             "(bench/training_study.json)")
     parser.add_argument("--one", nargs=3, metavar=("CASE", "MODEL", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--one-costs", nargs=4, help=argparse.SUPPRESS)  # model n repeats cases
     args = parser.parse_args()
@@ -185,6 +191,8 @@ def main() -> None:
         return metric_costs(args)
     if args.pairwise:
         return pairwise_costs()
+    if args.training_study:
+        return training_study()
     rows = measure_cases(args.models, args.n, args.cases)
     text = table(rows)
     print(text)
@@ -327,6 +335,34 @@ def pairwise_costs(n: int = 512, layers: int = 31, width: int = 576, repeats: in
                  f"in the same session ({per_prompt * n:.1f} s); 1-minute load average at the end "
                  f"{os.getloadavg()[0]:.1f}"),
         "measures": rows}, indent=2) + "\n")
+
+
+def training_study() -> None:
+    """``python -m lw.run -m +experiment=training_dynamics_offline`` from an empty folder (it
+    trains, then measures every checkpoint), timed as a user runs it: wall-clock seconds, the
+    CPU seconds of its processes, and the training's share (from its log lines' times)."""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as folder:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        done = subprocess.run([str(PYTHON), "-m", "lw.run", "-m",
+                               "+experiment=training_dynamics_offline"], cwd=folder,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            sys.exit(f"the experiment failed: {done.stderr.strip().splitlines()[-1][:300]}")
+        jobs = sum(1 for line in done.stdout.splitlines() + done.stderr.splitlines()
+                   if "[HYDRA] \t#" in line)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result = {"what": (f"+experiment=training_dynamics_offline from an empty folder: training "
+                       f"then {jobs} jobs, {os.cpu_count()} CPUs, "
+                       f"{'CUDA' if _has_cuda() else 'no GPU'}, {datetime.now():%Y-%m-%d}, "
+                       f"1-minute load average {load:.1f} at the start"),
+              "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}
+    print(json.dumps(result, indent=2))
+    (ROOT / "bench" / "training_study.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def measure_cases(models: list[str], sizes: list[int], cases: list[str]) -> list[dict]:
