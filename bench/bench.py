@@ -329,7 +329,10 @@ def pairwise_costs(n: int = 512, layers: int = 31, width: int = 576, repeats: in
               flush=True)
     (ROOT / "bench" / "pairwise.json").write_text(json.dumps({
         "what": (f"the whole (L+1) x (L+1) matrix, N = {n}, L+1 = {layers}, D = {width} "
-                 f"(smollm2's shape), fastest of {repeats}, {os.cpu_count()} CPUs, "
+                 "(smollm2's shape; random vectors: every layer of full rank N-1, the worst "
+                 "case for svcca, pwcca and procrustes, which take an SVD of up to N x N per "
+                 "pair of layers, O((L+1)^2 N^3): beyond a tenth of the forward pass at this "
+                 f"N, said in their Cost sections), fastest of {repeats}, {os.cpu_count()} CPUs, "
                  f"{'CUDA' if _has_cuda() else 'no GPU'}, {datetime.now():%Y-%m-%d}; against "
                  f"smollm2's bare forward pass over the same N wiki-vital prompts, measured "
                  f"in the same session ({per_prompt * n:.1f} s); 1-minute load average at the end "

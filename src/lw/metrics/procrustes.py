@@ -32,7 +32,9 @@ uncentred: all its vectors equal, up to rounding) gives NaN; rounding can push d
 Cost: per layer an SVD, O(N D min(N, D)); per pair an SVD of a min(N, Da) x min(N, Db) matrix
 (singular values only); within a model (L+1)(L+2)/2 pairs (the matrix is symmetric). Memory:
 the (L+1) N x min(N, D) bases in float64 (33 x 512 x 512 x 8 B = 69 MB) and one row of pairs'
-matrices.
+matrices. Measured (``bench/bench.py --pairwise``, 2 CPU cores): the whole matrix at smollm2's
+shape (N = 512, 31 layers) on full-rank vectors takes 21 s, 0.23 of smollm2's forward pass of
+those prompts: the 496 SVDs of 512 x 512 matrices cannot fit in a tenth of it at this N.
 """
 
 from __future__ import annotations

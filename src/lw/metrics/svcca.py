@@ -45,7 +45,10 @@ N - 1, SVCCA is pushed towards 1 whatever the layers (use more prompts, or a low
 
 Cost: per layer an SVD, O(N D min(N, D)); per pair of layers an SVD of a kx x ky matrix; within a
 model (L+1)(L+2)/2 pairs (the matrix is symmetric). Memory: the (L+1) N x min(N, D) bases in
-float64 (33 x 512 x 512 x 8 B = 69 MB) and one row of pairs' kx x ky matrices.
+float64 (33 x 512 x 512 x 8 B = 69 MB) and one row of pairs' kx x ky matrices. Measured
+(``bench/bench.py --pairwise``, 2 CPU cores): the whole matrix at smollm2's shape (N = 512, 31
+layers) on full-rank vectors (kx near N, the worst case) takes 12.6 s, 0.14 of smollm2's
+forward pass of those prompts; real layers keep fewer directions at 99 % of their variance.
 """
 
 from __future__ import annotations
