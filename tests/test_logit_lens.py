@@ -77,18 +77,19 @@ def test_lens_products_match_numpy_reference(last_normed):
 
 
 @pytest.mark.slow
-def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_its_sample_is_wired_through():
-    """Every predicted token (tokens=0) against the causal LM's own loss; then the sample: one
-    token per prompt counted, the last layer still the model's prediction, and a sample as
-    large as every prompt's tokens is the full lens exactly. (How far the default sample moves
-    the curves is measured in docs/FINDINGS.md, not bounded here: at small N it is noise.)"""
+def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_its_sample_stays_near_it():
+    """Every predicted token (tokens=0) against the causal LM's own loss; then the default
+    sample (one token per prompt) on the same prompts and weights: one token per prompt
+    counted, the last layer still the model's own prediction, and each layer's means within
+    what a sample of 32 tokens allows of the full lens's (measured: CE moved by up to 2.26
+    nats, KL by ~3.5; README and docs/FINDINGS.md say so)."""
     from transformers import AutoModelForCausalLM
 
     from lw.job.stages import compute, plan_job
     from lw.loading.model_sources import model_source
     from lw.loading.models import load_tokenizer
 
-    base = ["model=smollm2", "data.n_prompts=6", "data.max_tokens=24", "data.min_tokens=8",
+    base = ["model=smollm2", "data.n_prompts=32", "data.max_tokens=24", "data.min_tokens=16",
             "metrics=[logit_lens]"]
     job = compose_job([*base, "metric.logit_lens.tokens=0"])
     result = compute(job)
@@ -115,10 +116,9 @@ def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_its_sample_is_wir
     assert sampled.summary["logit_lens/predicted_tokens"] == len(plan.ids)
     assert sampled.table["logit_lens/kl"].iloc[-1] == pytest.approx(0.0, abs=1e-6)
     assert sampled.table["logit_lens/top1"].iloc[-1] == 1.0
-    whole = compute(compose_job([*base, "metric.logit_lens.tokens=24"]))
-    for name in ("ce", "kl", "top1"):
-        np.testing.assert_allclose(whole.table[f"logit_lens/{name}"],
-                                   table[f"logit_lens/{name}"], rtol=1e-6, atol=1e-9)
+    for name, bound in (("ce", 3.0), ("kl", 6.0), ("top1", 0.35)):
+        gap = (sampled.table[f"logit_lens/{name}"] - table[f"logit_lens/{name}"]).abs()
+        assert gap.max() < bound, (name, gap.round(3).tolist())
 
 
 def test_the_token_sample_is_seeded_by_the_prompt_at_most_k_per_prompt_and_batch_free():

@@ -4,6 +4,7 @@ the basic-auth app and served artifacts, real HTTP, real sweeps of tiny models."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -482,17 +483,20 @@ def test_a_reader_compares_two_runs_into_a_local_folder_it_is_told(team, tmp_pat
     refuses him a run of his own, so the matrix goes to a local folder the last line names,
     equal to CKA on the pooled vectors the runs logged."""
     import numpy as np
+    from mlflow.tracking import MlflowClient
 
     from lw.job import pooled
     from lw.metrics.cka import cka_between
 
     server = team["server"]
-    read = run_as_alice(server.uri, tmp_path)
-    runs = {r["tags"]["lw.model"]: i for i, r in read.items() if "lw.model" in r["tags"]}
-    vectors = {}
-    for model, run in runs.items():
-        (tmp_path / f"{model}.pt").write_bytes(read[run]["files"]["results/pooled.pt"])
-        vectors[model] = pooled.load(tmp_path / f"{model}.pt")
+    with alice_login():  # only the two pooled-vectors files, as alice (who logged them)
+        client = MlflowClient(server.uri)
+        runs = {r.data.tags["lw.model"]: r.info.run_id
+                for r in client.search_runs([team["experiment"]["experiment_id"]])
+                if "lw.model" in r.data.tags}
+        vectors = {m: pooled.load(client.download_artifacts(i, "results/pooled.pt",
+                                                            str(tmp_path)))
+                   for m, i in runs.items()}
     ids = [runs["tiny-pythia"], runs["tiny-mamba"]]
     done = subprocess.run([str(PYTHON), "-m", "lw.crossmodel", *ids],
                           env=cli_env(MLFLOW_TRACKING_URI=server.uri,
@@ -641,13 +645,23 @@ def sync_as_alice(uri: str, folder: Path) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+@contextlib.contextmanager
+def alice_login():
+    """MLflow clients made inside log in as alice (its login is read from the environment)."""
+    os.environ.update(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW)
+    try:
+        yield
+    finally:
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(name, None)
+
+
 def run_as_alice(uri: str, artifacts: Path | None = None) -> dict:
     """Every run of experiment `lw` in the store at ``uri``: status, tags, params, metric
     histories and the artifact files (read with alice's login)."""
     from mlflow.tracking import MlflowClient
 
-    os.environ.update(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=ALICE_PW)
-    try:
+    with alice_login():
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("lw")
         runs = {}
@@ -663,9 +677,6 @@ def run_as_alice(uri: str, artifacts: Path | None = None) -> dict:
                 "files": {str(p.relative_to(local)): p.read_bytes()
                           for p in local.rglob("*") if p.is_file()}}
         return runs
-    finally:
-        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            os.environ.pop(name, None)
 
 
 def finished_as_alice(uri: str, job_hash: str) -> str | None:

@@ -71,7 +71,8 @@ def test_checkpoints_saved_loadable_distinct_watched_and_not_retrained(tmp_path,
     assert (out / "step4" / "model.safetensors").stat().st_mtime_ns == stamp
 
     # a changed knob trains afresh: another final model, the marker says the new value
-    TrainFirst(out=cfg.out, **{**TINY, "learning_rate": 0.02}).on_run_start(config=None)
+    TrainFirst(out=cfg.out, **{**TINY, "learning_rate": 0.02, "watch": []}).on_run_start(
+        config=None)
     assert json.loads((out / MARKER).read_text())["train"]["learning_rate"] == 0.02
     changed = _weights(out / "step4")
     assert any(not torch.equal(changed[k], weights[4][k]) for k in changed)
