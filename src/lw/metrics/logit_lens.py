@@ -21,11 +21,14 @@ The next tokens are the batch's own ids, which the forward pass hands to every t
 ``metric.logit_lens.tokens=K`` measures K predicted tokens per prompt, drawn without
 replacement (seeded by ``seed`` and the prompt's own ids, so a prompt gets the same sample in
 any batch), instead of every one (``tokens=0``). The projection's cost is per token, so a
-sample of K out of a prompt's T tokens costs about K / T of the full lens; the default is sized
-so that the lens costs at most a tenth of the bare forward pass on smollm2 at N = 512
-(bench/metric_cost.json); at small N it is noisy (docs/FINDINGS.md: on 32 smollm2 prompts a
-layer's mean CE moved by up to 2.3 nats against every token's). Every predicted token counts
-equally in the means, so a sample weighs prompts equally instead of by length.
+sample of K out of a prompt's T tokens costs about K / T of the full lens. Measured on smollm2
+(`bench/bench.py --metric-costs`, one process, quiet): the default one token per prompt adds
+0.157 of the bare forward pass at N = 64 and 0.233 at N = 512 (37 s over 160 s): more than the
+tenth it was meant for, since even one token's projection onto the 49,152-word vocabulary at
+every layer costs (L+1) x V x D per prompt; at small N it is also noisy (docs/FINDINGS.md: on
+32 smollm2 prompts a layer's mean CE moved by up to 2.3 nats against every token's). Every
+predicted token counts equally in the means, so a sample weighs prompts equally instead of by
+length.
 """
 
 from __future__ import annotations
