@@ -9,7 +9,7 @@ import torch
 from scipy.special import log_softmax
 
 from conftest import compose_job
-from lw.metrics.logit_lens import lens_products
+from lw.metrics.logit_lens import LensPass, _final_norm, lens_products
 
 
 def rms(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -74,6 +74,38 @@ def test_lens_products_match_numpy_reference(last_normed):
     np.testing.assert_allclose(got["logit_lens/n"][0].numpy(), count)
     if last_normed:
         np.testing.assert_allclose(got["logit_lens/kl"][-1, :2].numpy(), 0.0, atol=1e-12)
+
+
+def test_the_lens_pass_chunks_tokens_across_batches_and_gives_each_prompt_its_own(tiny_pythia):
+    """extract hands the pass its batches (longest first, so not in prompt order); the pass
+    projects chunks of 3 tokens that straddle batches and hands each batch its products after
+    the last: each prompt's values equal the lens of that prompt alone."""
+    from lw.job.extract import extract
+
+    texts = ["The cat sat on the mat.", "Rain fell.", "A longer sentence about the river "
+             "and the valley below it.", "Seven words are in this sentence here.", "Hi."]
+    prompts = [tiny_pythia.tokenizer(text).input_ids for text in texts]
+    module = _final_norm(tiny_pythia.model)
+    config = tiny_pythia.model.config   # random weights, untied: any head will do
+    head = torch.randn(config.vocab_size, config.hidden_size,
+                       generator=torch.Generator().manual_seed(0))
+    last_normed = tiny_pythia.info.last_state_after_final_norm
+    states = tiny_pythia.info.n_layers + 1
+
+    def lens(chunk_tokens):
+        return LensPass(module, head, last_normed, tokens=2, seed=4,
+                        chunk_elements=chunk_tokens * states * head.shape[0])
+
+    together = extract(tiny_pythia, prompts, batch_size=2, progress=False,
+                       token_metrics={"logit_lens": lens(3)})
+    assert together.per_prompt["logit_lens/n"][:, 0].tolist() == [2, 2, 2, 2, 1]
+    for row, prompt in enumerate(prompts):
+        alone = extract(tiny_pythia, [prompt], batch_size=1, progress=False,
+                        token_metrics={"logit_lens": lens(1000)})
+        for name in ("ce", "kl", "top1", "n"):
+            torch.testing.assert_close(together.per_prompt[f"logit_lens/{name}"][row],
+                                       alone.per_prompt[f"logit_lens/{name}"][0],
+                                       rtol=1e-4, atol=1e-5, msg=f"{name}, prompt {row}")
 
 
 @pytest.mark.slow

@@ -19,7 +19,9 @@ from lw.loading.architectures import architecture, layer_states
 from lw.loading.models import LoadedModel
 
 # A per-batch token function: (hidden (L+1, B, T, D), kept (B, T) bool, ids (B, T)) -> products.
-# One that is also a context manager is entered around the whole pass (extract).
+# One that is also a context manager is entered around the whole pass (extract). One with a
+# ``flush()`` may hold its products back and hand them over after the last batch, one dict
+# per batch in order (work that runs better over many batches at once: the logit lens).
 TokenMetric = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -148,7 +150,8 @@ def extract(loaded: LoadedModel, prompts: list[list[int]], *, batch_size: int,
     ``skip_first``) and, for every token function, its per-prompt values ``(N, L+1, ...)``;
     always includes the token-norm diagnostic. A token function that is a context manager
     (sink_rate's: attention hooks, eager attention) is entered before the first batch and
-    left after the last, also when the pass fails.
+    left after the last, also when the pass fails; one with ``flush()`` hands its products
+    over after the last batch (the logit lens's projection, in chunks across batches).
     """
     device = device or loaded.model.get_input_embeddings().weight.device
     token_metrics = dict(token_metrics or {})
@@ -180,6 +183,11 @@ def extract(loaded: LoadedModel, prompts: list[list[int]], *, batch_size: int,
             for name, value in values.items():
                 _store(per_prompt, name, index, value, n)
             bar.update(len(index))
+        for metric in token_metrics.values():
+            if hasattr(metric, "flush"):
+                for index, values in zip(batches, metric.flush(), strict=True):
+                    for name, value in values.items():
+                        _store(per_prompt, name, index, value, n)
     bar.close()
     n_tokens = torch.tensor([len(p) for p in prompts])
     return Extraction(pooled=pooled, per_prompt=per_prompt, n_tokens=n_tokens)

@@ -77,10 +77,127 @@ def sample_predicted(predicts: Tensor, ids: Tensor, tokens: int, seed: int) -> T
     return kept
 
 
+def lens_values(x: Tensor, targets: Tensor, norm, head: Tensor, last_normed: bool,
+                logits: Tensor) -> Tensor:
+    """``(3, L+1, P)`` float64 CE, KL and top-1 agreement of ``P`` predicted tokens.
+
+    Args:
+        x: ``(L+1, P, D)`` their states; targets: ``(P,)`` the next tokens; norm, head,
+            last_normed: as :func:`lens_products`; logits: a float32 buffer of at least
+            ``(L+1) x P x V`` elements, overwritten.
+    """
+    states, count, vocab = x.shape[0], x.shape[1], head.shape[0]
+    normed = (norm(x) if not last_normed else torch.cat([norm(x[:-1]), x[-1:]])).float()
+    logits = logits[:states * count * vocab].view(states, count, vocab)
+    torch.matmul(normed, head.T, out=logits)                               # (L+1, P, V)
+    # only what needs the whole vocabulary runs over it: the argmax, the final layer's
+    # softmax, and the log-normalizer (in place); the rest are D-long dot products
+    top, top1_ids = logits.max(dim=-1)                                      # (L+1, P)
+    final = torch.softmax(logits[-1], dim=-1)                               # (P, V)
+    mixed = (final @ head).double()                                         # (P, D): E_pL[W_v]
+    lse = top.double() + logits.sub_(top.unsqueeze(-1)).exp_().sum(dim=-1).log().double()
+    wide = normed.double()
+    target = (wide * head[targets].double()).sum(dim=-1)                    # z_l[x_t+1]
+    expected = (wide * mixed).sum(dim=-1)                                   # sum_v p_L z_l
+    ce = lse - target                                                       # -log p_l[x_t+1]
+    # KL(p_L || p_l) = sum_v p_L (log p_L - log p_l) = (E z_L - lse_L) - (E z_l - lse_l)
+    kl = (expected[-1] - lse[-1]) - (expected - lse)
+    top1 = (top1_ids == top1_ids[-1]).double()
+    return torch.stack([ce, kl, top1])
+
+
+class LensPass:
+    """The logit lens over one forward pass, as extract's token function: each batch's
+    predicted tokens (after the sample) are gathered, and projected onto the vocabulary in
+    full chunks of tokens from as many batches as it takes, through one logits buffer.
+
+    Why not batch by batch: with one token per prompt a batch has a few tokens, and the
+    projection of a few rows streams the whole (V, D) head for little work, into a fresh
+    buffer each time; chunks of ``chunk_elements // ((L+1) x V)`` tokens keep the matrix
+    product at its full rate. The products come out of :meth:`flush`, one dict per batch.
+    """
+
+    def __init__(self, norm, head: Tensor, last_normed: bool, *,
+                 chunk_elements: int = CHUNK_ELEMENTS, tokens: int = 0, seed: int = 0,
+                 prefix: str = "logit_lens/") -> None:
+        self.norm, self.head, self.last_normed = norm, head, last_normed
+        self.chunk_elements, self.tokens, self.seed, self.prefix = (chunk_elements, tokens,
+                                                                    seed, prefix)
+        self.sums: list[Tensor] = []          # per batch (3, L+1, B) float64
+        self.counts: list[Tensor] = []        # per batch (B,) predicted tokens
+        self.pending: list[tuple[Tensor, Tensor, Tensor, int]] = []  # (x, targets, rows, batch)
+        self.pending_tokens = 0
+        self.buffer: Tensor | None = None
+
+    def __call__(self, hidden: Tensor, kept: Tensor, ids: Tensor) -> dict[str, Tensor]:
+        states, batch = hidden.shape[:2]
+        kept = kept.to(hidden.device)
+        if self.head.device != hidden.device:   # once: a model spread over GPUs ends elsewhere
+            self.head = self.head.to(hidden.device)
+        predicts = sample_predicted(kept[:, :-1] & kept[:, 1:], ids, self.tokens,
+                                    self.seed)                              # (B, T-1)
+        rows, cols = predicts.nonzero(as_tuple=True)
+        self.sums.append(torch.zeros((len(SERIES), states, batch), dtype=torch.float64,
+                                     device=hidden.device))
+        self.counts.append(predicts.sum(dim=1))
+        if len(rows):
+            # a copy: the batch's states are freed, its chosen tokens are kept
+            self.pending.append((hidden[:, rows, cols], ids[rows, cols + 1], rows,
+                                 len(self.sums) - 1))
+            self.pending_tokens += len(rows)
+        step = self._step(states)
+        while self.pending_tokens >= step:
+            self._project(step)
+        return {}
+
+    def flush(self) -> list[dict[str, Tensor]]:
+        """Projects what is left; one products dict per batch seen, in order:
+        ``{<prefix>ce, <prefix>kl, <prefix>top1, <prefix>n: (L+1, B)}`` (float64; NaN means
+        for prompts with no predicted token)."""
+        while self.pending_tokens:
+            self._project(self._step(self.pending[0][0].shape[0]))
+        out = []
+        for sums, count in zip(self.sums, self.counts, strict=True):
+            count = count.double().expand(sums.shape[1], -1)                # (L+1, B)
+            means = sums / count
+            values = {f"{self.prefix}{name}": means[i] for i, name in enumerate(SERIES)}
+            values[f"{self.prefix}n"] = count.clone()
+            out.append(values)
+        self.sums, self.counts, self.buffer = [], [], None
+        return out
+
+    def _step(self, states: int) -> int:
+        return max(1, self.chunk_elements // (states * self.head.shape[0]))
+
+    def _project(self, step: int) -> None:
+        """The first ``step`` pending tokens (or all, if fewer) through the lens."""
+        taken, size = [], 0
+        while self.pending and size < step:
+            x, targets, rows, batch = self.pending.pop(0)
+            if size + len(rows) > step:      # split: the rest stays first in line
+                cut = step - size
+                self.pending.insert(0, (x[:, cut:], targets[cut:], rows[cut:], batch))
+                x, targets, rows = x[:, :cut], targets[:cut], rows[:cut]
+            taken.append((x, targets, rows, batch))
+            size += len(rows)
+        self.pending_tokens -= size
+        x = torch.cat([t[0] for t in taken], dim=1)
+        states, vocab = x.shape[0], self.head.shape[0]
+        if self.buffer is None or self.buffer.numel() < states * size * vocab:
+            self.buffer = torch.empty(states * size * vocab, device=x.device)
+        values = lens_values(x, torch.cat([t[1] for t in taken]), self.norm, self.head,
+                             self.last_normed, self.buffer)                 # (3, L+1, P)
+        start = 0
+        for _, _, rows, batch in taken:
+            self.sums[batch].index_add_(2, rows, values[:, :, start:start + len(rows)])
+            start += len(rows)
+
+
 def lens_products(hidden: Tensor, kept: Tensor, ids: Tensor, norm, head: Tensor,
                   last_normed: bool, chunk_elements: int = CHUNK_ELEMENTS, tokens: int = 0,
                   seed: int = 0, prefix: str = "logit_lens/") -> dict[str, Tensor]:
-    """Per prompt and layer, the mean logit-lens CE, KL and top-1 agreement, and the count.
+    """Per prompt and layer of one batch, the mean logit-lens CE, KL and top-1 agreement, and
+    the count (:class:`LensPass` over that batch alone).
 
     Args:
         hidden: ``(L+1, B, T, D)`` token states; kept: ``(B, T)`` bool, the tokens that may
@@ -94,40 +211,10 @@ def lens_products(hidden: Tensor, kept: Tensor, ids: Tensor, norm, head: Tensor,
         ``{<prefix>ce, <prefix>kl, <prefix>top1, <prefix>n: (L+1, B)}`` (float64; NaN means
         for prompts with no predicted token).
     """
-    states, batch = hidden.shape[:2]
-    predicts = sample_predicted(kept[:, :-1] & kept[:, 1:], ids, tokens, seed)  # (B, T-1)
-    rows, cols = predicts.nonzero(as_tuple=True)
-    targets = ids[rows, cols + 1]
-    sums = torch.zeros((len(SERIES), states, batch), dtype=torch.float64, device=hidden.device)
-    vocab = head.shape[0]
-    step = max(1, chunk_elements // (states * vocab))
-    # one logits buffer for every chunk: a fresh 128 MB tensor per chunk costs page faults
-    buffer = torch.empty(states * min(step, max(1, len(rows))) * vocab, device=hidden.device)
-    for start in range(0, len(rows), step):
-        r, c = rows[start:start + step], cols[start:start + step]
-        x = hidden[:, r, c]                                                 # (L+1, P, D)
-        normed = (norm(x) if not last_normed else torch.cat([norm(x[:-1]), x[-1:]])).float()
-        logits = buffer[:states * len(r) * vocab].view(states, len(r), vocab)
-        torch.matmul(normed, head.T, out=logits)                           # (L+1, P, V)
-        # only what needs the whole vocabulary runs over it: the argmax, the final layer's
-        # softmax, and the log-normalizer (in place); the rest are D-long dot products
-        top, top1_ids = logits.max(dim=-1)                                  # (L+1, P)
-        final = torch.softmax(logits[-1], dim=-1)                           # (P, V)
-        mixed = (final @ head).double()                                     # (P, D): E_pL[W_v]
-        lse = top.double() + logits.sub_(top.unsqueeze(-1)).exp_().sum(dim=-1).log().double()
-        wide = normed.double()
-        target = (wide * head[targets[start:start + step]].double()).sum(dim=-1)  # z_l[x_t+1]
-        expected = (wide * mixed).sum(dim=-1)                               # sum_v p_L z_l
-        ce = lse - target                                                   # -log p_l[x_t+1]
-        # KL(p_L || p_l) = sum_v p_L (log p_L - log p_l) = (E z_L - lse_L) - (E z_l - lse_l)
-        kl = (expected[-1] - lse[-1]) - (expected - lse)
-        top1 = (top1_ids == top1_ids[-1]).double()
-        sums.index_add_(2, r, torch.stack([ce, kl, top1]))                  # (3, L+1, P)
-    count = predicts.sum(dim=1).double().expand(states, -1)                 # (L+1, B)
-    means = sums / count
-    out = {f"{prefix}{name}": means[i] for i, name in enumerate(SERIES)}
-    out[f"{prefix}n"] = count.clone()
-    return out
+    lens = LensPass(norm, head, last_normed, chunk_elements=chunk_elements, tokens=tokens,
+                    seed=seed, prefix=prefix)
+    lens(hidden, kept, ids)
+    return lens.flush()[0]
 
 
 def _final_norm(model):
@@ -151,17 +238,10 @@ def _token_fn(job, loaded, wanted: list[str]):
     module = _final_norm(model)
     dtype = next(module.parameters()).dtype
     head = loaded.output_embedding()
-
-    def batch_products(hidden: Tensor, kept: Tensor, ids: Tensor) -> dict[str, Tensor]:
-        device = hidden.device
-        weights = head.to(device=device, dtype=torch.float32)
-        return lens_products(hidden, kept.to(device), ids,
-                             lambda x: module(x.to(dtype)).float(), weights,
-                             loaded.info.last_state_after_final_norm,
-                             tokens=job.metric.logit_lens.tokens, seed=job.seed,
-                             prefix=product_prefix(job))
-
-    return batch_products
+    return LensPass(lambda x: module(x.to(dtype)).float(), head.float(),
+                    loaded.info.last_state_after_final_norm,
+                    tokens=job.metric.logit_lens.tokens, seed=job.seed,
+                    prefix=product_prefix(job))
 
 
 def _check(job) -> None:
