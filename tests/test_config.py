@@ -152,6 +152,7 @@ def test_pythia_revision_is_sweepable():
     ("metric.probe.folds=1", "metric.probe.folds"),
     ("metric.lidar.J=1", "metric.lidar.J"),
     ("metric.dime.r=0", "metric.dime.r"),
+    ("metric.logit_lens.tokens=1.5", "metric.logit_lens.tokens"),
     ("extraction.skip_first=-1", "extraction.skip_first"),
     ("extraction.batch_size=0", "extraction.batch_size"),
     ("model.family=rnn", "model.family"),

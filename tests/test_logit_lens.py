@@ -111,17 +111,16 @@ def test_the_lens_pass_chunks_tokens_across_batches_and_gives_each_prompt_its_ow
 @pytest.mark.slow
 def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_its_sample_stays_near_it():
     """Every predicted token (tokens=0) against the causal LM's own loss; then the default
-    sample (one token per prompt) on the same prompts and weights: one token per prompt
+    sample (one token from half the prompts) on the same prompts and weights: fewer tokens
     counted, the last layer still the model's own prediction, and each layer's means within
-    what a sample of 32 tokens allows of the full lens's (measured: CE moved by up to 2.26
-    nats, KL by ~3.5; README and docs/FINDINGS.md say so)."""
+    what a sample of ~30 tokens allows of the full lens's (README says what it measured)."""
     from transformers import AutoModelForCausalLM
 
     from lw.job.stages import compute, plan_job
     from lw.loading.model_sources import model_source
     from lw.loading.models import load_tokenizer
 
-    base = ["model=smollm2", "data.n_prompts=32", "data.max_tokens=24", "data.min_tokens=16",
+    base = ["model=smollm2", "data.n_prompts=64", "data.max_tokens=12", "data.min_tokens=8",
             "metrics=[logit_lens]"]
     job = compose_job([*base, "metric.logit_lens.tokens=0"])
     result = compute(job)
@@ -144,13 +143,16 @@ def test_logit_lens_on_smollm2_ends_at_the_models_own_loss_and_its_sample_stays_
     assert result.summary["logit_lens/model_loss"] == pytest.approx(losses / tokens, rel=1e-4)
     # an early layer is far from the final prediction
     assert table["logit_lens/ce"].iloc[1] > last["logit_lens/ce"]
-    sampled = compute(compose_job([*base, "metric.logit_lens.tokens=1"]))
-    assert sampled.summary["logit_lens/predicted_tokens"] == len(plan.ids)
+    sampled = compute(compose_job(base))       # the default: a token from half the prompts
+    assert 0 < sampled.summary["logit_lens/predicted_tokens"] < len(plan.ids)
     assert sampled.table["logit_lens/kl"].iloc[-1] == pytest.approx(0.0, abs=1e-6)
     assert sampled.table["logit_lens/top1"].iloc[-1] == 1.0
-    for name, bound in (("ce", 3.0), ("kl", 6.0), ("top1", 0.35)):
-        gap = (sampled.table[f"logit_lens/{name}"] - table[f"logit_lens/{name}"]).abs()
-        assert gap.max() < bound, (name, gap.round(3).tolist())
+    # measured: CE moved by up to 1.6 nats (5.2 at the embeddings, whose CE is 115), KL by up
+    # to 3.3 (7.0 of 112), top-1 by up to 0.2
+    for name, slack in (("ce", 2.5), ("kl", 4.0), ("top1", 0.3)):
+        full = table[f"logit_lens/{name}"]
+        gap = (sampled.table[f"logit_lens/{name}"] - full).abs()
+        assert (gap < slack + 0.1 * full.abs()).all(), (name, gap.round(3).tolist())
 
 
 def test_the_token_sample_is_seeded_by_the_prompt_at_most_k_per_prompt_and_batch_free():
@@ -167,3 +169,13 @@ def test_the_token_sample_is_seeded_by_the_prompt_at_most_k_per_prompt_and_batch
     assert torch.equal(got, again)                       # the same prompts in another order
     assert not torch.equal(got, sample_predicted(predicts, ids, tokens=5, seed=8))
     assert torch.equal(sample_predicted(predicts, ids, tokens=0, seed=7), predicts)
+    # a share of the prompts, one token each: about that share, nested, batch-free
+    ids = torch.randint(5, 100, (400, 12), generator=rng)
+    predicts = torch.ones(400, 11, dtype=torch.bool)
+    half = sample_predicted(predicts, ids, tokens=0.5, seed=7)
+    quarter = sample_predicted(predicts, ids, tokens=0.25, seed=7)
+    assert set(half.sum(dim=1).tolist()) == {0, 1} == set(quarter.sum(dim=1).tolist())
+    assert 160 < half.sum() < 240 and 60 < quarter.sum() < 140   # binomial: 5 sd either side
+    assert (quarter.any(dim=1) <= half.any(dim=1)).all()
+    assert torch.equal(half, sample_predicted(predicts.flip(0), ids.flip(0), tokens=0.5,
+                                              seed=7).flip(0))

@@ -11,24 +11,28 @@ Per layer, averaged over every predicted token of every prompt (token-weighted):
     logit_lens/kl    = KL(p_L || p_l) = sum_v p_L (log p_L - log p_l)    (layer L: 0)
     logit_lens/top1  = share of tokens with argmax p_l = argmax p_L      (layer L: 1)
 
-Computed inside the forward pass, batch by batch and in chunks of predicted tokens with all
-layers at once: at most ``CHUNK_ELEMENTS`` logits are alive (no N x T x V tensor); its products
-(per-prompt means and counts) are cached like the others. Cost: (L+1) x tokens x V x D
+Computed inside the forward pass (:class:`LensPass`): each batch's predicted tokens are
+gathered and projected onto the vocabulary with all layers at once, in chunks of tokens from as
+many batches as it takes: at most ``CHUNK_ELEMENTS`` logits are alive (no N x T x V tensor),
+and the projection runs as one large matrix product rather than a few rows per batch; its
+products (per-prompt means and counts) are cached like the others. Cost: (L+1) x tokens x V x D
 multiply-adds on top of the forward pass (the vocabulary projection of every layer).
 
 The next tokens are the batch's own ids, which the forward pass hands to every token function.
 
-``metric.logit_lens.tokens=K`` measures K predicted tokens per prompt, drawn without
-replacement (seeded by ``seed`` and the prompt's own ids, so a prompt gets the same sample in
-any batch), instead of every one (``tokens=0``). The projection's cost is per token, so a
-sample of K out of a prompt's T tokens costs about K / T of the full lens. Measured on smollm2
-(`bench/bench.py --metric-costs`, one process, quiet): the default one token per prompt adds
-0.157 of the bare forward pass at N = 64 and 0.233 at N = 512 (37 s over 160 s): more than the
-tenth it was meant for, since even one token's projection onto the 49,152-word vocabulary at
-every layer costs (L+1) x V x D per prompt; at small N it is also noisy (docs/FINDINGS.md: on
-32 smollm2 prompts a layer's mean CE moved by up to 2.3 nats against every token's). Every
-predicted token counts equally in the means, so a sample weighs prompts equally instead of by
-length.
+``metric.logit_lens.tokens`` is how many predicted tokens per prompt it measures, a sample
+seeded by ``seed`` and the prompt's own ids (so a prompt gets the same sample in any batch):
+an integer K >= 1 draws K per prompt without replacement; a share 0 < f < 1 draws one token from
+each of a seeded share f of the prompts (a prompt is in or out by its own hash, so a smaller
+share's prompts are among a larger one's); 0 measures every predicted token. The projection's
+cost is per token. The default, 0.5, is sized so the lens costs under a tenth of the forward
+pass on smollm2 at N = 512: one token per prompt measured +0.105 floors there (`bench/bench.py
+--metric-costs`, one process, quiet; 19 s of its 16-19 s inside the lens, 77 % the matrix
+product, which runs at this CPU's float32 rate), since even one token projects onto the 49,152-word
+vocabulary at all 31 states, (L+1) x V x D = 0.88 G multiply-adds against ~14 G for the
+forward pass of a 128-token prompt. A sample is noisy at small N (docs/FINDINGS.md): use
+``tokens=0`` or many prompts for a curve to read closely. Every measured token counts equally
+in the means, so a sample weighs prompts equally instead of by length.
 """
 
 from __future__ import annotations
@@ -50,29 +54,39 @@ SERIES = ("ce", "kl", "top1")
 
 @dataclass
 class LogitLensKnobs:
-    tokens: int = 1                  # predicted tokens per prompt, a seeded sample; 0 = all
+    # predicted tokens per prompt, a seeded sample: K >= 1 per prompt, a share 0 < f < 1 of the
+    # prompts with one each, 0 = every token
+    tokens: float = 0.5
 
     def __post_init__(self) -> None:
-        check(self.tokens >= 0, f"metric.logit_lens.tokens={self.tokens}: must be >= 0 "
-              "(0 = every predicted token)")
+        check(self.tokens >= 0 and (self.tokens < 1 or self.tokens == int(self.tokens)),
+              f"metric.logit_lens.tokens={self.tokens}: use 0 (every predicted token), a "
+              "share of the prompts between 0 and 1 (one token each), or a whole number of "
+              "tokens per prompt")
 
 
-def sample_predicted(predicts: Tensor, ids: Tensor, tokens: int, seed: int) -> Tensor:
-    """``predicts`` ``(B, T-1)`` bool, keeping at most ``tokens`` per row, drawn without
-    replacement with a generator seeded by ``seed`` and the row's own ids (the same sample
-    for a prompt in any batch, padding aside)."""
+def sample_predicted(predicts: Tensor, ids: Tensor, tokens: float, seed: int) -> Tensor:
+    """``predicts`` ``(B, T-1)`` bool, keeping a seeded sample of each row's predicted tokens:
+    ``tokens`` K >= 1 per row, drawn without replacement; 0 < f < 1: one token in a share f of
+    the rows; 0: every one. Seeded by ``seed`` and the row's own ids (the same sample for a
+    prompt in any batch, padding aside)."""
     if tokens <= 0:
         return predicts
+    per_row = max(1, int(tokens))
     kept = torch.zeros_like(predicts)
     for row in range(predicts.shape[0]):
         where = predicts[row].nonzero().squeeze(1)
-        if len(where) <= tokens:
-            kept[row, where] = True
+        if not len(where):
             continue
         real = ids[row, :where[-1] + 2].cpu().numpy().tobytes()   # the prompt up to its end
         digest = hashlib.sha256(real + seed.to_bytes(8, "little", signed=False)).digest()
+        if tokens < 1 and int.from_bytes(digest[8:16], "little") >= tokens * 2**64:
+            continue                                              # not in the share
+        if len(where) <= per_row:
+            kept[row, where] = True
+            continue
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        chosen = torch.randperm(len(where), generator=generator)[:tokens]
+        chosen = torch.randperm(len(where), generator=generator)[:per_row]
         kept[row, where[chosen.to(where.device)]] = True
     return kept
 
@@ -118,7 +132,7 @@ class LensPass:
     """
 
     def __init__(self, norm, head: Tensor, last_normed: bool, *,
-                 chunk_elements: int = CHUNK_ELEMENTS, tokens: int = 0, seed: int = 0,
+                 chunk_elements: int = CHUNK_ELEMENTS, tokens: float = 0, seed: int = 0,
                  prefix: str = "logit_lens/") -> None:
         self.norm, self.head, self.last_normed = norm, head, last_normed
         self.chunk_elements, self.tokens, self.seed, self.prefix = (chunk_elements, tokens,
@@ -194,7 +208,7 @@ class LensPass:
 
 
 def lens_products(hidden: Tensor, kept: Tensor, ids: Tensor, norm, head: Tensor,
-                  last_normed: bool, chunk_elements: int = CHUNK_ELEMENTS, tokens: int = 0,
+                  last_normed: bool, chunk_elements: int = CHUNK_ELEMENTS, tokens: float = 0,
                   seed: int = 0, prefix: str = "logit_lens/") -> dict[str, Tensor]:
     """Per prompt and layer of one batch, the mean logit-lens CE, KL and top-1 agreement, and
     the count (:class:`LensPass` over that batch alone).
@@ -204,8 +218,8 @@ def lens_products(hidden: Tensor, kept: Tensor, ids: Tensor, norm, head: Tensor,
             predict (real, after skip_first); ids: ``(B, T)`` the token ids.
         norm: the final norm (a module or function on ``(..., D)``); head: ``(V, D)``.
         last_normed: state L is already after the final norm (do not apply it again).
-        tokens: at most this many predicted tokens per prompt (:func:`sample_predicted`, with
-            ``seed``); 0: all.
+        tokens: the sample of predicted tokens (:func:`sample_predicted`, with ``seed``); 0:
+            all.
 
     Returns:
         ``{<prefix>ce, <prefix>kl, <prefix>top1, <prefix>n: (L+1, B)}`` (float64; NaN means
@@ -230,7 +244,7 @@ def product_prefix(job) -> str:
     """The in-pass products of this sample size (cached apart: another size is another
     product)."""
     tokens = job.metric.logit_lens.tokens
-    return "logit_lens/" if tokens == 0 else f"logit_lens/t{tokens}/"
+    return "logit_lens/" if tokens == 0 else f"logit_lens/t{tokens:g}/"
 
 
 def _token_fn(job, loaded, wanted: list[str]):
