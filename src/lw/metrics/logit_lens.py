@@ -21,18 +21,21 @@ multiply-adds on top of the forward pass (the vocabulary projection of every lay
 The next tokens are the batch's own ids, which the forward pass hands to every token function.
 
 ``metric.logit_lens.tokens`` is how many predicted tokens per prompt it measures, a sample
-seeded by ``seed`` and the prompt's own ids (so a prompt gets the same sample in any batch):
-an integer K >= 1 draws K per prompt without replacement; a share 0 < f < 1 draws one token from
+seeded by ``seed`` and the prompt's own ids (so a prompt gets the same sample in any batch): an
+integer K >= 1 draws K per prompt without replacement; a share 0 < f < 1 draws one token from
 each of a seeded share f of the prompts (a prompt is in or out by its own hash, so a smaller
 share's prompts are among a larger one's); 0 measures every predicted token. The projection's
-cost is per token. The default, 0.5, is sized so the lens costs under a tenth of the forward
-pass on smollm2 at N = 512: one token per prompt measured +0.105 floors there (`bench/bench.py
---metric-costs`, one process, quiet; 19 s of its 16-19 s inside the lens, 77 % the matrix
-product, which runs at this CPU's float32 rate), since even one token projects onto the 49,152-word
-vocabulary at all 31 states, (L+1) x V x D = 0.88 G multiply-adds against ~14 G for the
-forward pass of a 128-token prompt. A sample is noisy at small N (docs/FINDINGS.md): use
-``tokens=0`` or many prompts for a curve to read closely. Every measured token counts equally
-in the means, so a sample weighs prompts equally instead of by length.
+cost is per token: even one token projects onto the vocabulary at every state, (L+1) x V x D
+multiply-adds (smollm2: 31 x 49,152 x 576 = 0.88 G, against ~14 G for the forward pass of a
+128-token prompt), and on a CPU its float32 matrix product runs no faster than the model's.
+Measured on smollm2 at N = 512 (`bench/bench.py --metric-costs --n 512 --cases +logit_lens`, one
+process, quiet, against the bare forward pass): one token per prompt +0.233 floors when each
+batch's few tokens were projected alone, +0.105 with :class:`LensPass`'s chunks (a timer inside:
+19 s in the lens, three quarters of it the matrix product): still over a tenth, so the default
+is 0.5, measured +0.045 (7 s over 161 s; at N = 64 its second of work is within the noise). A
+sample is noisy at small N (docs/FINDINGS.md): use ``tokens=0`` or many prompts for a curve to
+read closely. Every measured token counts equally in the means, so a sample weighs prompts
+equally instead of by length.
 """
 
 from __future__ import annotations
