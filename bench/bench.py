@@ -341,16 +341,19 @@ def pairwise_costs(n: int = 512, layers: int = 31, width: int = 576, repeats: in
 
 
 def training_study() -> None:
-    """``python -m lw.run -m +experiment=training_dynamics_offline`` from an empty folder (it
-    trains, then measures every checkpoint), timed as a user runs it: wall-clock seconds, the
-    CPU seconds of its processes, and the training's share (from its log lines' times)."""
+    """``python -m lw.run -m +experiment=training_dynamics_offline`` from an empty folder and an
+    empty activation cache (it trains, then measures every checkpoint), timed as a user runs it:
+    wall-clock seconds and the CPU seconds of its processes."""
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run([str(PYTHON), "-m", "lw.run", "-m",
                                "+experiment=training_dynamics_offline"], cwd=folder,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                              # an empty activation cache: a study trained before with the
+                              # same seed has the same weights, and its jobs would be hits
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
+                                   "LW_CACHE_DIR": str(Path(folder) / "cache")},
                               capture_output=True, text=True)
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -359,7 +362,8 @@ def training_study() -> None:
         jobs = sum(1 for line in done.stdout.splitlines() + done.stderr.splitlines()
                    if "[HYDRA] \t#" in line)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result = {"what": (f"+experiment=training_dynamics_offline from an empty folder: training "
+    result = {"what": (f"+experiment=training_dynamics_offline from an empty folder and cache: "
+                       f"training "
                        f"then {jobs} jobs, {os.cpu_count()} CPUs, "
                        f"{'CUDA' if _has_cuda() else 'no GPU'}, {datetime.now():%Y-%m-%d}, "
                        f"1-minute load average {load:.1f} at the start"),
