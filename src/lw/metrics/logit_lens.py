@@ -157,22 +157,25 @@ class LensPass:
         self.sums.append(torch.zeros((len(SERIES), states, batch), dtype=torch.float64,
                                      device=hidden.device))
         self.counts.append(predicts.sum(dim=1))
-        if len(rows):
-            # a copy: the batch's states are freed, its chosen tokens are kept
-            self.pending.append((hidden[:, rows, cols], ids[rows, cols + 1], rows,
-                                 len(self.sums) - 1))
-            self.pending_tokens += len(rows)
-        step = self._step(states)
-        while self.pending_tokens >= step:
-            self._project(step)
+        # gathered a chunk at a time (a copy: the batch's states are freed), so that what is
+        # held beyond the batch is at most one chunk of tokens, also with every token
+        step, start, batch_no = self._step(states), 0, len(self.sums) - 1
+        while start < len(rows):
+            take = min(step - self.pending_tokens, len(rows) - start)
+            r, c = rows[start:start + take], cols[start:start + take]
+            self.pending.append((hidden[:, r, c], ids[r, c + 1], r, batch_no))
+            self.pending_tokens += take
+            start += take
+            if self.pending_tokens == step:
+                self._project()
         return {}
 
     def flush(self) -> list[dict[str, Tensor]]:
         """Projects what is left; one products dict per batch seen, in order:
         ``{<prefix>ce, <prefix>kl, <prefix>top1, <prefix>n: (L+1, B)}`` (float64; NaN means
         for prompts with no predicted token)."""
-        while self.pending_tokens:
-            self._project(self._step(self.pending[0][0].shape[0]))
+        if self.pending_tokens:
+            self._project()
         out = []
         for sums, count in zip(self.sums, self.counts, strict=True):
             count = count.double().expand(sums.shape[1], -1)                # (L+1, B)
@@ -186,18 +189,10 @@ class LensPass:
     def _step(self, states: int) -> int:
         return max(1, self.chunk_elements // (states * self.head.shape[0]))
 
-    def _project(self, step: int) -> None:
-        """The first ``step`` pending tokens (or all, if fewer) through the lens."""
-        taken, size = [], 0
-        while self.pending and size < step:
-            x, targets, rows, batch = self.pending.pop(0)
-            if size + len(rows) > step:      # split: the rest stays first in line
-                cut = step - size
-                self.pending.insert(0, (x[:, cut:], targets[cut:], rows[cut:], batch))
-                x, targets, rows = x[:, :cut], targets[:cut], rows[:cut]
-            taken.append((x, targets, rows, batch))
-            size += len(rows)
-        self.pending_tokens -= size
+    def _project(self) -> None:
+        """The pending tokens (at most one chunk) through the lens, into their batches' sums."""
+        taken, size = self.pending, self.pending_tokens
+        self.pending, self.pending_tokens = [], 0
         x = torch.cat([t[0] for t in taken], dim=1)
         states, vocab = x.shape[0], self.head.shape[0]
         if self.buffer is None or self.buffer.numel() < states * size * vocab:
