@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lw.config.training import TrainConfig
-from lw.errors import ConfigError, LwError
+from lw.errors import ConfigError
 from lw.training.study import MARKER, TrainFirst, train_once
 
 TINY = dict(texts=120, vocab_size=300, hidden_size=16, layers=2, heads=2, intermediate_size=32,
@@ -93,14 +93,40 @@ def test_seq_vcr_with_pause_tokens_trains(tmp_path):
     assert _weights(out / "step2")["gpt_neox.embed_in.weight"].shape[0] == len(tokenizer)
 
 
-def test_swept_revision_not_saved_says_one_line(tmp_path):
-    from omegaconf import OmegaConf
+@pytest.mark.slow
+def test_the_experiment_trains_watched_inside_its_sweep_then_measures_the_revisions(tmp_path):
+    """+experiment=training_dynamics_offline through lw.run, where Hydra runs TrainFirst as its
+    callback (Hydra turns a callback's exception into a warning: a training that failed there
+    once let every job fail on checkpoints never saved): the watched training runs before the
+    jobs, the revisions swept on the command line are measured from its folder, and one it did
+    not save is one line before any job."""
+    from mlflow.tracking import MlflowClient
 
-    first = TrainFirst(out=str(tmp_path), **TINY)
-    config = OmegaConf.create({"hydra": {"sweeper": {"params": {
-        "model.revision": "step0,step3"}}}})
-    with pytest.raises(LwError, match=r"model.revision=step3: not saved .* step0,step1,step2"):
-        first._check_revisions(config)
+    from conftest import lw_cli
+
+    tiny = [f"++hydra.callbacks.train_first.{key}={value}" for key, value in TINY.items()
+            if key != "seed"]
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["+experiment=training_dynamics_offline", *tiny, "data.n_prompts=16",
+              "data.max_tokens=16", "data.min_tokens=8", "metrics=[prompt_entropy]",
+              f"tracking.uri={store}", f"hydra.sweep.dir={tmp_path}/multirun"]
+    done = lw_cli(tmp_path, "-m", *common, "model.revision=step0,step4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GlobalHydra" not in done.stderr and "2 of 2 jobs finished" in done.stdout
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("lw").experiment_id])
+    watched = sorted(int(r.data.tags["lw.train.step"]) for r in runs
+                     if "lw.train.step" in r.data.tags)
+    assert watched == [0, 1, 2, 4]
+    jobs = sorted(r.data.params["model.revision"] for r in runs
+                  if r.data.params.get("model.revision") and "lw.train.step" not in r.data.tags)
+    assert jobs == ["step0", "step4"]
+    refused = lw_cli(tmp_path, "-m", *common, "model.revision=step0,step3")
+    assert refused.returncode == 1
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("[lw] error")]
+    assert errors == ["[lw] error: model.revision=step3: not saved by the training in "
+                      "training/tiny-neox; it saves step0,step1,step2,step4"], refused.stderr
+    assert "Launching" not in refused.stderr
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -109,12 +109,20 @@ def _override(key: str, value: Any) -> str:
 def compose_overrides(overrides: list[str]):
     """conf/ composed with ``overrides`` as ``python -m lw.run`` would (no Hydra folders)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     from lw.config.schema import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    # inside a running Hydra app (a Hydra callback training with lw.LayerwiseCallback) its
+    # global state is set aside for this composition and given back after
+    outer = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().hydra = outer
 
 
 def measure(model: Any, texts: Any, metrics: list[str] | tuple[str, ...] = ("prompt_entropy",),

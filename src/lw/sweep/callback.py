@@ -24,20 +24,24 @@ from lw.tracking.store import _tracking, client_for, experiment_id, runs_link, t
 
 
 def sweep_values(config: DictConfig) -> dict[str, list[str]]:
-    """The sweep's varied overrides, key -> values (command line and the sweeper's params)."""
+    """The sweep's varied overrides, key -> values: the sweeper's params, then the command
+    line, a later one of a key winning (as Hydra's basic sweeper reads them: a single value on
+    the command line ends a key's sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    lines = list(config.hydra.overrides.task)
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    lines += [f"{key}={value}" for key, value in params.items()]
+    lines = [f"{key}={value}" for key, value in params.items()]
+    lines += list(config.hydra.overrides.task)
     varied: dict[str, list[str]] = {}
     parser = OverridesParser.create()
     for line in lines:
         try:  # names only: a sweep form without a list of values (interval) is left out
             override = parser.parse_override(line)
+            key = override.get_key_element().lstrip("+~")
             if override.is_sweep_override():
-                key = override.get_key_element().lstrip("+~")
                 varied[key] = [str(v) for v in override.sweep_string_iterator()]
+            else:
+                varied.pop(key, None)
         except Exception:  # noqa: BLE001, S112
             continue
     return varied

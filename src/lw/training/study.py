@@ -11,10 +11,13 @@ identity is not trained again, a different one is trained afresh (nothing silent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import shutil
+import sys
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -274,6 +277,21 @@ class _SaveAt(transformers.TrainerCallback):
                 self.watcher.measure(model, self.tokenizer, state.global_step)
 
 
+@contextlib.contextmanager
+def _ends_the_launch():
+    """Hydra turns an exception in a callback into a warning and runs the jobs anyway, on
+    checkpoints that were never saved: a failed training ends the launch instead, with lw's
+    line for it (one line for the user's own mistakes, the traceback otherwise)."""
+    try:
+        yield
+    except LwError as error:
+        print(f"[lw] error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except Exception:
+        traceback.print_exc()
+        raise SystemExit(1) from None
+
+
 class TrainFirst(Callback):
     """Hydra callback: trains the study's model once before a run or sweep starts.
 
@@ -293,11 +311,13 @@ class TrainFirst(Callback):
         self.cfg = TrainConfig(**plain)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        train_once(self.cfg, **_tracking_knobs(config))
+        with _ends_the_launch():
+            train_once(self.cfg, **_tracking_knobs(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        trained = train_once(self.cfg, **_tracking_knobs(config))
-        self._check_revisions(config)
+        with _ends_the_launch():
+            trained = train_once(self.cfg, **_tracking_knobs(config))
+            self._check_revisions(config)
         if trained:  # the sweep's check of identical revisions ran before the folder existed
             import dataclasses
 
@@ -310,10 +330,10 @@ class TrainFirst(Callback):
 
     def _check_revisions(self, config: DictConfig) -> None:
         """A swept ``model.revision`` the training did not save: said before any job runs."""
-        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-        swept = str(params.get("model.revision", ""))
+        from lw.sweep.callback import sweep_values
+
         saved = [f"step{step}" for step in self.cfg.checkpoint_steps()]
-        missing = [r.strip() for r in swept.split(",") if r.strip() and r.strip() not in saved]
+        missing = [r for r in sweep_values(config).get("model.revision", []) if r not in saved]
         if missing:
             raise LwError(f"model.revision={','.join(missing)}: not saved by the training in "
                           f"{self.cfg.out}; it saves {','.join(saved)}")
