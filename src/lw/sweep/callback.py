@@ -24,24 +24,27 @@ from lw.tracking.store import _tracking, client_for, experiment_id, runs_link, t
 
 
 def sweep_values(config: DictConfig) -> dict[str, list[str]]:
-    """The sweep's varied overrides, key -> values: the sweeper's params, then the command
-    line, a later one of a key winning (as Hydra's basic sweeper reads them: a single value on
-    the command line ends a key's sweep)."""
+    """The sweep's varied overrides, key -> values (command line, then the sweeper's params).
+    A key on the command line wins over the params, as in Hydra's basic sweeper (a single
+    value there ends the key's sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    lines = [f"{key}={value}" for key, value in params.items()]
-    lines += list(config.hydra.overrides.task)
+    command_line = list(config.hydra.overrides.task)
+    lines = command_line + [f"{key}={value}" for key, value in params.items()]
     varied: dict[str, list[str]] = {}
+    given: set[str] = set()
     parser = OverridesParser.create()
-    for line in lines:
+    for n, line in enumerate(lines):
         try:  # names only: a sweep form without a list of values (interval) is left out
             override = parser.parse_override(line)
             key = override.get_key_element().lstrip("+~")
+            if n < len(command_line):
+                given.add(key)
+            elif key in given:
+                continue
             if override.is_sweep_override():
                 varied[key] = [str(v) for v in override.sweep_string_iterator()]
-            else:
-                varied.pop(key, None)
         except Exception:  # noqa: BLE001, S112
             continue
     return varied
